@@ -1,0 +1,92 @@
+# collective.streamguard: `make run` serves a Plone site with the add-on,
+# `make test` runs the whole test suite.  Both install what is missing.
+# Override any of these with `make run PORT=8081` or the environment.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+HOST ?= 127.0.0.1
+PORT ?= 8080
+THREADS ?= 4
+SITE_ID ?= Plone
+ADMIN_USER ?= admin
+ADMIN_PASSWORD ?= admin
+TESTOPTS ?=
+
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+INSTANCE := $(CURDIR)/instance
+VAR := $(CURDIR)/var
+
+export SITE_ID ADMIN_USER ADMIN_PASSWORD
+
+.PHONY: help install install-test instance run test test-buildout buildout pins lint clean
+
+help:
+	@echo "make run    serve http://$(HOST):$(PORT)/$(SITE_ID) (login $(ADMIN_USER))"
+	@echo "make test   run the whole test suite"
+	@echo "make test-buildout   install with buildout and check the instance answers"
+	@echo "make pins   regenerate constraints.txt and versions.cfg"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt pip setuptools wheel
+
+# Stamps, so that a second run installs nothing; they are remade when the
+# pins or the package metadata change.
+$(VENV)/.installed-plone: $(BIN)/python setup.py constraints.txt
+	$(PIP) install -c constraints.txt -e ".[plone]"
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-plone
+	$(PIP) install -c constraints.txt -e ".[test]"
+	@touch $@
+
+install: $(VENV)/.installed-plone
+install-test: $(VENV)/.installed-test
+
+# The instance's configuration is rendered on every run, so HOST, PORT and
+# THREADS take effect; the data (var/) is kept.
+instance: $(VENV)/.installed-plone
+	@mkdir -p $(INSTANCE)/etc $(VAR)/filestorage $(VAR)/blobstorage $(VAR)/log $(VAR)/cache
+	@for f in zope.conf zope.ini; do \
+	  sed -e 's|@INSTANCE@|$(INSTANCE)|g' -e 's|@VAR@|$(VAR)|g' \
+	      -e 's|@HOST@|$(HOST)|g' -e 's|@PORT@|$(PORT)|g' -e 's|@THREADS@|$(THREADS)|g' \
+	      etc/$$f.in > $(INSTANCE)/etc/$$f; \
+	done
+	@cp etc/site.zcml $(INSTANCE)/etc/site.zcml
+
+run: instance
+	$(BIN)/zconsole run $(INSTANCE)/etc/zope.conf scripts/create_site.py
+	@echo
+	@echo "  Plone site:  http://$(HOST):$(PORT)/$(SITE_ID)"
+	@echo "  Login:       $(ADMIN_USER) / $(ADMIN_PASSWORD)"
+	@echo "  Live log:    http://$(HOST):$(PORT)/$(SITE_ID)/@@stream-log"
+	@echo
+	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
+
+test: $(VENV)/.installed-test
+	$(BIN)/python scripts/pins.py check
+	$(BIN)/zope-testrunner --test-path=src --auto-color --auto-progress $(TESTOPTS)
+
+# The buildout route of README.rst, run as written, then a check that its
+# instance answers HTTP.
+buildout:
+	bash scripts/check_buildout.sh
+
+test-buildout: buildout
+
+# Regenerate the pins from constraints.in in a throw-away venv.
+pins:
+	rm -rf $(CURDIR)/.pins-venv
+	$(PYTHON) -m venv $(CURDIR)/.pins-venv
+	$(CURDIR)/.pins-venv/bin/pip install -q -U pip setuptools wheel
+	$(CURDIR)/.pins-venv/bin/pip install -q -r constraints.in
+	$(CURDIR)/.pins-venv/bin/pip freeze | $(PYTHON) scripts/pins.py write
+	$(PYTHON) scripts/pins.py check
+	rm -rf $(CURDIR)/.pins-venv
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check src scripts benchmarks
+	$(BIN)/ruff format --check src scripts benchmarks
+
+clean:
+	rm -rf $(VENV) $(INSTANCE) src/*.egg-info

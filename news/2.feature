@@ -1,0 +1,1 @@
+An installable Plone 6.2 add-on: ``make run`` starts a Plone site with the add-on on an embedded FileStorage, ``make test`` runs the whole suite, buildout route with pinned versions, GenericSetup install and uninstall profiles, and test layers on a real waitress server.

@@ -1,0 +1,80 @@
+from pathlib import Path
+from setuptools import setup
+
+
+version = "1.0.0a1.dev0"
+
+long_description = "\n\n".join(
+    Path(name).read_text(encoding="utf-8") for name in ("README.rst", "CHANGES.rst")
+)
+
+setup(
+    name="collective.streamguard",
+    version=version,
+    description=(
+        "Streamed responses for Zope and Plone that stop the moment the "
+        "browser leaves: disconnect detection, guarded streaming, live logs."
+    ),
+    long_description=long_description,
+    long_description_content_type="text/x-rst",
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Environment :: Web Environment",
+        "Framework :: Plone",
+        "Framework :: Plone :: 6.2",
+        "Framework :: Plone :: Addon",
+        "Framework :: Zope",
+        "Framework :: Zope :: 5",
+        "Framework :: Zope :: 6",
+        "License :: OSI Approved :: GNU General Public License v2 (GPLv2)",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Internet :: WWW/HTTP :: WSGI",
+    ],
+    keywords="Plone Zope streaming disconnect waitress log",
+    author="collective.streamguard developers",
+    author_email="plone-developers@lists.sourceforge.net",
+    url="https://github.com/collective/collective.streamguard",
+    license="GPL version 2",
+    # src layout with a native (PEP 420) ``collective`` namespace: setuptools
+    # finds the packages itself, so no packages/package_dir/namespace_packages.
+    include_package_data=True,
+    zip_safe=False,
+    python_requires=">=3.11",
+    install_requires=[
+        # The core (collective.streamguard.connection and friends) needs only
+        # the standard library; the Zope integration needs Zope itself.
+        "Zope>=5.8",
+    ],
+    extras_require={
+        # Plone integration (browser layer, control panel, profiles).  Its ZCML
+        # is conditional on Products.CMFPlone being installed.
+        "plone": [
+            "Products.CMFPlone>=6.2",
+            "plone.app.registry",
+        ],
+        "test": [
+            "Products.CMFPlone>=6.2",
+            "plone.app.contenttypes",
+            "plone.app.registry",
+            "plone.app.testing",
+            "plone.testing>=9",
+            "zope.testrunner",
+            "waitress>=3.0.1",
+            "gunicorn",
+            "uwsgi",
+            "ZEO",
+            "SQLAlchemy",
+            "zope.sqlalchemy",
+            "selenium",
+            "requests",
+        ],
+    },
+    entry_points={
+        "z3c.autoinclude.plugin": [
+            "target = plone",
+        ],
+    },
+)

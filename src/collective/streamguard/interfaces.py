@@ -1,0 +1,80 @@
+"""Interfaces of the Zope and Plone integration: the browser layer and the settings.
+
+The plain-Python core does not import this module.
+"""
+from zope import schema
+from zope.i18nmessageid import MessageFactory
+from zope.interface import Interface
+from zope.publisher.interfaces.browser import IDefaultBrowserLayer
+
+
+_ = MessageFactory("collective.streamguard")
+
+END_MARKER = "<<<<<EOFMARKER>>>>>"
+
+
+class IStreamGuardLayer(IDefaultBrowserLayer):
+    """Marker of requests to a Plone site where collective.streamguard is installed.
+
+    The add-on's Plone views are registered for this layer, so they exist only
+    in sites that installed the add-on.
+    """
+
+
+class IStreamGuardSettings(Interface):
+    """Settings of collective.streamguard, kept in plone.registry.
+
+    Every field is a record under ``collective.streamguard.<name>``, added by
+    the ``default`` profile and removed by the ``uninstall`` profile.
+    """
+
+    max_streams = schema.Int(
+        title=_("Maximum live streams per process"),
+        description=_(
+            "Every live stream holds one of the server's worker threads. "
+            "0 means: the number of waitress threads minus one, so one thread "
+            "always serves normal pages."
+        ),
+        default=0,
+        min=0,
+        required=True,
+    )
+
+    max_duration = schema.Int(
+        title=_("Maximum stream duration (seconds)"),
+        description=_("A stream that runs longer is ended. 0 means no limit."),
+        default=3600,
+        min=0,
+        required=True,
+    )
+
+    heartbeat_interval = schema.Int(
+        title=_("Heartbeat interval (seconds)"),
+        description=_(
+            "While a stream is idle, a few bytes are sent this often so that "
+            "proxies keep the connection and a client that vanished without "
+            "closing its connection is found. 0 turns heartbeats off."
+        ),
+        default=15,
+        min=0,
+        required=True,
+    )
+
+    end_marker = schema.TextLine(
+        title=_("End marker"),
+        description=_("A log line starting with this text ends a log stream."),
+        default=END_MARKER,
+        required=True,
+    )
+
+    log_files = schema.List(
+        title=_("Additional log files"),
+        description=_(
+            "One per line: a name, a '|' and an absolute path. The instance's "
+            "event log and access log are always available."
+        ),
+        value_type=schema.TextLine(),
+        default=[],
+        missing_value=[],
+        required=False,
+    )

@@ -1,0 +1,3 @@
+"""Permissions of collective.streamguard (declared in permissions.zcml)."""
+
+VIEW_LOG_STREAMS = "collective.streamguard: View log streams"

@@ -1,0 +1,96 @@
+"""The add-on installs into a Plone site and uninstalls without a trace."""
+import unittest
+
+from plone.app.testing import TEST_USER_ID
+from plone.app.testing import setRoles
+from plone.base.utils import get_installer
+from plone.browserlayer.utils import registered_layers
+from plone.registry.interfaces import IRegistry
+from zope.component import getUtility
+
+from collective.streamguard.interfaces import IStreamGuardLayer
+from collective.streamguard.interfaces import IStreamGuardSettings
+from collective.streamguard.permissions import VIEW_LOG_STREAMS
+from collective.streamguard.testing import STREAMGUARD_INTEGRATION_TESTING
+
+
+PREFIX = "collective.streamguard."
+
+
+def our_records(portal):
+    registry = getUtility(IRegistry, context=portal)
+    return sorted(name for name in registry.records.keys() if name.startswith(PREFIX))
+
+
+class TestInstall(unittest.TestCase):
+    layer = STREAMGUARD_INTEGRATION_TESTING
+
+    def setUp(self):
+        self.portal = self.layer["portal"]
+        self.installer = get_installer(self.portal, self.layer["request"])
+
+    def test_product_is_installed(self):
+        self.assertTrue(self.installer.is_product_installed("collective.streamguard"))
+
+    def test_browser_layer_is_registered(self):
+        self.assertIn(IStreamGuardLayer, registered_layers())
+
+    def test_settings_records_have_their_defaults(self):
+        registry = getUtility(IRegistry, context=self.portal)
+        settings = registry.forInterface(IStreamGuardSettings, prefix="collective.streamguard")
+        self.assertEqual(settings.max_streams, 0)
+        self.assertEqual(settings.max_duration, 3600)
+        self.assertEqual(settings.heartbeat_interval, 15)
+        self.assertEqual(settings.end_marker, "<<<<<EOFMARKER>>>>>")
+        self.assertEqual(settings.log_files, [])
+        self.assertEqual(
+            our_records(self.portal),
+            sorted(PREFIX + name for name in IStreamGuardSettings.names()),
+        )
+
+    def test_view_log_streams_is_given_to_manager_only(self):
+        roles = {r["name"] for r in self.portal.rolesOfPermission(VIEW_LOG_STREAMS) if r["selected"]}
+        self.assertEqual(roles, {"Manager"})
+
+    def test_manager_has_the_permission_and_a_member_has_not(self):
+        setRoles(self.portal, TEST_USER_ID, ["Member"])
+        from plone import api
+
+        self.assertFalse(api.user.has_permission(VIEW_LOG_STREAMS, obj=self.portal))
+        setRoles(self.portal, TEST_USER_ID, ["Manager"])
+        self.assertTrue(api.user.has_permission(VIEW_LOG_STREAMS, obj=self.portal))
+
+    def test_uninstall_profile_is_hidden(self):
+        names = {p["id"] for p in self.installer.get_available_addons() if p}
+        self.assertNotIn("collective.streamguard:uninstall", names)
+
+
+class TestUninstall(unittest.TestCase):
+    layer = STREAMGUARD_INTEGRATION_TESTING
+
+    def setUp(self):
+        self.portal = self.layer["portal"]
+        setRoles(self.portal, TEST_USER_ID, ["Manager"])
+        self.installer = get_installer(self.portal, self.layer["request"])
+        self.installer.uninstall_product("collective.streamguard")
+
+    def test_product_is_uninstalled(self):
+        self.assertFalse(self.installer.is_product_installed("collective.streamguard"))
+
+    def test_browser_layer_is_removed(self):
+        self.assertNotIn(IStreamGuardLayer, registered_layers())
+
+    def test_registry_records_are_removed(self):
+        self.assertEqual(our_records(self.portal), [])
+
+    def test_permission_setting_is_back_to_acquired(self):
+        setting = [
+            p for p in self.portal.permission_settings() if p["name"] == VIEW_LOG_STREAMS
+        ][0]
+        self.assertEqual(setting["acquire"], "CHECKED")
+        self.assertFalse(any(r["checked"] for r in setting["roles"]))
+
+    def test_reinstall_after_uninstall_works(self):
+        self.installer.install_product("collective.streamguard")
+        self.assertIn(IStreamGuardLayer, registered_layers())
+        self.assertEqual(len(our_records(self.portal)), len(IStreamGuardSettings.names()))
