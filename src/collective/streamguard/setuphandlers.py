@@ -1,4 +1,7 @@
 """GenericSetup handlers of the Plone integration."""
+from AccessControl.Permission import pname
+from Acquisition import aq_inner
+from Acquisition import aq_parent
 from plone.base.interfaces import INonInstallable
 from zope.interface import implementer
 
@@ -13,7 +16,12 @@ class HiddenProfiles:
         return ["collective.streamguard:uninstall"]
 
 
-def uninstall(context):
-    """Undo what rolemap.xml did: GenericSetup's rolemap step cannot remove."""
-    site = context.getSite()
-    site.manage_permission(VIEW_LOG_STREAMS, roles=(), acquire=True)
+def uninstall(setup_tool):
+    """Undo what rolemap.xml did: GenericSetup's rolemap step cannot remove.
+
+    A profile's post_handler is called with portal_setup; its parent is the site.
+    """
+    site = aq_parent(aq_inner(setup_tool))
+    attribute = pname(VIEW_LOG_STREAMS)
+    if attribute in site.__dict__:
+        delattr(site, attribute)
