@@ -20,8 +20,12 @@ password = os.environ.get("ADMIN_PASSWORD", "admin")
 acl_users = app.acl_users  # noqa: F821 - provided by zconsole
 if acl_users.getUserById(user) is None:
     acl_users._doAddUser(user, password, ["Manager"], [])
+elif "users" in acl_users.objectIds():
+    # PlonePAS replaces the Zope root's user folder with a PluggableAuthService
+    # at startup: its ZODB user manager keeps the password.
+    acl_users.users.updateUserPassword(user, password)
 else:
-    acl_users._changeUser(user, password, password, ["Manager"], [])
+    acl_users._doChangeUser(user, password, ["Manager"], [])
 
 if site_id not in app.objectIds():  # noqa: F821
     site = addPloneSite(
