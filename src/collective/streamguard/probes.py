@@ -1,0 +1,300 @@
+"""Server-specific discovery of the client connection behind a request.
+
+Each server lends the application something different: waitress its channel
+(through the bound method ``environ['waitress.client_disconnected']``),
+gunicorn the socket object, uWSGI an int fd, ZServer its ``zhttp_channel``
+(through the response's ``ChannelPipe``) or, with only the environ at hand,
+nothing but the channel's creation second and the client address.  The
+server modules are never imported here except uWSGI's, lazily, and only when
+the environ says the request came from uWSGI.
+"""
+import logging
+import os
+import select
+import sys
+
+from collective.streamguard.connection import CLOSE_EVENTS
+from collective.streamguard.connection import ClientConnection
+
+
+logger = logging.getLogger("collective.streamguard")
+
+
+def socket_is_open(sock):
+    """Exact, O(1): False when the peer has shut down or reset ``sock`` or
+    the server has closed it.  Needs a socket object, not an int fd."""
+    try:
+        fd = sock.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, CLOSE_EVENTS)
+    if poller.poll(0):
+        # POLLRDHUP/POLLHUP/POLLERR, or POLLNVAL for an fd closed just now.
+        return False
+    # The server may have closed the socket while we polled, and the kernel
+    # handed its fd number to a new client: then we polled the wrong socket.
+    try:
+        return sock.fileno() == fd
+    except (OSError, ValueError):
+        return False
+
+
+class SocketConnection(ClientConnection):
+    """A connection whose server lends us the client socket object
+    (gunicorn's ``environ['gunicorn.socket']``, sync and gthread workers).
+
+    ``multiplexed`` is for HTTP/2, where the socket carries many requests:
+    a closed socket still means gone, but an open one says nothing about
+    this request's stream, so it reads UNKNOWN.
+    """
+
+    def __init__(self, sock, probe, multiplexed=False):
+        super().__init__(probe)
+        self._sock = sock
+        self._alive = self._unknown if multiplexed else self._open
+
+    def fileno(self):
+        try:
+            return self._sock.fileno()
+        except (AttributeError, OSError, ValueError):
+            return -1
+
+    def _probe(self):
+        return self._alive if socket_is_open(self._sock) else self._closed
+
+
+class WaitressConnection(SocketConnection):
+    """waitress: the channel behind ``environ['waitress.client_disconnected']``.
+
+    With the default ``channel_request_lookahead = 0`` waitress does not read
+    the socket while a request is in flight, so its ``channel.connected``
+    never flips for an idle stream: the socket probe is what sees the FIN.
+    With lookahead >= 1 waitress' main thread may read the FIN first, clear
+    ``connected`` and close the socket itself (``fileno()`` then reads -1),
+    which is why both are asked.
+    """
+
+    def __init__(self, channel):
+        # Capture the socket object now: waitress sets channel.socket to
+        # None when it closes the channel.
+        super().__init__(getattr(channel, "socket", None), "waitress")
+        self._channel = channel
+
+    def _probe(self):
+        if not self._channel.connected:
+            return self._closed
+        return super()._probe()
+
+
+class FdConnection(ClientConnection):
+    """A connection known only by an int fd (uWSGI's ``connection_fd()``).
+
+    An int cannot tell that its socket was closed and the number reused by
+    the next client, so the socket's inode is recorded at capture time and
+    compared on every call: a new connection on the same fd number reads
+    CLOSED for the old request, never OPEN.
+    """
+
+    def __init__(self, fd, probe):
+        super().__init__(probe)
+        self._fd = fd
+        try:
+            self._identity = self._inode(fd)
+        except OSError:
+            self._identity = None
+
+    @staticmethod
+    def _inode(fd):
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino)
+
+    def _same_socket(self):
+        try:
+            return self._identity is not None and self._inode(self._fd) == self._identity
+        except OSError:
+            return False
+
+    def fileno(self):
+        return self._fd if self._same_socket() else -1
+
+    def _probe(self):
+        if not self._same_socket():
+            return self._closed
+        poller = select.poll()
+        poller.register(self._fd, CLOSE_EVENTS)
+        if poller.poll(0) or not self._same_socket():
+            return self._closed
+        return self._open
+
+
+class ZServerChannelConnection(SocketConnection):
+    """Classic ZServer, exact: the request's own ``zhttp_channel``.
+
+    ZServer's asyncore thread closes the channel when it reads the FIN:
+    ``closed`` becomes 1 and the channel leaves ``asyncore.socket_map``.
+    Both are asked, then the socket itself, which also sees a FIN the
+    asyncore thread has not read yet.
+    """
+
+    def __init__(self, channel, probe="zserver-channel"):
+        super().__init__(getattr(channel, "socket", None), probe)
+        self._channel = channel
+        # asyncore dispatchers keep the map they are registered in; ZServer
+        # uses the global socket_map.  getattr: dispatchers delegate unknown
+        # attributes to their socket, which raises AttributeError.
+        self._map = getattr(channel, "_map", None)
+
+    def _probe(self):
+        channel = self._channel
+        if channel.closed or self._map is None:
+            return self._closed
+        # _fileno is None once asyncore's del_channel ran: get(None) misses.
+        if self._map.get(channel._fileno) is not channel:
+            return self._closed
+        return super()._probe()
+
+
+_warned_ambiguous = False
+
+
+class ZServerScanConnection(ClientConnection):
+    """Classic ZServer when only the environ is at hand: the seed's scan.
+
+    ``channel.creation_time`` is the int second the TCP connection was made
+    and the environ has no client port, so channels are matched on that
+    second and ``REMOTE_ADDR``: none => CLOSED, one => OPEN, several
+    (connections opened in the same second) => OPEN, conservatively, with a
+    warning once per process.  As soon as a scan finds exactly one match the
+    connection pins that channel and is exact and O(1) from then on: a
+    later scan could only ever answer OPEN for it too.
+    """
+
+    probe = "zserver-scan"
+
+    def __init__(self, socket_map, creation_time, remote_addr):
+        super().__init__()
+        self._map = socket_map
+        self._creation_time = creation_time
+        self._remote_addr = remote_addr
+        self._pinned = None
+
+    def fileno(self):
+        return -1 if self._pinned is None else self._pinned.fileno()
+
+    def _matches(self):
+        # A list() copy: the asyncore thread mutates the dict meanwhile.
+        return [
+            channel
+            for channel in list(self._map.values())
+            if type(channel).__name__ == "zhttp_channel"
+            and getattr(channel, "creation_time", None) == self._creation_time
+            and (getattr(channel, "addr", None) or (None,))[0] == self._remote_addr
+        ]
+
+    def _probe(self):
+        if self._pinned is None:
+            matches = self._matches()
+            if not matches:
+                return self._closed
+            if len(matches) > 1:
+                _warn_ambiguous(len(matches))
+                return self._open
+            self._pinned = ZServerChannelConnection(matches[0], self.probe)
+        return self._open if self._pinned.is_open() else self._closed
+
+
+def _warn_ambiguous(count):
+    global _warned_ambiguous
+    if not _warned_ambiguous:
+        _warned_ambiguous = True
+        logger.warning(
+            "%d ZServer channels from one address were opened in the same "
+            "second; cannot tell which one a request belongs to, so its "
+            "connection counts as open until all but one are gone.  Pass the "
+            "request, not its environ, to see its own channel.  (Logged once.)",
+            count,
+        )
+
+
+class UnknownConnection(ClientConnection):
+    """No probe for this server (or the in-process test browser): UNKNOWN,
+    treated as open.  ``on_close`` never fires; ``wait_closed`` sleeps."""
+
+    def __init__(self, probe="none"):
+        super().__init__(probe)
+
+    def _probe(self):
+        return self._unknown
+
+    def on_close(self, callback):
+        from collective.streamguard.watcher import WatchHandle
+
+        return WatchHandle(None)
+
+
+def _zserver_channel(pipe):
+    channel = getattr(pipe, "_channel", None)
+    # ChannelPipe._channel is None once the response finished; a Zope 4+
+    # WSGI response's stdout is a BytesIO and has no _channel at all.
+    if channel is not None and hasattr(channel, "closed") and hasattr(channel, "_fileno"):
+        return channel
+    return None
+
+
+def _request_channel(request):
+    response = getattr(request, "response", None)
+    return _zserver_channel(getattr(response, "stdout", None))
+
+
+def _uwsgi():
+    try:
+        import uwsgi
+    except ImportError:
+        return UnknownConnection()
+    # Only valid in the request's own thread: uWSGI keeps the current
+    # request per core (thread).
+    return FdConnection(uwsgi.connection_fd(), "uwsgi")
+
+
+def _zserver_scan(environ):
+    creation_time = environ["channel.creation_time"]
+    if not isinstance(creation_time, int):
+        # A clock-server request: a fake channel with a float creation_time
+        # that is never in socket_map.  Nothing to scan for.
+        return UnknownConnection("zserver-clock")
+    # Not imported: a process with a ZServer in it has imported asyncore
+    # already, and asyncore is deprecated (gone in Python 3.12).
+    asyncore = sys.modules.get("asyncore")
+    if asyncore is None:
+        return UnknownConnection()
+    return ZServerScanConnection(
+        asyncore.socket_map, creation_time, environ.get("REMOTE_ADDR")
+    )
+
+
+def discover(environ, request=None):
+    """Return the best ``ClientConnection`` the server lets us build for
+    this request.  Never raises: anything unrecognised is UNKNOWN."""
+    try:
+        channel = _request_channel(request) if request is not None else None
+        if channel is None:
+            # ZServer's WSGI handler puts the ChannelPipe in the environ too.
+            channel = _zserver_channel(environ.get("wsgi.output"))
+        if channel is not None:
+            return ZServerChannelConnection(channel)
+        hook = environ.get("waitress.client_disconnected")
+        if hook is not None and hasattr(hook, "__self__"):
+            return WaitressConnection(hook.__self__)
+        if "gunicorn.socket" in environ:
+            multiplexed = str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/2")
+            return SocketConnection(environ["gunicorn.socket"], "gunicorn", multiplexed)
+        if "uwsgi.version" in environ or "uwsgi.node" in environ:
+            return _uwsgi()
+        if "channel.creation_time" in environ:
+            return _zserver_scan(environ)
+    except Exception:
+        logger.warning("cannot probe this request's connection", exc_info=True)
+    return UnknownConnection()
