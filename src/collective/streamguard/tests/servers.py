@@ -1,0 +1,307 @@
+"""Real HTTP servers in subprocesses, and raw-socket clients, for tests.
+
+``Server`` starts waitress, gunicorn or uWSGI (found next to
+``sys.executable``, never a global install) on a free loopback port, serving
+any ``"module:callable"`` app with extra ``PYTHONPATH`` entries and
+environment, and stops it with bounded timeouts.  ``EventSink`` is the test
+end of the side channel of ``wsgiapps``.  Later tests reuse both for the
+Zope WSGI app.
+"""
+from collective.streamguard.tests import wsgiapps
+
+import errno
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import uuid
+
+
+HOST = "127.0.0.1"
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+TEST_APP = "collective.streamguard.tests.wsgiapps:app"
+
+
+def executable(name):
+    """Path of a server script installed next to ``sys.executable``; skips
+    the test when the server is not installed in this environment."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.access(path, os.X_OK):
+        raise unittest.SkipTest(f"{name} is not installed next to {sys.executable}")
+    return path
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+class Server:
+    """One server process.
+
+    ``kind``: "waitress", "gunicorn" or "uwsgi".  ``options``: server
+    settings, e.g. ``{"threads": 4, "channel_request_lookahead": 1}`` for
+    waitress, ``{"worker_class": "gthread", "threads": 4}`` for gunicorn,
+    ``{"threads": 4, "keepalive": True}`` for uWSGI (``--http11-socket``
+    instead of ``--http-socket``); True means a bare flag.  ``env`` is added to the environment, ``pythonpath`` prepended to
+    PYTHONPATH (the package's ``src`` is always there).
+    """
+
+    STOP_SIGNAL = {"waitress": signal.SIGTERM, "gunicorn": signal.SIGINT, "uwsgi": signal.SIGINT}
+
+    def __init__(self, kind, app=TEST_APP, options=None, env=None, pythonpath=(),
+                 directory=None, startup_timeout=30.0):
+        if kind not in self.STOP_SIGNAL:
+            raise ValueError(f"unknown server kind {kind!r}")
+        self.kind = kind
+        self.app = app
+        self.options = dict(options or {})
+        self.env = dict(env or {})
+        self.pythonpath = [*pythonpath, SRC]
+        self.directory = directory
+        self.startup_timeout = startup_timeout
+        self.process = None
+        self.port = None
+        self.log_path = None
+
+    def command(self, port):
+        opts = dict(self.options)
+        if self.kind == "waitress":
+            cmd = [executable("waitress-serve"), f"--listen={HOST}:{port}"]
+            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+            return cmd + [self.app]
+        if self.kind == "gunicorn":
+            opts.setdefault("workers", 1)
+            # Streams outlive gunicorn's 30 s worker timeout in the sync worker.
+            opts.setdefault("timeout", 120)
+            opts.setdefault("graceful_timeout", 1)
+            # gunicorn >= 24 opens a control socket in ~/.gunicorn by default.
+            opts.setdefault("no_control_socket", True)
+            cmd = [executable("gunicorn"), "--bind", f"{HOST}:{port}"]
+            return cmd + self._flags(opts) + [self.app]
+        opts.setdefault("need_app", True)
+        opts.setdefault("die_on_term", True)
+        opts.setdefault("disable_logging", True)
+        # --http-socket closes after every response; --http11-socket keeps
+        # the connection alive.  Either way the app's fd is the client's.
+        socket_flag = "--http11-socket" if opts.pop("keepalive", False) else "--http-socket"
+        # The uwsgi binary embeds libpython; home points it at this venv.
+        cmd = [executable("uwsgi"), socket_flag, f"{HOST}:{port}", "--home", sys.prefix,
+               "--module", self.app]
+        return cmd + self._flags(opts)
+
+    @staticmethod
+    def _flags(opts):
+        flags = []
+        for key, value in opts.items():
+            flags.append("--" + key.replace("_", "-"))
+            if value is not True:
+                flags.append(str(value))
+        return flags
+
+    @property
+    def address(self):
+        return (HOST, self.port)
+
+    def start(self):
+        self._own_directory = self.directory is None
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="sg-")
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(
+            self.pythonpath + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        for _attempt in range(3):
+            # free_port() races with other processes; a server that cannot
+            # bind exits, and we try another port.
+            port = free_port()
+            self.log_path = os.path.join(self.directory, f"{self.kind}-{port}.log")
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    self.command(port), env=env, cwd=self.directory, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            self.port = port
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise ServerFailed(f"{self.kind} did not start:\n{self.log_tail()}")
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                conn = http.client.HTTPConnection(HOST, self.port, timeout=2)
+                conn.request("GET", "/ping")
+                ok = conn.getresponse().read() == b"pong"
+                conn.close()
+                if ok:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self, timeout=10.0):
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            # start_new_session: the server's pid is its process group, so
+            # this reaches gunicorn's forked worker too, and nothing else.
+            try:
+                os.killpg(process.pid, self.STOP_SIGNAL[self.kind])
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # any straggling worker
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def cleanup(self):
+        self.stop()
+        if getattr(self, "_own_directory", False):
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log_tail(self, size=4000):
+        try:
+            with open(self.log_path, "rb") as log:
+                return log.read()[-size:].decode("utf-8", "replace")
+        except (OSError, TypeError):
+            return "(no log)"
+
+
+class EventSink:
+    """The test end of ``wsgiapps``' side channel: a bound unix datagram
+    socket; pass ``env`` to the ``Server``."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, "events")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.buffer = []
+
+    @property
+    def env(self):
+        return {wsgiapps.EVENTS_ENV: self.path}
+
+    def close(self):
+        self.sock.close()
+
+    def _receive(self, timeout):
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            self.buffer.append(json.loads(self.sock.recv(65536)))
+        except (socket.timeout, BlockingIOError):
+            pass
+
+    def _drain(self):
+        self.sock.setblocking(False)
+        while True:
+            try:
+                self.buffer.append(json.loads(self.sock.recv(65536)))
+            except BlockingIOError:
+                return
+
+    def collect(self, **match):
+        """All events matching ``match`` that arrived so far, consumed."""
+        self._drain()
+        found = [e for e in self.buffer if all(e.get(k) == v for k, v in match.items())]
+        self.buffer = [e for e in self.buffer if e not in found]
+        return found
+
+    def wait_for(self, timeout=10.0, **match):
+        """The first event matching ``match``; AssertionError after timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.buffer:
+                if all(event.get(k) == v for k, v in match.items()):
+                    self.buffer.remove(event)
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no event {match} within {timeout} s; have {self.buffer}")
+            self._receive(left)
+
+    def ask(self, ctl, op, rid, timeout=10.0):
+        """Send ``op`` ("state", "release", "ping") about request ``rid`` to
+        the server process listening on ``ctl``; return its reply."""
+        token = uuid.uuid4().hex
+        self.sock.sendto(json.dumps({"op": op, "id": rid, "token": token}).encode(), ctl)
+        return self.wait_for(timeout, event="reply", token=token)
+
+
+# Raw-socket clients: the tests need control over FIN, RST, pipelining and
+# keep-alive that no HTTP client library gives.
+
+def request_bytes(path, close=False):
+    headers = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n"
+    if close:
+        headers += "Connection: close\r\n"
+    return (headers + "\r\n").encode()
+
+
+def connect(server, timeout=10.0):
+    sock = socket.create_connection(server.address, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_until(sock, marker, timeout=10.0):
+    """Read from ``sock`` until ``marker`` arrived; return all bytes read."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError(f"no {marker!r} within {timeout} s; got {data!r}") from None
+        if not chunk:
+            raise AssertionError(f"server closed before {marker!r}; got {data!r}")
+        data += chunk
+    return data
+
+
+def reset(sock):
+    """Close with an RST instead of a FIN (SO_LINGER on, timeout 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def wait_gone(sock, timeout=10.0):
+    """Wait until the server closed its end of ``sock`` (EOF or reset)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            if not sock.recv(65536):
+                return True
+        except socket.timeout:
+            break
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                return True
+            raise
+    return False

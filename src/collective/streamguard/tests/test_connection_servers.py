@@ -1,0 +1,289 @@
+"""The core against real servers, over real loopback sockets.
+
+Each class runs one server in a subprocess (found next to sys.executable),
+serving ``wsgiapps.app``; the app reports its probe verdicts over a unix
+datagram side channel, and the test asks it for a verdict at any moment
+through the control socket of the server process.
+"""
+from collective.streamguard.tests import servers
+
+import socket
+import tempfile
+import time
+import unittest
+import uuid
+
+
+SOON = 5.0  # generous: a bound that only a broken probe misses
+
+
+class ServerContract:
+    """The behaviour every supported server must show.  Subclasses set
+    ``kind`` and ``options``; ``keepalive`` says whether the server keeps a
+    connection open after a response."""
+
+    kind = None
+    options = {}
+    probe = None
+    keepalive = True
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="sg-")
+        cls.sink = servers.EventSink(cls.directory)
+        cls.server = servers.Server(
+            cls.kind, options=cls.options, env=cls.sink.env, directory=cls.directory
+        )
+        try:
+            cls.server.start()
+        except BaseException:
+            cls.sink.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        cls.sink.close()
+        import shutil
+
+        shutil.rmtree(cls.directory, ignore_errors=True)
+
+    def setUp(self):
+        self.clients = []
+        self.streams = {}  # rid -> ctl path of the process serving it
+        self.ended = {}  # rid -> "end" event
+
+    def tearDown(self):
+        for sock in self.clients:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # closed by the test
+        # Every stream must be over before the next test (gunicorn's sync
+        # worker serves one at a time) and every connection closed by the
+        # server (the fd-reuse test needs the server's fds settled).
+        for rid, ctl in self.streams.items():
+            self.sink.ask(ctl, "release", rid)
+        for rid in self.streams:
+            self.wait_end(rid)
+        for sock in self.clients:
+            if sock.fileno() >= 0:
+                servers.wait_gone(sock)
+            sock.close()
+        self.sink.collect()
+
+    # helpers
+
+    def rid(self):
+        return uuid.uuid4().hex[:12]
+
+    def connect(self):
+        sock = servers.connect(self.server)
+        self.clients.append(sock)
+        return sock
+
+    def open_stream(self, sock=None, mode="idle", **params):
+        """Start a stream on ``sock`` (a new connection by default); return
+        the socket and the app's "start" event once "ready" arrived."""
+        sock = sock or self.connect()
+        rid = self.rid()
+        query = "&".join(f"{k}={v}" for k, v in dict(id=rid, mode=mode, **params).items())
+        sock.sendall(servers.request_bytes(f"/stream?{query}"))
+        servers.read_until(sock, b"ready\n")
+        start = self.sink.wait_for(event="start", id=rid)
+        self.streams[rid] = start["ctl"]
+        return sock, start
+
+    def wait_end(self, rid):
+        if rid not in self.ended:
+            self.ended[rid] = self.sink.wait_for(event="end", id=rid)
+        return self.ended[rid]
+
+    def state(self, start):
+        reply = self.sink.ask(start["ctl"], "state", start["id"])
+        self.assertNotIn("error", reply)
+        return reply
+
+    def assert_becomes(self, start, expected):
+        deadline = time.monotonic() + SOON
+        while True:
+            reply = self.state(start)
+            if reply["state"] == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        self.assertEqual(reply["state"], expected, reply)
+        self.assertEqual(reply["probe"], self.probe)
+
+    # the contract
+
+    def test_idle_stream_reads_open(self):
+        _, start = self.open_stream()
+        self.assertEqual((start["state"], start["probe"]), ("open", self.probe))
+        time.sleep(0.05)
+        self.assertEqual(self.state(start)["state"], "open")
+
+    def test_idle_stream_with_pipelined_request_waiting_reads_open(self):
+        sock, start = self.open_stream()
+        sock.sendall(servers.request_bytes("/ping"))
+        time.sleep(0.05)
+        self.assertEqual(self.state(start)["state"], "open")
+
+    def test_idle_stream_ends_when_client_closes(self):
+        sock, start = self.open_stream()
+        sock.close()
+        self.assert_becomes(start, "closed")
+
+    def test_idle_stream_ends_when_client_half_closes(self):
+        sock, start = self.open_stream()
+        sock.shutdown(socket.SHUT_WR)
+        self.assert_becomes(start, "closed")
+
+    def test_idle_stream_ends_when_client_resets(self):
+        sock, start = self.open_stream()
+        servers.reset(sock)
+        self.assert_becomes(start, "closed")
+
+    def test_idle_stream_ends_when_client_closes_after_pipelined_bytes(self):
+        # The FIN sits behind unread bytes: a one-byte MSG_PEEK would see
+        # only the bytes and call the connection open.
+        sock, start = self.open_stream()
+        sock.sendall(servers.request_bytes("/ping"))
+        time.sleep(0.05)
+        self.assertEqual(self.state(start)["state"], "open")
+        sock.shutdown(socket.SHUT_WR)
+        self.assert_becomes(start, "closed")
+
+    def test_wait_closed_returns_when_client_leaves(self):
+        sock, start = self.open_stream(mode="wait", timeout=30)
+        left_at = time.monotonic()
+        sock.close()
+        waited = self.sink.wait_for(event="waited", id=start["id"], timeout=SOON)
+        self.assertTrue(waited["left"])
+        self.assertEqual(waited["state"], "closed")
+        self.assertLess(waited["t"] - left_at, SOON)
+
+    def test_wait_closed_times_out_while_client_stays(self):
+        sock, start = self.open_stream(mode="wait", timeout=0.3)
+        waited = self.sink.wait_for(event="waited", id=start["id"])
+        self.assertFalse(waited["left"])
+        self.assertGreaterEqual(waited["elapsed"], 0.29)
+        self.assertEqual(waited["state"], "open")
+        sock.close()
+        # Later waits (one per 0.3 s) until the client's leaving is seen.
+        deadline = time.monotonic() + SOON
+        while time.monotonic() < deadline:
+            waited = self.sink.wait_for(event="waited", id=start["id"], timeout=SOON)
+            if waited["left"]:
+                break
+        self.assertTrue(waited["left"])
+
+    def test_on_close_callback_fires_exactly_once(self):
+        sock, start = self.open_stream(callback=1)
+        self.assertEqual(self.sink.collect(event="callback", id=start["id"]), [])
+        sock.close()
+        called = self.sink.wait_for(event="callback", id=start["id"], timeout=SOON)
+        self.assertEqual(called["count"], 1)
+        self.assertEqual(called["thread"], "collective.streamguard watcher")
+        # Outlive a watcher sweep (1 s): it must not call again.
+        time.sleep(1.3)
+        self.assertEqual(self.sink.collect(event="callback", id=start["id"]), [])
+        self.assertEqual(self.state(start)["callbacks"], 1)
+
+    def test_keep_alive_request_gets_its_own_connection_object(self):
+        if not self.keepalive:
+            self.skipTest(f"{self.kind} closes the connection after each response")
+        sock = self.connect()
+        first = self.rid()
+        sock.sendall(servers.request_bytes(f"/hold?id={first}"))
+        servers.read_until(sock, b"held\n")
+        held = self.sink.wait_for(event="start", id=first)
+        _, start = self.open_stream(sock, compare=first)
+        # Same TCP connection: the held object of the finished first request
+        # sees it open as well, but the second request has its own object.
+        self.assertEqual(start["fd"], held["fd"])
+        self.assertFalse(start["same_object"])
+        self.assertEqual(start["state"], "open")
+        self.assertEqual(start["compare"]["state"], "open")
+        sock.close()
+        self.assert_becomes(start, "closed")
+        self.assert_becomes(held, "closed")
+
+    def test_finished_request_reads_closed_once_server_closed_connection(self):
+        sock = self.connect()
+        rid = self.rid()
+        sock.sendall(servers.request_bytes(f"/hold?id={rid}", close=True))
+        servers.read_until(sock, b"held\n")
+        held = self.sink.wait_for(event="start", id=rid)
+        self.assertTrue(servers.wait_gone(sock), "server did not close")
+        sock.close()
+        self.assert_becomes(held, "closed")
+
+    def test_new_connection_on_reused_fd_does_not_inherit(self):
+        # The lowest free fd goes to the next accept(): close the old
+        # connection, wait until the server let go of it, then connect.  A
+        # connection of an earlier test that the server is still closing
+        # can take the number first, hence a few tries.
+        for _attempt in range(3):
+            sock, old = self.open_stream(mode="wait", timeout=30)
+            sock.shutdown(socket.SHUT_WR)
+            self.wait_end(old["id"])
+            self.assertTrue(servers.wait_gone(sock), "server did not close")
+            time.sleep(0.05)  # gunicorn half-closes first, then closes
+            _, new = self.open_stream(compare=old["id"])
+            if new["fd"] == old["fd"]:
+                break
+        self.assertEqual(new["fd"], old["fd"], "precondition: the fd was not reused")
+        self.assertFalse(new["same_object"])
+        self.assertEqual(new["state"], "open")
+        self.assertEqual(new["compare"]["state"], "closed")
+        self.assertEqual(self.state(old)["state"], "closed")
+        self.assertEqual(self.state(new)["state"], "open")
+
+
+class WaitressLookahead0Tests(ServerContract, unittest.TestCase):
+    """waitress' defaults: it does not read the socket while a request is
+    in flight, so its own disconnect flag never flips for an idle stream."""
+
+    kind = "waitress"
+    options = {"threads": 4, "channel_request_lookahead": 0}
+    probe = "waitress"
+
+
+class WaitressLookahead1Tests(ServerContract, unittest.TestCase):
+    """waitress reading ahead: its main thread may see the FIN first and
+    close the socket under the probe."""
+
+    kind = "waitress"
+    options = {"threads": 4, "channel_request_lookahead": 1}
+    probe = "waitress"
+
+
+class GunicornSyncTests(ServerContract, unittest.TestCase):
+    kind = "gunicorn"
+    options = {"worker_class": "sync"}
+    probe = "gunicorn"
+    keepalive = False  # the sync worker forces Connection: close
+
+
+class GunicornGthreadTests(ServerContract, unittest.TestCase):
+    kind = "gunicorn"
+    options = {"worker_class": "gthread", "threads": 4}
+    probe = "gunicorn"
+
+
+class UwsgiTests(ServerContract, unittest.TestCase):
+    """uWSGI with --http11-socket (keep-alive) and 4 threads: the probe has
+    only an int fd, so fd reuse is the case that matters."""
+
+    kind = "uwsgi"
+    options = {"threads": 4, "keepalive": True}
+    probe = "uwsgi"
+
+
+class UwsgiHttpSocketTests(ServerContract, unittest.TestCase):
+    """uWSGI with plain --http-socket: a connection per request."""
+
+    kind = "uwsgi"
+    options = {"threads": 4}
+    probe = "uwsgi"
+    keepalive = False
