@@ -21,6 +21,19 @@ class IStreamGuardLayer(IDefaultBrowserLayer):
     """
 
 
+class IStreamDefaults(Interface):
+    """A utility that tells ``stream_response`` the defaults of this site.
+
+    Calling it returns an object with ``max_streams``, ``max_duration`` and
+    ``heartbeat_interval`` attributes (``IStreamGuardSettings`` has them),
+    or None where there are no settings.  In Plone the add-on's registry
+    records provide them.
+    """
+
+    def __call__():
+        """Return the settings object, or None."""
+
+
 class IStreamGuardSettings(Interface):
     """Settings of collective.streamguard, kept in plone.registry.
 

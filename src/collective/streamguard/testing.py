@@ -19,8 +19,10 @@ class StreamGuardLayer(PloneSandboxLayer):
 
     def setUpZope(self, app, configurationContext):
         import collective.streamguard
+        import collective.streamguard.tests
 
         self.loadZCML(package=collective.streamguard)
+        self.loadZCML(package=collective.streamguard.tests, name="test.zcml")
 
     def setUpPloneSite(self, portal):
         applyProfile(portal, "collective.streamguard:default")

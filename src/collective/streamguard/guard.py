@@ -1,0 +1,309 @@
+"""Guarded streaming: a producer that stops the moment its client leaves.
+
+A producer is a generator (or a callable taking a ``StreamGuard`` and
+returning one) that yields ``bytes`` or ``str`` chunks.  ``GuardedStream``
+turns it into a WSGI body iterable that
+
+- asks the client connection before every chunk and stops the producer
+  (``GeneratorExit`` at its current ``yield``) once the client has gone, the
+  maximum duration has passed, or the process is shutting down;
+- lets the producer sleep for more work in ``guard.wait()`` / ``guard.idle()``,
+  which wake the instant the client leaves (poll on the client socket), when
+  one of the producer's own fds becomes readable, or on ``guard.wake()``;
+- runs the cleanups exactly once, whatever ended the stream: the producer
+  finishing or raising, the client leaving, the server closing the iterator
+  after a failed write (waitress catches ``ClientDisconnected`` and calls
+  ``close()``), or shutdown.  A cleanup that raises is logged and the others
+  still run;
+- logs the start and the end (reason, bytes, duration) and keeps the process
+  registry (live streams, counters) up to date.
+
+The seed cases: a log loop that held a thread for nobody (000), an error path
+that crashed after the client left and skipped the application's own clean-up
+(001).  Plain Python: imports nothing from Zope.
+"""
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+
+from collective.streamguard.connection import CLOSE_EVENTS
+from collective.streamguard.connection import RECHECK_INTERVAL
+from collective.streamguard.connection import ConnectionState
+from collective.streamguard.registry import EndReason
+from collective.streamguard.registry import streams
+
+
+logger = logging.getLogger("collective.streamguard")
+
+_STOP, _READY, _TIMEOUT = "stop", "ready", "timeout"
+
+
+class StreamGuard:
+    """What a producer sees of its stream: the client, the clock, its cleanups.
+
+    ``max_duration`` (seconds, None for no limit) ends the stream with
+    TIMEOUT.  ``heartbeat`` (bytes, e.g. ``b": keep-alive\\n\\n"`` for
+    server-sent events) is yielded by ``idle()`` after ``heartbeat_interval``
+    seconds without output, so proxies keep the connection and a peer that
+    vanished without FIN or reset is found by the write.
+    """
+
+    def __init__(
+        self,
+        connection,
+        max_duration=None,
+        heartbeat=None,
+        heartbeat_interval=None,
+        registry=streams,
+    ):
+        self.connection = connection
+        self.max_duration = max_duration or None
+        self.heartbeat = heartbeat if heartbeat_interval else None
+        self.heartbeat_interval = heartbeat_interval or None
+        self.registry = registry
+        self.reason = None
+        self.started = time.monotonic()
+        self.last_output = self.started
+        self._cleanups = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- what ends a stream -------------------------------------------------
+
+    def check(self):
+        """Return the reason the stream must stop now, or None to go on."""
+        if self.reason is not None:
+            return self.reason
+        if self.registry.shutting_down.is_set():
+            return EndReason.SHUTDOWN
+        if self.connection.state().state is ConnectionState.CLOSED:
+            return EndReason.CLIENT_GONE
+        if self.max_duration and time.monotonic() - self.started >= self.max_duration:
+            return EndReason.TIMEOUT
+        return None
+
+    @property
+    def stopping(self):
+        """True once the stream must stop (client gone, timeout, shutdown)."""
+        return self.check() is not None
+
+    # -- waiting for work ---------------------------------------------------
+
+    def wait(self, timeout=None, readable=()):
+        """Sleep until ``timeout``, ``wake()``, a ``readable`` fd, or the end.
+
+        Use it instead of ``time.sleep`` in a producer.  Returns True when
+        the stream must stop (the client left, the time is up, shutdown),
+        False otherwise.
+        """
+        return self._wait(timeout, readable) is _STOP
+
+    def idle(self, timeout=None, readable=()):
+        """``wait()`` for generators: ``stop = yield from guard.idle(5)``.
+
+        Yields the heartbeat whenever ``heartbeat_interval`` passes without
+        output while it waits; returns like ``wait()``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = None if deadline is None else deadline - time.monotonic()
+            if self.heartbeat is not None:
+                due = self.last_output + self.heartbeat_interval - time.monotonic()
+                step = due if step is None else min(step, due)
+                if due <= 0:
+                    yield self.heartbeat
+                    continue
+            outcome = self._wait(step, readable)
+            if outcome is _STOP:
+                return True
+            if outcome is _READY or (deadline is not None and time.monotonic() >= deadline):
+                return False
+
+    def wake(self):
+        """Interrupt a ``wait()``/``idle()`` from any thread (new work, shutdown)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (already woken) or the stream has ended
+
+    def _wait(self, timeout, readable):
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
+        if self.max_duration:
+            end = self.started + self.max_duration
+            deadline = end if deadline is None else min(deadline, end)
+        while True:
+            if self.check() is not None:
+                return _STOP
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return _TIMEOUT
+            step = RECHECK_INTERVAL if deadline is None else min(RECHECK_INTERVAL, deadline - now)
+            poller = select.poll()
+            client_fd = self.connection.fileno()
+            if client_fd >= 0:
+                # Close events only: pipelined request bytes must not wake us.
+                poller.register(client_fd, CLOSE_EVENTS)
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in readable:
+                poller.register(fd, select.POLLIN)
+            for fd, _events in poller.poll(step * 1000.0):
+                if fd == self._wake_r:
+                    self._drain_wakeups()
+                    return _STOP if self.check() is not None else _READY
+                if fd != client_fd:
+                    return _READY
+            # A client fd event is confirmed (or not) by check() on the next
+            # turn; a reused fd that the probe disowns is not spun on.
+
+    def _drain_wakeups(self):
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- cleanup ------------------------------------------------------------
+
+    def add_cleanup(self, function, *args, **kwargs):
+        """Run ``function(*args, **kwargs)`` once when the stream ends.
+
+        Cleanups run last-added first, in the thread that ends the stream;
+        ``guard.reason`` tells why it ended.
+        """
+        self._cleanups.append((function, args, kwargs))
+
+    def _run_cleanups(self):
+        while self._cleanups:
+            function, args, kwargs = self._cleanups.pop()
+            try:
+                function(*args, **kwargs)
+            except Exception:
+                logger.exception("cleanup %r of a stream failed", function)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class GuardedStream:
+    """A WSGI body iterable that runs a producer under a ``StreamGuard``.
+
+    ``setup(guard)``, if given, runs in the serving thread just before the
+    producer's first step (under Zope: after the request's transaction is
+    over) and may add cleanups.  ``label``, ``user`` and ``client`` are
+    shown by status views and logged.  ``reserved``: the caller already
+    took a stream slot with ``registry.reserve``.
+    """
+
+    def __init__(
+        self,
+        producer,
+        guard,
+        setup=None,
+        label="",
+        user="",
+        client="",
+        encoding="utf-8",
+        reserved=False,
+    ):
+        self.guard = guard
+        self._producer = producer
+        self._iterator = None
+        self._setup = setup
+        self._encoding = encoding
+        self._lock = threading.Lock()
+        self._ended = False
+        self.record = guard.registry.start(
+            guard,
+            label=label,
+            user=user,
+            client=client,
+            probe=guard.connection.probe,
+            reserved=reserved,
+        )
+        weakref.finalize(self, guard.registry.discard, self.record)
+        logger.info(
+            "stream %d started: %s user=%s client=%s probe=%s",
+            self.record.id, label, user, client, guard.connection.probe,
+        )
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        reason = self.guard.check()
+        if reason is not None:
+            self._end(reason)
+            raise StopIteration
+        try:
+            if self._iterator is None:
+                self._iterator = self._start()
+            chunk = next(self._iterator)
+        except StopIteration:
+            # A producer that returns because its wait said "stop" did not
+            # finish its work: end with the guard's reason, so that its
+            # transaction is aborted rather than committed.
+            self._end(self.guard.check() or EndReason.FINISHED)
+            raise
+        except Exception:
+            # Exceptions in a body iterator get no Zope error view and no
+            # error_log entry: log it here, with the stream it ended.
+            logger.exception("stream %d failed", self.record.id)
+            self._end(EndReason.ERROR)
+            raise
+        if isinstance(chunk, str):
+            chunk = chunk.encode(self._encoding)
+        elif not isinstance(chunk, bytes):
+            chunk = bytes(chunk)
+        if chunk:
+            self.record.bytes_sent += len(chunk)
+            self.guard.last_output = time.monotonic()
+        return chunk
+
+    def _start(self):
+        if self._setup is not None:
+            self._setup(self.guard)
+        producer = self._producer
+        if callable(producer) and not hasattr(producer, "__iter__"):
+            producer = producer(self.guard)
+        return iter(producer)
+
+    def close(self):
+        """Called by the server when it stops iterating, also after a failed
+        write to a client that left (waitress: ``ClientDisconnected``)."""
+        self._end(self.guard.check() or EndReason.CLIENT_GONE)
+
+    def _end(self, reason):
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        guard = self.guard
+        guard.reason = reason
+        try:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                # GeneratorExit at the producer's current yield: its own
+                # finally/with blocks run now, in this thread.
+                close()
+            elif self._iterator is None and hasattr(self._producer, "close"):
+                self._producer.close()
+        except Exception:
+            logger.exception("stream %d: the producer failed while stopping", self.record.id)
+        finally:
+            guard._run_cleanups()
+            guard.registry.end(self.record, reason)
+            logger.info(
+                "stream %d ended (%s): %d bytes in %.1f s",
+                self.record.id,
+                reason.value,
+                self.record.bytes_sent,
+                time.monotonic() - guard.started,
+            )

@@ -1,0 +1,182 @@
+"""The process's live streams: how many, who, how they ended; and shutdown.
+
+Every live stream holds a server worker thread for its whole life (waitress
+runs 4), so the number of streams per process is capped and the cap leaves
+one thread for normal pages.  The registry also keeps what a status view
+shows (live streams, counters per end reason) and, at interpreter exit,
+stops the live streams so that their cleanups run (waitress' worker threads
+are daemons: without this they would just vanish mid-transaction).
+
+Plain Python: imports nothing from Zope.
+"""
+from dataclasses import dataclass
+from dataclasses import field
+
+import atexit
+import enum
+import itertools
+import logging
+import threading
+import time
+
+
+logger = logging.getLogger("collective.streamguard")
+
+#: How long, at interpreter exit, live streams get to run their cleanups.
+SHUTDOWN_TIMEOUT = 5.0
+
+
+class EndReason(str, enum.Enum):
+    """Why a stream ended."""
+
+    FINISHED = "finished"
+    CLIENT_GONE = "client gone"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class StreamRecord:
+    """What the registry knows of one live stream (a status view shows it)."""
+
+    id: int
+    label: str
+    user: str
+    client: str
+    probe: str
+    started: float = field(default_factory=time.time)
+    bytes_sent: int = 0
+    guard: object = field(default=None, repr=False, compare=False)
+
+
+class StreamRegistry:
+    """Live streams, per-reason counters and the per-process stream cap."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._live = {}
+        self._reserved = 0
+        self._ended = threading.Condition(self._lock)
+        self.counters = {reason: 0 for reason in EndReason}
+        self.refused = 0
+        self.shutting_down = threading.Event()
+
+    def reserve(self, limit):
+        """Take a stream slot if fewer than ``limit`` are taken; else False.
+
+        ``limit`` None or below 1 means no cap.  A reserved slot is given back
+        by ``end`` or ``release``.
+        """
+        with self._lock:
+            if self.shutting_down.is_set() or (
+                limit is not None and limit >= 1 and self._reserved >= limit
+            ):
+                self.refused += 1
+                return False
+            self._reserved += 1
+            return True
+
+    def release(self):
+        """Give back a slot that was reserved but never started."""
+        with self._lock:
+            self._reserved -= 1
+            self._ended.notify_all()
+
+    def start(self, guard, label="", user="", client="", probe="", reserved=False):
+        """Record a new stream; returns its ``StreamRecord``.
+
+        ``reserved``: the caller took a slot with ``reserve``; otherwise one
+        is taken here, whatever the cap.
+        """
+        with self._lock:
+            if not reserved:
+                self._reserved += 1
+            record = StreamRecord(
+                id=next(self._ids),
+                label=label,
+                user=user,
+                client=client,
+                probe=probe,
+                guard=guard,
+            )
+            self._live[record.id] = record
+            return record
+
+    def end(self, record, reason):
+        """Record the end of a stream and give back its slot (once)."""
+        with self._lock:
+            if self._live.pop(record.id, None) is None:
+                return
+            self.counters[reason] += 1
+            self._reserved -= 1
+            self._ended.notify_all()
+
+    def discard(self, record):
+        """Forget a stream that was dropped without being run or closed.
+
+        Zope's publisher drops the response body without closing it when it
+        retries a request after a ConflictError, or when publishing fails
+        after the view returned.  The stream's finalizer calls this, so the
+        slot comes back and the cleanups still run once.
+        """
+        with self._lock:
+            if self._live.pop(record.id, None) is None:
+                return
+            self._reserved -= 1
+            self._ended.notify_all()
+        logger.warning("stream %d was dropped before it ran: %s", record.id, record.label)
+        if record.guard is not None:
+            record.guard._run_cleanups()
+
+    def live(self):
+        """A snapshot (list of ``StreamRecord``) of the live streams."""
+        with self._lock:
+            return list(self._live.values())
+
+    @property
+    def reserved(self):
+        return self._reserved
+
+    def snapshot(self):
+        """Counters and live streams as plain data, for status views and tests."""
+        with self._lock:
+            return {
+                "live": len(self._live),
+                "reserved": self._reserved,
+                "refused": self.refused,
+                "ended": {reason.value: count for reason, count in self.counters.items()},
+            }
+
+    def shutdown(self, timeout=SHUTDOWN_TIMEOUT):
+        """Stop every live stream and wait up to ``timeout`` s for their cleanups.
+
+        New streams are refused from now on.  Returns the number of streams
+        still live when the wait ended.
+        """
+        self.shutting_down.set()
+        for record in self.live():
+            if record.guard is not None:
+                record.guard.wake()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._live and time.monotonic() < deadline:
+                self._ended.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+            left = len(self._live)
+        if left:
+            logger.warning("%d stream(s) still running at shutdown", left)
+        return left
+
+
+#: The registry of this process.
+streams = StreamRegistry()
+
+
+@atexit.register
+def _stop_streams_at_exit():
+    # atexit runs in the main thread while the server's daemon worker threads
+    # still exist: wake the streams so they abort their transactions and
+    # close their connections instead of vanishing at finalization.
+    if streams.live():
+        streams.shutdown()

@@ -1,0 +1,180 @@
+"""Zope integration of guarded streaming: ``stream_response()`` for views.
+
+Under Zope's WSGI publisher ``response.write()`` buffers the whole response
+(Zope issue 662); what streams is a body that provides
+``IUnboundStreamIterator``, which the publisher hands to the server after
+the request's transaction is over.  ``stream_response`` builds that body
+around a producer, with the guard of ``collective.streamguard.guard``:
+
+- headers for streaming: no Content-Length, ``Cache-Control: no-store``,
+  ``X-Accel-Buffering: no`` (nginx), ``X-Content-Type-Options: nosniff``;
+- plone.transformchain is told to leave the body alone: its transforms
+  (Diazo, plone.protect's auto-CSRF parser) join any iterable body into one
+  string, which for an endless stream hangs the worker inside the request's
+  transaction;
+- at most ``max_streams`` live streams per process (default: the server's
+  threads minus one, so one thread always serves normal pages); the next
+  gets 503 with ``Retry-After``;
+- ``zodb=True`` gives the producer its own ZODB connection and transaction
+  (``collective.streamguard.zodb``);
+- on classic ZServer an iterator body would be drained by the asyncore main
+  thread and freeze the whole server, so there the same view streams with
+  ``response.write()`` from the worker thread instead.
+"""
+from AccessControl.SecurityManagement import getSecurityManager
+from zope.component import queryUtility
+from zope.interface import implementer
+from ZPublisher.Iterators import IUnboundStreamIterator
+
+from collective.streamguard.connection import client_connection
+from collective.streamguard.guard import GuardedStream
+from collective.streamguard.guard import StreamGuard
+from collective.streamguard.interfaces import IStreamDefaults
+from collective.streamguard.registry import streams
+from collective.streamguard.zodb import ZODBSession
+
+
+#: waitress' default; used where the server does not tell its thread count.
+DEFAULT_THREADS = 4
+RETRY_AFTER = 10
+DEFAULT_MAX_DURATION = 3600
+DEFAULT_HEARTBEAT_INTERVAL = 15
+TRANSFORMCHAIN_DISABLE = "plone.transformchain.disable"
+TOO_MANY = "Too many live streams on this server; try again in a few seconds.\n"
+
+
+@implementer(IUnboundStreamIterator)
+class StreamIterator(GuardedStream):
+    """A guarded stream as Zope publishes it.
+
+    It has ``__iter__``, ``__next__`` and ``close`` and deliberately no
+    ``read``: with one, ``publish_module`` would wrap it in
+    ``wsgi.file_wrapper``, which sends only up to a size measured once.
+    """
+
+
+def server_threads(environ):
+    """The serving waitress' thread count, else DEFAULT_THREADS."""
+    hook = environ.get("waitress.client_disconnected")
+    channel = getattr(hook, "__self__", None)
+    try:
+        return int(channel.server.adj.threads)
+    except (AttributeError, TypeError, ValueError):
+        return DEFAULT_THREADS
+
+
+def default_max_streams(environ):
+    return max(1, server_threads(environ) - 1)
+
+
+def _setting(explicit, defaults, name, fallback):
+    if explicit is not None:
+        return explicit
+    value = getattr(defaults, name, None) if defaults is not None else None
+    return fallback if value is None else value
+
+
+def _zserver_response(response):
+    # ZServer's response.stdout is a ChannelPipe with the request's channel;
+    # under WSGI it is a BytesIO.
+    return getattr(getattr(response, "stdout", None), "_channel", None) is not None
+
+
+def stream_response(
+    request,
+    producer,
+    content_type="text/plain; charset=utf-8",
+    *,
+    context=None,
+    zodb=False,
+    max_streams=None,
+    max_duration=None,
+    heartbeat=None,
+    heartbeat_interval=None,
+    label=None,
+):
+    """Return what a view returns to stream ``producer`` to the client.
+
+    ``producer``: an iterable of ``bytes``/``str`` chunks (typically a
+    generator), or a callable taking the ``StreamGuard`` and returning one.
+    It runs after the request's transaction: capture plain values, or pass
+    ``zodb=True`` and ``context`` to get ``guard.zodb`` (own connection,
+    transaction, user and site; committed when the producer finishes,
+    aborted otherwise).
+
+    Settings not given here come from the ``IStreamDefaults`` utility (the
+    Plone registry in a Plone site), else: ``max_streams`` = server threads
+    minus one, ``max_duration`` = 3600 s, heartbeats every 15 s when
+    ``heartbeat`` bytes are given (0 turns a setting off).
+    """
+    if producer is None or not (callable(producer) or hasattr(producer, "__iter__")):
+        raise TypeError(
+            "stream_response() needs an iterable of bytes/str chunks or a "
+            f"callable taking a StreamGuard, got {producer!r:.80}"
+        )
+    if zodb and context is None:
+        raise TypeError("stream_response(zodb=True) needs the view's context")
+    response = request.response
+    defaults_provider = queryUtility(IStreamDefaults)
+    defaults = defaults_provider() if defaults_provider is not None else None
+    limit = _setting(max_streams, defaults, "max_streams", 0) or default_max_streams(
+        request.environ
+    )
+    if not streams.reserve(limit):
+        response.setStatus(503)
+        response.setHeader("Retry-After", str(RETRY_AFTER))
+        response.setHeader("Content-Type", "text/plain; charset=utf-8")
+        response.setHeader("Cache-Control", "no-store")
+        request.environ[TRANSFORMCHAIN_DISABLE] = True
+        return TOO_MANY
+    try:
+        guard = StreamGuard(
+            client_connection(request),
+            max_duration=_setting(max_duration, defaults, "max_duration", DEFAULT_MAX_DURATION),
+            heartbeat=heartbeat,
+            heartbeat_interval=_setting(
+                heartbeat_interval, defaults, "heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL
+            ),
+        )
+        session = ZODBSession(context, request) if zodb else None
+        user = getSecurityManager().getUser()
+        stream = StreamIterator(
+            producer,
+            guard,
+            setup=session.open if session is not None else None,
+            label=label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", ""),
+            user=user.getUserName() if user is not None else "",
+            client=request.environ.get("REMOTE_ADDR", ""),
+            reserved=True,
+        )
+    except BaseException:
+        streams.release()
+        raise
+
+    request.environ[TRANSFORMCHAIN_DISABLE] = True
+    response.setHeader("Content-Type", content_type)
+    response.setHeader("Cache-Control", "no-store")
+    response.setHeader("X-Accel-Buffering", "no")
+    response.setHeader("X-Content-Type-Options", "nosniff")
+    if request.get("REQUEST_METHOD", "GET") == "HEAD":
+        stream.close()
+        return ""
+    if _zserver_response(response):
+        return write_in_this_thread(response, stream)
+    return stream
+
+
+def write_in_this_thread(response, stream):
+    """Classic ZServer: push the stream with ``response.write()`` now.
+
+    ZServer's ``write`` pushes to the channel from this worker thread and
+    silently drops data once the channel is closed; the guard's probe of
+    the channel is what stops the producer.
+    """
+    try:
+        for chunk in stream:
+            if chunk:
+                response.write(chunk)
+    finally:
+        stream.close()
+    return ""

@@ -1,0 +1,155 @@
+"""A producer's own ZODB connection and transaction, outside the request's.
+
+Under Zope's WSGI publisher a body iterator runs after the request's
+transaction has been committed and its ZODB connection closed, and after
+``request.close()`` has cleared the site (ZOPE-STREAMING.md): no persistent
+object of the request may be touched any more.  ``ZODBSession`` captures
+plain values in the view (paths, the user's id, the DB) and, in the serving
+thread, opens a connection of its own with a transaction manager of its
+own, restores the user and the site, and at the end commits (the producer
+finished) or aborts (the client left, an error, a timeout, shutdown) and
+always gives the connection back to the pool.
+
+Its transaction manager is also made the serving thread's current one for
+the stream's life, because Plone code joins ``transaction.get()`` (the
+catalog's indexing queue does) and must join *this* transaction.  A
+``zope.sqlalchemy`` session is joined to it with
+``register(session, transaction_manager=guard.zodb.transaction_manager)``
+and is then rolled back with it when the client leaves (seed 004).
+"""
+import logging
+
+import transaction
+from AccessControl.SecurityManagement import getSecurityManager
+from AccessControl.SecurityManagement import newSecurityManager
+from AccessControl.SecurityManagement import noSecurityManager
+from AccessControl.SpecialUsers import nobody
+from Acquisition import aq_base
+from Acquisition import aq_inner
+from Acquisition import aq_parent
+from Testing.makerequest import makerequest
+from zope.component.hooks import getSite
+from zope.component.hooks import setSite
+from zope.globalrequest import clearRequest
+from zope.globalrequest import setRequest
+
+from collective.streamguard.registry import EndReason
+
+
+logger = logging.getLogger("collective.streamguard")
+
+# What the producer's own request keeps of the original environ, so that
+# absolute_url() and friends give the same answers as during the view.
+ENVIRON_KEYS = (
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "SERVER_PROTOCOL",
+    "SCRIPT_NAME",
+    "HTTP_HOST",
+    "HTTPS",
+    "wsgi.url_scheme",
+    "REMOTE_ADDR",
+    "HTTP_X_FORWARDED_FOR",
+    "HTTP_ACCEPT_LANGUAGE",
+)
+
+
+class ZODBSession:
+    """Captured in the view; opened in the serving thread; closed once.
+
+    In the producer, ``guard.zodb`` is this object: ``context`` (the view's
+    context in the new connection), ``site``, ``app``, ``request``,
+    ``transaction_manager`` and ``commit()`` for long batch work.
+    """
+
+    def __init__(self, context, request):
+        jar = aq_base(context)._p_jar
+        if jar is None:
+            raise TypeError(f"{context!r} is not stored in the ZODB: nothing to reopen")
+        self.db = jar.db()
+        self.context_path = context.getPhysicalPath()
+        site = getSite()
+        self.site_path = site.getPhysicalPath() if hasattr(site, "getPhysicalPath") else None
+        user = getSecurityManager().getUser()
+        self.user_id = user.getId() if user is not None else None
+        user_folder = aq_parent(aq_inner(user)) if user is not None else None
+        self.user_folder_path = (
+            user_folder.getPhysicalPath() if hasattr(user_folder, "getPhysicalPath") else None
+        )
+        self.environ = {k: request.environ[k] for k in ENVIRON_KEYS if k in request.environ}
+        self.server_url = request.get("SERVER_URL")
+        self.virtual_root = request.get("VirtualRootPhysicalPath")
+        self.transaction_manager = None
+        self.connection = None
+        self.context = self.site = self.app = self.request = None
+        self._guard = None
+        self._thread_manager = None
+
+    def open(self, guard):
+        """Open the connection and set up user, site and request (serving thread)."""
+        self._guard = guard
+        guard.zodb = self
+        guard.add_cleanup(self.close)
+        self.transaction_manager = transaction.TransactionManager()
+        # Make it the thread's current manager (see the module docstring).
+        self._thread_manager = transaction.manager.manager
+        transaction.manager.manager = self.transaction_manager
+        self.connection = self.db.open(transaction_manager=self.transaction_manager)
+        self.transaction_manager.begin()
+        root = self.connection.root()["Application"]
+        self.app = makerequest(root, environ=dict(self.environ))
+        self.request = self.app.REQUEST
+        if self.server_url:
+            self.request.other["SERVER_URL"] = self.server_url
+        if self.virtual_root:
+            self.request.other["VirtualRootPhysicalPath"] = self.virtual_root
+        setRequest(self.request)
+        if self.site_path is not None:
+            self.site = self.app.unrestrictedTraverse(self.site_path)
+            setSite(self.site)
+        newSecurityManager(self.request, self._user())
+        self.context = self.app.unrestrictedTraverse(self.context_path)
+
+    def _user(self):
+        if self.user_id is None or self.user_folder_path is None:
+            return nobody
+        user_folder = self.app.unrestrictedTraverse(self.user_folder_path)
+        user = user_folder.getUserById(self.user_id)
+        if user is None:
+            logger.warning("stream user %r no longer exists; running as nobody", self.user_id)
+            return nobody
+        return user if hasattr(user, "aq_parent") else user.__of__(user_folder)
+
+    def commit(self):
+        """Commit what the producer did so far and go on in a new transaction."""
+        self.transaction_manager.commit()
+        self.transaction_manager.begin()
+
+    def close(self):
+        """Commit if the producer finished, abort otherwise; always give the
+        connection back and clear the thread's user, site and request."""
+        tm = self.transaction_manager
+        try:
+            if self.connection is None:
+                pass  # open() failed before it had a connection
+            elif self._guard is not None and self._guard.reason is EndReason.FINISHED:
+                try:
+                    tm.commit()
+                except Exception:
+                    logger.exception("stream commit failed; aborting")
+                    tm.abort()
+            else:
+                tm.abort()
+        finally:
+            try:
+                if self.connection is not None:
+                    self.connection.close()
+            finally:
+                self.context = self.site = self.app = None
+                if self.request is not None:
+                    self.request.close()
+                    self.request = None
+                noSecurityManager()
+                setSite(None)
+                clearRequest()
+                transaction.manager.manager = self._thread_manager
