@@ -192,6 +192,70 @@ class Server:
             return "(no log)"
 
 
+class ServerLayer:
+    """One ``Server`` plus its ``EventSink`` as a test fixture.
+
+    It is a layer in zope.testrunner's sense (``__bases__``, ``__name__``,
+    ``setUp``, ``tearDown``) but plain Python: zope.testrunner calls it for
+    the classes whose ``layer`` it is, and does not call ``setUpClass``;
+    plain unittest ignores ``layer``, so the classes' ``setUpClass`` calls it
+    too.  Set-ups are counted, so a runner doing both starts one server.
+    """
+
+    __bases__ = ()
+
+    def __init__(self, name, kind, options=None, app=TEST_APP, env=None, pythonpath=(),
+                 module=None):
+        self.__name__ = name
+        self.__module__ = module or __name__
+        self.kind = kind
+        self.options = options
+        self.app = app
+        self.env = dict(env or {})
+        self.pythonpath = pythonpath
+        self.server = self.sink = self.directory = None
+        self.skip_reason = None
+        self._users = 0
+
+    def __repr__(self):
+        return f"<ServerLayer {self.__module__}.{self.__name__}>"
+
+    def setUp(self):
+        self._users += 1
+        if self._users > 1:
+            return
+        self.directory = tempfile.mkdtemp(prefix="sg-")
+        self.sink = EventSink(self.directory)
+        self.server = Server(
+            self.kind, app=self.app, options=self.options, env={**self.env, **self.sink.env},
+            pythonpath=self.pythonpath, directory=self.directory,
+        )
+        try:
+            self.server.start()
+        except unittest.SkipTest as skip:
+            # A layer cannot be skipped under zope.testrunner: let the tests
+            # skip themselves (ServerContract.setUp asks for skip_reason).
+            self.skip_reason = str(skip)
+        except BaseException:
+            self._users = 1
+            self.tearDown()
+            raise
+
+    def tearDown(self):
+        self._users -= 1
+        if self._users > 0:
+            return
+        self._users = 0
+        self.skip_reason = None
+        if self.server is not None:
+            self.server.stop()
+        if self.sink is not None:
+            self.sink.close()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.server = self.sink = self.directory = None
+
+
 class EventSink:
     """The test end of ``wsgiapps``' side channel: a bound unix datagram
     socket; pass ``env`` to the ``Server``."""

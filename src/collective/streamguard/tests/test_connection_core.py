@@ -1,0 +1,225 @@
+"""The core's API on plain sockets: input handling, caching, verdicts, the
+fd-reuse guard and thread safety.  The servers themselves are exercised in
+test_connection_servers."""
+from collective.streamguard import client_connection
+from collective.streamguard import connection_state
+from collective.streamguard import ConnectionState
+from collective.streamguard import is_browser_connection_open
+from collective.streamguard import on_disconnect
+from collective.streamguard import Verdict
+from collective.streamguard import wait_for_disconnect
+from collective.streamguard.connection import ENVIRON_KEY
+from collective.streamguard.probes import FdConnection
+from collective.streamguard.probes import socket_is_open
+
+import dataclasses
+import gc
+import os
+import socket
+import threading
+import time
+import unittest
+import weakref
+
+
+class Request:
+    """Anything with a dict ``environ`` is a request to the core (as Zope's
+    HTTPRequest is)."""
+
+    def __init__(self, environ):
+        self.environ = environ
+
+
+class SocketTestCase(unittest.TestCase):
+    def setUp(self):
+        self.sockets = []
+
+    def tearDown(self):
+        for sock in self.sockets:
+            sock.close()
+
+    def pair(self):
+        """A connected loopback TCP pair: (server side, client side)."""
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+        self.sockets += [server, client]
+        return server, client
+
+
+class InputTests(unittest.TestCase):
+    def test_none_is_a_type_error(self):
+        with self.assertRaisesRegex(TypeError, "needs a Zope request or a WSGI environ, got NoneType"):
+            client_connection(None)
+
+    def test_object_without_environ_is_a_type_error(self):
+        for bad in (object(), Request(None), Request([("a", 1)]), "environ"):
+            with self.subTest(bad=bad), self.assertRaises(TypeError):
+                is_browser_connection_open(bad)
+
+    def test_environ_without_server_keys_reads_unknown_as_open(self):
+        verdict = connection_state({"REQUEST_METHOD": "GET"})
+        self.assertEqual(verdict, Verdict(ConnectionState.UNKNOWN, "none"))
+        self.assertTrue(verdict)
+        self.assertTrue(is_browser_connection_open({}))
+        self.assertTrue(client_connection({}).is_open())
+
+    def test_unknown_wait_returns_false_after_the_timeout(self):
+        started = time.monotonic()
+        self.assertFalse(wait_for_disconnect({}, 0))
+        self.assertLess(time.monotonic() - started, 0.1)
+        started = time.monotonic()
+        self.assertFalse(wait_for_disconnect({}, 0.3))
+        self.assertGreaterEqual(time.monotonic() - started, 0.29)
+
+    def test_unknown_on_close_never_fires(self):
+        handle = on_disconnect({}, self.fail)
+        self.assertFalse(handle.fired)
+        self.assertFalse(handle.cancel())
+
+
+class VerdictTests(unittest.TestCase):
+    def test_only_closed_is_false(self):
+        self.assertTrue(Verdict(ConnectionState.OPEN, "waitress"))
+        self.assertTrue(Verdict(ConnectionState.UNKNOWN, "none"))
+        self.assertFalse(Verdict(ConnectionState.CLOSED, "waitress"))
+
+    def test_frozen(self):
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            Verdict(ConnectionState.OPEN, "x").state = ConnectionState.CLOSED
+
+
+class CacheTests(SocketTestCase):
+    def test_cached_in_the_environ(self):
+        server, _ = self.pair()
+        environ = {"gunicorn.socket": server}
+        connection = client_connection(environ)
+        self.assertIs(environ[ENVIRON_KEY], connection)
+        self.assertIs(client_connection(Request(environ)), connection)
+        self.assertIsNot(client_connection({"gunicorn.socket": server}), connection)
+
+    def test_keeps_no_reference_to_the_request(self):
+        server, _ = self.pair()
+        request = Request({"gunicorn.socket": server})
+        connection = client_connection(request)
+        gone = weakref.ref(request)
+        del request
+        gc.collect()
+        self.assertIsNone(gone())
+        self.assertTrue(connection.is_open())
+
+
+class SocketProbeTests(SocketTestCase):
+    def test_open_idle_and_with_unread_bytes(self):
+        server, client = self.pair()
+        self.assertTrue(socket_is_open(server))
+        client.sendall(b"GET /next HTTP/1.1\r\n\r\n")
+        time.sleep(0.01)
+        self.assertTrue(socket_is_open(server))
+
+    def test_fin_behind_unread_bytes(self):
+        server, client = self.pair()
+        client.sendall(b"GET /next HTTP/1.1\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)
+        time.sleep(0.01)
+        # What a one-byte peek sees: data, so "open".
+        self.assertEqual(server.recv(1, socket.MSG_PEEK), b"G")
+        self.assertFalse(socket_is_open(server))
+
+    def test_closed_by_the_server(self):
+        server, _ = self.pair()
+        server.close()
+        self.assertFalse(socket_is_open(server))
+        self.assertFalse(socket_is_open(None))
+
+    def test_closed_stays_closed(self):
+        server, client = self.pair()
+        connection = client_connection({"gunicorn.socket": server})
+        client.close()
+        time.sleep(0.01)
+        self.assertFalse(connection.is_open())
+        # Even if the socket object somehow looked open again.
+        connection._sock = self.pair()[0]
+        self.assertFalse(connection.is_open())
+
+    def test_http2_socket_open_is_unknown(self):
+        # gunicorn's HTTP/2 multiplexes requests on one socket: an open
+        # socket says nothing about this request's stream.
+        server, client = self.pair()
+        environ = {"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/2.0"}
+        self.assertEqual(connection_state(environ).state, ConnectionState.UNKNOWN)
+        client.close()
+        time.sleep(0.01)
+        self.assertEqual(connection_state(environ).state, ConnectionState.CLOSED)
+
+
+class FdProbeTests(SocketTestCase):
+    """uWSGI gives only an int fd."""
+
+    def test_fin_and_reset(self):
+        server, client = self.pair()
+        connection = FdConnection(server.fileno(), "uwsgi")
+        self.assertTrue(connection.is_open())
+        self.assertEqual(connection.fileno(), server.fileno())
+        client.close()
+        self.assertTrue(connection.wait_closed(5))
+
+    def test_reused_fd_reads_closed_for_the_old_request(self):
+        old_server, _ = self.pair()
+        fd = old_server.fileno()
+        old = FdConnection(fd, "uwsgi")
+        new_server, _ = self.pair()
+        # The server closes the old connection and the next accept() gets
+        # the same number: dup2 makes that happen deterministically.
+        os.dup2(new_server.fileno(), fd)
+        new = FdConnection(fd, "uwsgi")
+        self.assertEqual(new.state().state, ConnectionState.OPEN)
+        self.assertEqual(old.state().state, ConnectionState.CLOSED)
+        self.assertEqual(old.fileno(), -1)
+
+    def test_closed_fd(self):
+        server, _ = self.pair()
+        connection = FdConnection(server.fileno(), "uwsgi")
+        server.close()
+        self.assertFalse(connection.is_open())
+        self.assertFalse(FdConnection(server.fileno(), "uwsgi").is_open())
+
+
+class ThreadTests(SocketTestCase):
+    def test_state_and_wait_closed_from_different_threads(self):
+        # select.poll objects must not be polled from two threads at once.
+        server, client = self.pair()
+        connection = client_connection({"gunicorn.socket": server})
+        errors = []
+        results = []
+
+        def waiter():
+            try:
+                results.append(connection.wait_closed(5))
+            except Exception as exc:  # pragma: no cover - the failure case
+                errors.append(exc)
+
+        threads = [threading.Thread(target=waiter) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for _ in range(2000):
+            self.assertTrue(connection.is_open())
+        client.close()
+        for thread in threads:
+            thread.join(5)
+            self.assertFalse(thread.is_alive())
+        self.assertEqual((errors, results), ([], [True, True, True]))
+
+    def test_wait_closed_wakes_when_the_server_closes_the_socket(self):
+        # Closing an fd does not wake a poll() in another thread; the
+        # waiter's periodic re-check must notice.
+        server, _ = self.pair()
+        connection = client_connection({"gunicorn.socket": server})
+        result = []
+        thread = threading.Thread(target=lambda: result.append(connection.wait_closed(10)))
+        thread.start()
+        time.sleep(0.05)
+        server.close()
+        thread.join(5)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(result, [True])

@@ -1,0 +1,172 @@
+"""The watcher thread behind ``on_close``, on plain loopback sockets."""
+from collective.streamguard import client_connection
+from collective.streamguard import watcher
+from collective.streamguard.probes import FdConnection
+from collective.streamguard.tests.test_connection_core import SocketTestCase
+
+import os
+import signal
+import threading
+import time
+import unittest
+
+
+SOON = 5.0
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+        self.event = threading.Event()
+
+    def __call__(self):
+        self.calls.append(threading.current_thread().name)
+        self.event.set()
+
+
+class WatcherTests(SocketTestCase):
+    def setUp(self):
+        super().setUp()
+        # Sweep five times a second, so "past a sweep" is a short wait.
+        self.sweep_interval = watcher.SWEEP_INTERVAL
+        watcher.SWEEP_INTERVAL = 0.2
+        watcher.stop()
+
+    def tearDown(self):
+        watcher.stop()
+        watcher.SWEEP_INTERVAL = self.sweep_interval
+        super().tearDown()
+
+    def watched(self):
+        server, client = self.pair()
+        recorder = Recorder()
+        handle = client_connection({"gunicorn.socket": server}).on_close(recorder)
+        return server, client, recorder, handle
+
+    def test_fires_once_in_the_watcher_thread_when_client_leaves(self):
+        _, client, recorder, handle = self.watched()
+        time.sleep(0.05)
+        self.assertEqual(recorder.calls, [])
+        client.close()
+        self.assertTrue(recorder.event.wait(SOON))
+        time.sleep(0.5)  # past a sweep
+        self.assertEqual(recorder.calls, ["collective.streamguard watcher"])
+        self.assertTrue(handle.fired)
+        self.assertFalse(handle.cancel())
+
+    def test_cancelled_callback_never_fires(self):
+        _, client, recorder, handle = self.watched()
+        self.assertTrue(handle.cancel())
+        self.assertFalse(handle.cancel())
+        client.close()
+        time.sleep(0.5)
+        self.assertEqual(recorder.calls, [])
+        self.assertFalse(handle.fired)
+
+    def test_already_closed_fires_at_once(self):
+        server, client = self.pair()
+        client.close()
+        recorder = Recorder()
+        client_connection({"gunicorn.socket": server}).on_close(recorder)
+        self.assertTrue(recorder.event.wait(0.5))
+
+    def test_socket_closed_by_the_server_is_found_by_the_sweep(self):
+        # The kernel drops a closed fd from the epoll set without an event.
+        server, _, recorder, _ = self.watched()
+        time.sleep(0.05)
+        server.close()
+        self.assertTrue(recorder.event.wait(SOON))
+
+    def test_callback_exception_is_logged_and_others_still_fire(self):
+        bad_server, bad_client = self.pair()
+        server, client = self.pair()
+        bad = client_connection({"gunicorn.socket": bad_server})
+        recorder = Recorder()
+        with self.assertLogs("collective.streamguard", "ERROR") as logged:
+            bad.on_close(lambda: 1 / 0)
+            bad_client.close()
+            time.sleep(0.2)
+        self.assertIn("ZeroDivisionError", logged.output[0])
+        client_connection({"gunicorn.socket": server}).on_close(recorder)
+        client.close()
+        self.assertTrue(recorder.event.wait(SOON))
+
+    def test_two_callbacks_on_one_socket(self):
+        server, client = self.pair()
+        connection = client_connection({"gunicorn.socket": server})
+        first, second = Recorder(), Recorder()
+        connection.on_close(first)
+        client_connection({"gunicorn.socket": server}).on_close(second)
+        client.close()
+        self.assertTrue(first.event.wait(SOON) and second.event.wait(SOON))
+        time.sleep(0.5)
+        self.assertEqual((len(first.calls), len(second.calls)), (1, 1))
+
+    def test_reused_fd_fires_the_old_and_not_the_new(self):
+        old_server, _ = self.pair()
+        fd = old_server.fileno()
+        old, new = Recorder(), Recorder()
+        FdConnection(fd, "uwsgi").on_close(old)
+        time.sleep(0.05)
+        new_server, new_client = self.pair()
+        os.dup2(new_server.fileno(), fd)  # the old socket is gone, fd reused
+        FdConnection(fd, "uwsgi").on_close(new)
+        self.assertTrue(old.event.wait(SOON))
+        self.assertFalse(new.event.wait(0.3))
+        new_client.close()
+        self.assertTrue(new.event.wait(SOON))
+
+    def test_without_epoll_the_sweep_fires(self):
+        server, client = self.pair()
+        sweeper = watcher.Watcher(use_epoll=False)
+        try:
+            recorder = Recorder()
+            sweeper.watch(client_connection({"gunicorn.socket": server}), recorder)
+            client.close()
+            self.assertTrue(recorder.event.wait(SOON))
+        finally:
+            sweeper.stop()
+        self.assertFalse(sweeper.alive)
+
+    def test_stop_and_restart(self):
+        _, client, recorder, _ = self.watched()
+        thread = watcher._watcher._thread
+        watcher.stop()
+        self.assertFalse(thread.is_alive())
+        client.close()
+        time.sleep(0.2)
+        self.assertEqual(recorder.calls, [])  # stopped means never
+        _, client, recorder, _ = self.watched()
+        client.close()
+        self.assertTrue(recorder.event.wait(SOON))
+
+    @unittest.skipUnless(hasattr(os, "fork"), "needs fork")
+    def test_forked_worker_gets_its_own_watcher(self):
+        # gunicorn and uWSGI fork their workers after the app is imported
+        # (and maybe after a watcher was started in the parent).
+        self.watched()
+        parent_thread = watcher._watcher._thread
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by exit code
+            code = 1
+            try:
+                server, client = self.pair()
+                recorder = Recorder()
+                client_connection({"gunicorn.socket": server}).on_close(recorder)
+                client.close()
+                fired = recorder.event.wait(SOON)
+                code = 0 if fired and watcher._watcher._thread is not parent_thread else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 2 * SOON
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            self.fail("forked child hung")
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertTrue(parent_thread.is_alive())

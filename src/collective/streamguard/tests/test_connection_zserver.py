@@ -1,0 +1,310 @@
+"""The classic ZServer probes against real asyncore sockets.
+
+ZServer itself only runs on Python 2.7, which cannot be had here.  These
+tests reproduce its contract with real ``asyncore``/``asynchat`` sockets on
+this Python: an accepting dispatcher runs ``asyncore.loop`` in a thread and
+registers, per TCP connection, a channel class named ``zhttp_channel`` in
+``asyncore.socket_map`` with medusa's ``creation_time = int(time.time())``,
+a ``closed`` flag set on close, a ``ChannelPipe``-like response stdout with
+``_channel``, and a request with ``.environ`` (``channel.creation_time``,
+``REMOTE_ADDR``) and ``.response.stdout``.
+"""
+from collective.streamguard import client_connection
+from collective.streamguard import ConnectionState
+from collective.streamguard import probes
+from collective.streamguard import watcher
+from types import SimpleNamespace
+
+import queue
+import socket
+import threading
+import time
+import unittest
+import warnings
+
+
+with warnings.catch_warnings():
+    # Deprecated since 3.6, removed in 3.12; ZServer is built on them.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import asynchat
+    import asyncore
+
+
+class zhttp_channel(asynchat.async_chat):
+    """ZServer's HTTP channel, reduced to what the probes rely on."""
+
+    closed = 0
+
+    def __init__(self, server, conn, addr):
+        asynchat.async_chat.__init__(self, conn)  # joins asyncore.socket_map
+        self.server = server
+        self.addr = addr
+        self.creation_time = int(time.time())  # medusa: at TCP connect
+        self.reading = True
+        self.in_buffer = b""
+        self.set_terminator(b"\r\n\r\n")
+
+    def readable(self):
+        # reading=False stands for a server that does not read the socket
+        # while a request is in flight (the FIN then waits in the kernel).
+        return self.reading
+
+    def collect_incoming_data(self, data):
+        self.in_buffer += data
+
+    def found_terminator(self):
+        self.in_buffer = b""
+        self.server.requests.put(FakeRequest(self))
+
+    def close(self):
+        self.closed = 1
+        asynchat.async_chat.close(self)
+
+
+class ChannelPipe:
+    """ZServer.HTTPResponse.ChannelPipe: ``_channel`` until the response ends."""
+
+    def __init__(self, channel):
+        self._channel = channel
+
+    def close(self):
+        self._channel = None
+
+
+class FakeRequest:
+    def __init__(self, channel):
+        self.environ = {
+            "channel.creation_time": channel.creation_time,
+            "REMOTE_ADDR": channel.addr[0],
+        }
+        self.response = SimpleNamespace(stdout=ChannelPipe(channel))
+
+
+class zhttp_server(asyncore.dispatcher):
+    def __init__(self):
+        asyncore.dispatcher.__init__(self)
+        self.create_socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.bind(("127.0.0.1", 0))
+        self.listen(16)
+        self.requests = queue.Queue()
+        self.calls = queue.Queue()
+
+    def handle_accepted(self, sock, addr):
+        zhttp_channel(self, sock, addr)
+
+
+class AsyncoreServerLayer:
+    """A ``zhttp_server`` looping ``asyncore.loop`` in a thread, as a plain
+    Python layer: zope.testrunner calls ``setUp``/``tearDown`` (it does not
+    call ``setUpClass``); under plain unittest ``setUpClass`` calls them."""
+
+    __bases__ = ()
+    __module__ = __name__
+    __name__ = "ZSERVER_CONTRACT"
+
+    def __init__(self):
+        self.server = self.thread = None
+        self.stopping = False
+        self._users = 0
+
+    def setUp(self):
+        self._users += 1
+        if self._users == 1:
+            self.server = zhttp_server()
+            self.stopping = False
+            self.thread = threading.Thread(target=self._loop, args=(self.server,), daemon=True)
+            self.thread.start()
+
+    def _loop(self, server):
+        while not self.stopping:
+            asyncore.loop(timeout=0.01, use_poll=True, count=1)
+            while not server.calls.empty():
+                server.calls.get()()
+
+    def tearDown(self):
+        self._users -= 1
+        if self._users > 0:
+            return
+        self.stopping = True
+        self.thread.join(5)
+        for dispatcher in list(asyncore.socket_map.values()):
+            if dispatcher is self.server or getattr(dispatcher, "server", None) is self.server:
+                dispatcher.close()
+        assert not self.thread.is_alive(), "asyncore loop thread did not stop"
+
+
+ZSERVER_CONTRACT = AsyncoreServerLayer()
+
+
+class ZServerContractTestCase(unittest.TestCase):
+    layer = ZSERVER_CONTRACT
+
+    @classmethod
+    def setUpClass(cls):
+        cls.layer.setUp()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.layer.tearDown()
+
+    @property
+    def server(self):
+        return self.layer.server
+
+    def setUp(self):
+        self.clients = []
+        probes._warned_ambiguous = False
+
+    def tearDown(self):
+        watcher.stop()
+        for sock in self.clients:
+            sock.close()
+
+    def connect(self):
+        sock = socket.create_connection(self.server.socket.getsockname()[:2], timeout=5)
+        self.clients.append(sock)
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock, self.server.requests.get(timeout=5)
+
+    def in_loop(self, function):
+        """Run ``function`` in the asyncore thread, as ZServer would."""
+        done = threading.Event()
+        self.server.calls.put(lambda: (function(), done.set()))
+        self.assertTrue(done.wait(5))
+
+    def assert_becomes(self, connection, state):
+        deadline = time.monotonic() + 5
+        while connection.state().state is not state and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertIs(connection.state().state, state)
+
+
+def seed_is_browser_connection_open(request):
+    """The seed report's scan, for comparison."""
+    creation_time = request.environ["channel.creation_time"]
+    for cnxn in asyncore.socket_map.values():
+        if isinstance(cnxn, zhttp_channel) and cnxn.creation_time == creation_time:
+            return True
+    return False
+
+
+class ExactChannelTests(ZServerContractTestCase):
+    """Given the request, the probe finds its own channel through
+    ``response.stdout._channel``: exact and O(1)."""
+
+    def test_request_finds_its_channel(self):
+        _, request = self.connect()
+        connection = client_connection(request)
+        self.assertEqual(connection.probe, "zserver-channel")
+        self.assertEqual(connection.state().state, ConnectionState.OPEN)
+        self.assertEqual(connection.fileno(), request.response.stdout._channel.socket.fileno())
+
+    def test_stream_ends_when_asyncore_thread_reads_the_fin(self):
+        sock, request = self.connect()
+        connection = client_connection(request)
+        channel = request.response.stdout._channel
+        sock.close()
+        self.assert_becomes(connection, ConnectionState.CLOSED)
+        deadline = time.monotonic() + 5
+        while not channel.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertTrue(channel.closed)
+
+    def test_stream_ends_on_a_fin_nobody_has_read(self):
+        # The channel stays in socket_map, not closed, so the seed's scan
+        # still says open; the socket itself knows better.
+        sock, request = self.connect()
+        channel = request.response.stdout._channel
+        self.in_loop(lambda: setattr(channel, "reading", False))
+        connection = client_connection(request)
+        sock.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        self.assert_becomes(connection, ConnectionState.CLOSED)
+        self.assertFalse(channel.closed)
+        self.assertTrue(seed_is_browser_connection_open(request))
+
+    def test_stream_ends_when_server_closes_the_channel(self):
+        # kill_zombies, or a server shutdown: channel.close() in the
+        # asyncore thread; the client is still there.
+        _, request = self.connect()
+        connection = client_connection(request)
+        self.in_loop(request.response.stdout._channel.close)
+        self.assertEqual(connection.state().state, ConnectionState.CLOSED)
+
+    def test_wait_closed_and_on_close(self):
+        sock, request = self.connect()
+        connection = client_connection(request)
+        called = []
+        fired = threading.Event()
+        connection.on_close(lambda: (called.append(1), fired.set()))
+        self.assertFalse(connection.wait_closed(0.1))
+        sock.close()
+        started = time.monotonic()
+        self.assertTrue(connection.wait_closed(5))
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(fired.wait(5))
+        time.sleep(1.2)  # past a watcher sweep
+        self.assertEqual(called, [1])
+
+    def test_finished_response_falls_back_to_the_scan(self):
+        # ChannelPipe.close() drops _channel when the response is done.
+        _, request = self.connect()
+        request.response.stdout.close()
+        connection = client_connection(request)
+        self.assertEqual(connection.probe, "zserver-scan")
+        self.assertEqual(connection.state().state, ConnectionState.OPEN)
+
+
+class ScanTests(ZServerContractTestCase):
+    """Given only the environ, the probe scans ``socket_map`` like the seed,
+    matching creation second and REMOTE_ADDR."""
+
+    def test_one_match_reads_open_until_client_leaves(self):
+        sock, request = self.connect()
+        connection = client_connection(dict(request.environ))
+        self.assertEqual(connection.probe, "zserver-scan")
+        self.assertEqual(connection.state().state, ConnectionState.OPEN)
+        sock.close()
+        self.assert_becomes(connection, ConnectionState.CLOSED)
+
+    def test_no_match_reads_closed(self):
+        _, request = self.connect()
+        environ = dict(request.environ)
+        environ["channel.creation_time"] -= 3600
+        self.assertEqual(client_connection(environ).state().state, ConnectionState.CLOSED)
+        environ = dict(request.environ, REMOTE_ADDR="127.0.0.2")
+        self.assertEqual(client_connection(environ).state().state, ConnectionState.CLOSED)
+
+    def connect_twice_in_one_second(self):
+        for _attempt in range(5):
+            first_sock, first = self.connect()
+            second_sock, second = self.connect()
+            if first.environ == second.environ:
+                return (first_sock, first), (second_sock, second)
+        self.fail("could not open two connections within one second")
+
+    def test_two_matches_read_open_and_warn_once(self):
+        (first_sock, first), (_, second) = self.connect_twice_in_one_second()
+        with self.assertLogs("collective.streamguard", "WARNING") as logged:
+            by_environ = client_connection(dict(first.environ))
+            self.assertEqual(by_environ.state().state, ConnectionState.OPEN)
+            self.assertEqual(client_connection(dict(second.environ)).state().state,
+                             ConnectionState.OPEN)
+            self.assertEqual(by_environ.state().state, ConnectionState.OPEN)
+        self.assertEqual(len(logged.records), 1)
+        self.assertIn("same second", logged.records[0].getMessage())
+        # The first client leaves: its environ cannot tell (the second
+        # channel matches too), its request can.
+        by_request = client_connection(first)
+        first_sock.close()
+        self.assert_becomes(by_request, ConnectionState.CLOSED)
+        self.assertEqual(by_environ.state().state, ConnectionState.OPEN)
+
+    def test_clock_server_request_reads_unknown(self):
+        # ZServer's clock server: a fake channel with a float creation_time,
+        # never in socket_map.
+        environ = {"channel.creation_time": time.time(), "REMOTE_ADDR": "127.0.0.1"}
+        verdict = client_connection(environ).state()
+        self.assertEqual((verdict.state, verdict.probe), (ConnectionState.UNKNOWN, "zserver-clock"))
+        self.assertTrue(verdict)
+        self.assertFalse(client_connection(environ).wait_closed(0))
