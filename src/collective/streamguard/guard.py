@@ -67,6 +67,7 @@ class StreamGuard:
         self.reason = None
         self.started = time.monotonic()
         self.last_output = self.started
+        self._endings = []
         self._cleanups = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -176,13 +177,20 @@ class StreamGuard:
         """
         self._cleanups.append((function, args, kwargs))
 
+    def add_ending(self, function, *args, **kwargs):
+        """Run ``function(*args, **kwargs)`` once when the stream ends, before
+        any cleanup: where a transaction is committed or aborted, while the
+        resources that cleanups close (an SQL session) are still open."""
+        self._endings.append((function, args, kwargs))
+
     def _run_cleanups(self):
-        while self._cleanups:
-            function, args, kwargs = self._cleanups.pop()
-            try:
-                function(*args, **kwargs)
-            except Exception:
-                logger.exception("cleanup %r of a stream failed", function)
+        for calls in (self._endings, self._cleanups):
+            while calls:
+                function, args, kwargs = calls.pop()
+                try:
+                    function(*args, **kwargs)
+                except Exception:
+                    logger.exception("ending or cleanup %r of a stream failed", function)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

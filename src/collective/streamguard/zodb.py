@@ -89,7 +89,9 @@ class ZODBSession:
         """Open the connection and set up user, site and request (serving thread)."""
         self._guard = guard
         guard.zodb = self
+        # Registered first, so it runs after every cleanup the producer adds.
         guard.add_cleanup(self.close)
+        guard.add_ending(self.end_transaction)
         self.transaction_manager = transaction.TransactionManager()
         # Make it the thread's current manager (see the module docstring).
         self._thread_manager = transaction.manager.manager
@@ -125,31 +127,37 @@ class ZODBSession:
         self.transaction_manager.commit()
         self.transaction_manager.begin()
 
-    def close(self):
-        """Commit if the producer finished, abort otherwise; always give the
-        connection back and clear the thread's user, site and request."""
+    def end_transaction(self):
+        """Commit if the producer finished, abort otherwise.
+
+        Runs as the stream's ending, before its cleanups, so that data
+        managers joined to the transaction (an SQL session) are still open.
+        """
         tm = self.transaction_manager
-        try:
-            if self.connection is None:
-                pass  # open() failed before it had a connection
-            elif self._guard is not None and self._guard.reason is EndReason.FINISHED:
-                try:
-                    tm.commit()
-                except Exception:
-                    logger.exception("stream commit failed; aborting")
-                    tm.abort()
-            else:
-                tm.abort()
-        finally:
+        if self.connection is None:
+            return  # open() failed before it had a connection
+        if self._guard.reason is EndReason.FINISHED:
             try:
-                if self.connection is not None:
-                    self.connection.close()
-            finally:
-                self.context = self.site = self.app = None
-                if self.request is not None:
-                    self.request.close()
-                    self.request = None
-                noSecurityManager()
-                setSite(None)
-                clearRequest()
-                transaction.manager.manager = self._thread_manager
+                tm.commit()
+                return
+            except Exception:
+                logger.exception("stream commit failed; aborting")
+        tm.abort()
+
+    def close(self):
+        """Give the connection back and clear the thread's user, site,
+        request and transaction manager.  Runs as the last cleanup."""
+        try:
+            if self.connection is not None:
+                # Anything a cleanup did after the ending is not kept.
+                self.transaction_manager.abort()
+                self.connection.close()
+        finally:
+            self.context = self.site = self.app = None
+            if self.request is not None:
+                self.request.close()
+                self.request = None
+            noSecurityManager()
+            setSite(None)
+            clearRequest()
+            transaction.manager.manager = self._thread_manager

@@ -94,3 +94,76 @@ class StreamView(BrowserView):
                 record("producer-finally", tag=tag)
 
         return stream_response(self.request, producer, content_type, **options)
+
+
+#: Set by the tests: the SQLAlchemy engine URL of their SQLite file.
+SQL = {}
+
+
+class ZODBStreamView(BrowserView):
+    """``@@streamguard-test-zodb?tag=T&mode=M``: producers that write.
+
+    ``write`` (mark the site, then idle until the client leaves or the gate
+    opens), ``batch`` (create documents, commit every 10, then idle),
+    ``sql`` (insert rows through a zope.sqlalchemy session, then idle).
+    """
+
+    def __call__(self):
+        form = self.request.form
+        tag = form.get("tag", "")
+        mode = form.get("mode", "write")
+        count = int(form.get("count", "25"))
+        gate(tag).clear()
+
+        def producer(guard):
+            from AccessControl.SecurityManagement import getSecurityManager
+            from zope.component.hooks import getSite
+
+            session = guard.zodb
+            guard.add_cleanup(lambda: record("cleanup", tag=tag, reason=guard.reason.value))
+            record(
+                "context",
+                tag=tag,
+                user=getSecurityManager().getUser().getId(),
+                site_is_set=getSite() is session.site,
+                context_path="/".join(session.context.getPhysicalPath()),
+                jar_is_own=session.context._p_jar is session.connection,
+            )
+            if mode == "write":
+                session.site._streamguard_mark = tag
+                yield "marked\n"
+            elif mode == "batch":
+                for n in range(count):
+                    session.site.invokeFactory("Document", f"{tag}-{n}", title=f"{tag} {n}")
+                    if (n + 1) % 10 == 0:
+                        session.commit()
+                        yield f"committed {n + 1}\n"
+            elif mode == "sql":
+                yield from _sql_rows(guard, tag)
+            while not gate(tag).is_set():
+                if guard.wait(0.05):
+                    return
+            yield "done\n"
+
+        return stream_response(
+            self.request, producer, "text/plain", zodb=True, context=self.context
+        )
+
+
+def _sql_rows(guard, tag):
+    from sqlalchemy import create_engine
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+    from zope.sqlalchemy import mark_changed
+    from zope.sqlalchemy import register
+
+    engine = create_engine(SQL["url"])
+    session = Session(engine)
+    register(session, transaction_manager=guard.zodb.transaction_manager)
+    guard.add_cleanup(engine.dispose)
+    guard.add_cleanup(session.close)
+    for n in range(3):
+        session.execute(text("INSERT INTO rows (tag, n) VALUES (:tag, :n)"), {"tag": tag, "n": n})
+    # Textual SQL is not seen by zope.sqlalchemy: say that we wrote.
+    mark_changed(session, transaction_manager=guard.zodb.transaction_manager)
+    yield "inserted\n"
