@@ -18,6 +18,7 @@ catalog's indexing queue does) and must join *this* transaction.  A
 and is then rolled back with it when the client leaves (seed 004).
 """
 import logging
+import threading
 
 import transaction
 from AccessControl.SecurityManagement import getSecurityManager
@@ -52,6 +53,16 @@ ENVIRON_KEYS = (
     "HTTP_X_FORWARDED_FOR",
     "HTTP_ACCEPT_LANGUAGE",
 )
+
+
+_open_sessions = set()
+_open_sessions_lock = threading.Lock()
+
+
+def open_sessions():
+    """How many producers' ZODB sessions are open now (for status and tests)."""
+    with _open_sessions_lock:
+        return len(_open_sessions)
 
 
 class ZODBSession:
@@ -92,6 +103,8 @@ class ZODBSession:
         # Registered first, so it runs after every cleanup the producer adds.
         guard.add_cleanup(self.close)
         guard.add_ending(self.end_transaction)
+        with _open_sessions_lock:
+            _open_sessions.add(id(self))
         self.transaction_manager = transaction.TransactionManager()
         # Make it the thread's current manager (see the module docstring).
         self._thread_manager = transaction.manager.manager
@@ -161,3 +174,5 @@ class ZODBSession:
             setSite(None)
             clearRequest()
             transaction.manager.manager = self._thread_manager
+            with _open_sessions_lock:
+                _open_sessions.discard(id(self))

@@ -1,0 +1,93 @@
+"""An abandon storm: 200 streams opened and left, on a 4-thread waitress.
+
+The seed case (000): every abandoned stream used to hold a worker thread
+for nobody, and four of them stopped the site.  After the storm nothing may
+be left: no thread, no file descriptor, no ZODB connection, no open
+producer transaction; and normal pages answer all through it.
+"""
+import http.client
+import os
+import socket
+import threading
+import time
+
+from collective.streamguard.registry import streams
+from collective.streamguard.tests.servers import read_until
+from collective.streamguard.tests.test_streaming import StreamingTestCase
+from collective.streamguard.tests.test_streaming import wait_for
+from collective.streamguard.tests.test_transactions import open_connections
+from collective.streamguard.zodb import open_sessions
+
+
+STREAMS = 200
+
+
+def fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class PagePoller(threading.Thread):
+    """GETs the site's front page in a loop and keeps the statuses."""
+
+    def __init__(self, host, port):
+        super().__init__(daemon=True)
+        self.address = (host, port)
+        self.statuses = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            connection = http.client.HTTPConnection(*self.address, timeout=10)
+            try:
+                connection.request("GET", "/plone")
+                response = connection.getresponse()
+                response.read()
+                self.statuses.append(response.status)
+            except OSError as error:
+                self.statuses.append(repr(error))
+            finally:
+                connection.close()
+
+
+class TestAbandonStorm(StreamingTestCase):
+    def test_200_abandoned_streams_leak_nothing_and_pages_keep_answering(self):
+        db = self.layer["zodbDB"]
+        # Warm up once so lazily created things (the first ZODB
+        # connections of the pool) are in the baseline.
+        sock = self.open("tag=warm&mode=write", auth=True, path="/plone/@@streamguard-test-zodb")
+        read_until(sock, b"marked")
+        sock.close()
+        self.assertTrue(wait_for(lambda: not streams.live()))
+        threads, fds = threading.active_count(), fd_count()
+        connections = len(open_connections(db))
+        ended_before = streams.snapshot()["ended"]["client gone"]
+
+        poller = PagePoller(self.layer["host"], self.layer["port"])
+        poller.start()
+        refused = 0
+        for n in range(STREAMS):
+            sock = socket.create_connection((self.layer["host"], self.layer["port"]), timeout=10)
+            sock.sendall(
+                f"GET /plone/@@streamguard-test-zodb?tag=storm{n}&mode=write HTTP/1.1\r\n"
+                "Host: localhost\r\nAuthorization: Basic YWRtaW46c2VjcmV0\r\n\r\n".encode()
+            )
+            head = read_until(sock, b"\r\n\r\n")
+            if head.startswith(b"HTTP/1.1 503"):
+                refused += 1
+            elif b"marked" not in head:
+                read_until(sock, b"marked")
+            sock.close()
+        self.assertTrue(wait_for(lambda: not streams.live(), 20), streams.live())
+        poller.stop.set()
+        poller.join(15)
+
+        self.assertEqual(streams.snapshot()["ended"]["client gone"] - ended_before, STREAMS - refused)
+        # At most 3 streams are live at once (4 threads - 1); a client that
+        # leaves frees its slot within milliseconds, so few are refused.
+        self.assertLess(refused, STREAMS // 10)
+        self.assertTrue(poller.statuses)
+        self.assertEqual(set(poller.statuses), {200}, poller.statuses[:20])
+        self.assertEqual(threading.active_count(), threads)
+        self.assertTrue(wait_for(lambda: fd_count() <= fds), (fd_count(), fds))
+        self.assertTrue(wait_for(lambda: len(open_connections(db)) <= connections))
+        self.assertEqual(open_sessions(), 0)
