@@ -234,7 +234,9 @@ class GuardedStream:
             probe=guard.connection.probe,
             reserved=reserved,
         )
-        weakref.finalize(self, guard.registry.discard, self.record)
+        # Only for garbage collection (a body the publisher dropped): at
+        # interpreter exit the registry's own shutdown ends live streams.
+        weakref.finalize(self, guard.registry.discard, self.record).atexit = False
         logger.info(
             "stream %d started: %s user=%s client=%s probe=%s",
             self.record.id, label, user, client, guard.connection.probe,

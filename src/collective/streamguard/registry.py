@@ -124,10 +124,13 @@ class StreamRegistry:
         with self._lock:
             if self._live.pop(record.id, None) is None:
                 return
+            # Publishing failed after the view returned the stream.
+            self.counters[EndReason.ERROR] += 1
             self._reserved -= 1
             self._ended.notify_all()
         logger.warning("stream %d was dropped before it ran: %s", record.id, record.label)
         if record.guard is not None:
+            record.guard.reason = EndReason.ERROR
             record.guard._run_cleanups()
 
     def live(self):
@@ -149,16 +152,20 @@ class StreamRegistry:
                 "ended": {reason.value: count for reason, count in self.counters.items()},
             }
 
+    def begin_shutdown(self):
+        """Tell every live stream to stop, and refuse new ones; do not wait."""
+        self.shutting_down.set()
+        for record in self.live():
+            if record.guard is not None:
+                record.guard.wake()
+
     def shutdown(self, timeout=SHUTDOWN_TIMEOUT):
         """Stop every live stream and wait up to ``timeout`` s for their cleanups.
 
         New streams are refused from now on.  Returns the number of streams
         still live when the wait ended.
         """
-        self.shutting_down.set()
-        for record in self.live():
-            if record.guard is not None:
-                record.guard.wake()
+        self.begin_shutdown()
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._live and time.monotonic() < deadline:

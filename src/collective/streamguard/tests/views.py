@@ -3,6 +3,8 @@
 The WSGI server layer runs waitress in a thread of the test process, so the
 producers report to ``EVENTS`` here and the tests read it directly.
 """
+import json
+import os
 import threading
 import time
 
@@ -18,8 +20,14 @@ GATES = {}
 
 
 def record(name, **fields):
+    event = {"event": name, "time": time.monotonic(), **fields}
     with _lock:
-        EVENTS.append({"event": name, "time": time.monotonic(), **fields})
+        EVENTS.append(event)
+        # Servers run as subprocesses report through a file.
+        path = os.environ.get("STREAMGUARD_TEST_EVENTS")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(event) + "\n")
 
 
 def events(name=None, **match):

@@ -1,0 +1,89 @@
+"""Server shutdown ends live streams, and their cleanups run once.
+
+Zope's own ``runwsgi`` (what ``make run`` starts) serves a throw-away Zope
+instance in a subprocess; a client keeps a stream open while the process is
+stopped with SIGTERM (process managers) or SIGINT (Ctrl-C).
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+from collective.streamguard.tests.servers import HOST
+from collective.streamguard.tests.servers import executable
+from collective.streamguard.tests.servers import free_port
+from collective.streamguard.tests.servers import read_until
+from collective.streamguard.tests.zopeinstance import ZopeInstance
+
+
+def wait_until_serving(port, process, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"runwsgi exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # Zope answered
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"runwsgi did not answer within {timeout} s")
+
+
+class TestProcessShutdown(unittest.TestCase):
+    def setUp(self):
+        self.port = free_port()
+        self.instance = ZopeInstance(self.port)
+        self.addCleanup(self.instance.remove)
+        self.output = open(os.path.join(self.instance.home, "var", "runwsgi.out"), "w+")
+        self.addCleanup(self.output.close)
+        self.process = subprocess.Popen(
+            [executable("runwsgi"), self.instance.zope_ini],
+            env={**os.environ, **self.instance.env},
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(self.kill)
+        wait_until_serving(self.port, self.process)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stream_then_stop(self, signum):
+        import socket
+
+        with socket.create_connection((HOST, self.port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /@@streamguard-test-stream?tag=live&mode=idle HTTP/1.1\r\n"
+                b"Host: localhost\r\n\r\n"
+            )
+            read_until(sock, b"first line of live")
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.fail("runwsgi did not stop within 20 s")
+        cleanups = self.instance.events("cleanup", tag="live")
+        self.output.seek(0)
+        log = self.output.read()[-2000:]
+        self.assertEqual([c["reason"] for c in cleanups], ["shutdown"], log)
+        self.assertEqual(len(self.instance.events("producer-finally", tag="live")), 1)
+        with open(self.instance.event_log) as f:
+            self.assertIn("ended (shutdown)", f.read())
+
+    def test_sigterm_runs_the_cleanups_of_live_streams(self):
+        self.stream_then_stop(signal.SIGTERM)
+
+    def test_sigint_runs_the_cleanups_of_live_streams(self):
+        self.stream_then_stop(signal.SIGINT)
+
+
+if sys.platform != "linux":  # pragma: no cover
+    del TestProcessShutdown

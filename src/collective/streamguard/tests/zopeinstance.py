@@ -1,0 +1,106 @@
+"""A throw-away Zope instance (Zope only, no Plone) for servers run as
+subprocesses: Zope's own ``runwsgi``, gunicorn and uWSGI.
+
+It loads the add-on and the test views (``test.zcml``); producers report to
+a JSON-lines file named by ``STREAMGUARD_TEST_EVENTS`` (``views.record``).
+"""
+import json
+import os
+import shutil
+import tempfile
+
+from collective.streamguard.tests.servers import HOST
+from collective.streamguard.tests.servers import SRC
+
+
+SITE_ZCML = """\
+<configure xmlns="http://namespaces.zope.org/zope">
+  <include package="Zope2.App" />
+  <include package="collective.streamguard" />
+  <include package="collective.streamguard.tests" file="test.zcml" />
+</configure>
+"""
+
+ZOPE_CONF = """\
+%define INSTANCE {home}
+instancehome $INSTANCE
+<zodb_db main>
+  <filestorage>
+    path $INSTANCE/var/Data.fs
+  </filestorage>
+  mount-point /
+</zodb_db>
+"""
+
+ZOPE_INI = """\
+[app:main]
+use = egg:Zope#main
+zope_conf = %(here)s/zope.conf
+
+[server:main]
+use = egg:waitress#main
+host = {host}
+port = {port}
+threads = 4
+
+[loggers]
+keys = root
+
+[handlers]
+keys = eventlog
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = INFO
+handlers = eventlog
+
+[handler_eventlog]
+class = FileHandler
+args = (r'{home}/var/event.log', 'a')
+formatter = generic
+
+[formatter_generic]
+format = %(asctime)s %(levelname)s [%(name)s] %(message)s
+"""
+
+
+class ZopeInstance:
+    """``home`` holds etc/ and var/; ``env`` is what a server process needs."""
+
+    def __init__(self, port):
+        self.home = tempfile.mkdtemp(prefix="streamguard-zope-")
+        os.makedirs(os.path.join(self.home, "etc"))
+        os.makedirs(os.path.join(self.home, "var"))
+        self.zope_conf = os.path.join(self.home, "etc", "zope.conf")
+        self.zope_ini = os.path.join(self.home, "etc", "zope.ini")
+        self.events_path = os.path.join(self.home, "var", "events.jsonl")
+        self.event_log = os.path.join(self.home, "var", "event.log")
+        with open(os.path.join(self.home, "etc", "site.zcml"), "w") as f:
+            f.write(SITE_ZCML)
+        with open(self.zope_conf, "w") as f:
+            f.write(ZOPE_CONF.format(home=self.home))
+        with open(self.zope_ini, "w") as f:
+            f.write(ZOPE_INI.format(home=self.home, host=HOST, port=port))
+        self.env = {
+            "STREAMGUARD_TEST_EVENTS": self.events_path,
+            "STREAMGUARD_ZOPE_CONF": self.zope_conf,
+            "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+        }
+
+    def events(self, name=None, **match):
+        try:
+            with open(self.events_path) as f:
+                found = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+        return [
+            e
+            for e in found
+            if (name is None or e["event"] == name)
+            and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    def remove(self):
+        shutil.rmtree(self.home, ignore_errors=True)
