@@ -111,8 +111,8 @@ SQL = {}
 class ZODBStreamView(BrowserView):
     """``@@streamguard-test-zodb?tag=T&mode=M``: producers that write.
 
-    ``write`` (mark the site, then idle until the client leaves or the gate
-    opens), ``batch`` (create documents, commit every 10, then idle),
+    ``write`` (mark the site, or the context where there is no site, then
+    idle until the client leaves or the gate opens; ``finish=1``: end at once), ``batch`` (create documents, commit every 10, then idle),
     ``sql`` (insert rows through a zope.sqlalchemy session, then idle).
     """
 
@@ -121,6 +121,9 @@ class ZODBStreamView(BrowserView):
         tag = form.get("tag", "")
         mode = form.get("mode", "write")
         count = int(form.get("count", "25"))
+        # Plain values only: request.close() clears the form before the
+        # producer runs.
+        finish = bool(form.get("finish"))
         gate(tag).clear()
 
         def producer(guard):
@@ -138,8 +141,10 @@ class ZODBStreamView(BrowserView):
                 jar_is_own=session.context._p_jar is session.connection,
             )
             if mode == "write":
-                session.site._streamguard_mark = tag
+                (session.site or session.context)._streamguard_mark = tag
                 yield "marked\n"
+                if finish:
+                    return
             elif mode == "batch":
                 for n in range(count):
                     session.site.invokeFactory("Document", f"{tag}-{n}", title=f"{tag} {n}")
@@ -175,3 +180,11 @@ def _sql_rows(guard, tag):
     # Textual SQL is not seen by zope.sqlalchemy: say that we wrote.
     mark_changed(session, transaction_manager=guard.zodb.transaction_manager)
     yield "inserted\n"
+
+
+class MarkView(BrowserView):
+    """``@@streamguard-test-mark``: the mark a ``write`` producer left."""
+
+    def __call__(self):
+        self.request.response.setHeader("Content-Type", "text/plain")
+        return getattr(self.context, "_streamguard_mark", "")

@@ -22,15 +22,27 @@ SITE_ZCML = """\
 """
 
 ZOPE_CONF = """\
+%import ZEO
 %define INSTANCE {home}
 instancehome $INSTANCE
 <zodb_db main>
-  <filestorage>
-    path $INSTANCE/var/Data.fs
-  </filestorage>
+{storage}
   mount-point /
 </zodb_db>
 """
+
+FILESTORAGE = """\
+  <filestorage>
+    path $INSTANCE/var/Data.fs
+  </filestorage>"""
+
+ZEOCLIENT = """\
+  <zeoclient>
+    server {zeo}
+    storage 1
+    name zeostorage
+    var $INSTANCE/var
+  </zeoclient>"""
 
 ZOPE_INI = """\
 [app:main]
@@ -67,9 +79,12 @@ format = %(asctime)s %(levelname)s [%(name)s] %(message)s
 
 
 class ZopeInstance:
-    """``home`` holds etc/ and var/; ``env`` is what a server process needs."""
+    """``home`` holds etc/ and var/; ``env`` is what a server process needs.
 
-    def __init__(self, port):
+    ``zeo``: the "host:port" of a ZEO server to use instead of a FileStorage.
+    """
+
+    def __init__(self, port, zeo=None):
         self.home = tempfile.mkdtemp(prefix="streamguard-zope-")
         os.makedirs(os.path.join(self.home, "etc"))
         os.makedirs(os.path.join(self.home, "var"))
@@ -80,7 +95,8 @@ class ZopeInstance:
         with open(os.path.join(self.home, "etc", "site.zcml"), "w") as f:
             f.write(SITE_ZCML)
         with open(self.zope_conf, "w") as f:
-            f.write(ZOPE_CONF.format(home=self.home))
+            storage = ZEOCLIENT.format(zeo=zeo) if zeo else FILESTORAGE
+            f.write(ZOPE_CONF.format(home=self.home, storage=storage))
         with open(self.zope_ini, "w") as f:
             f.write(ZOPE_INI.format(home=self.home, host=HOST, port=port))
         self.env = {
