@@ -23,7 +23,6 @@ Three ways of knowing, side by side in one run:
 
 Nothing is asserted; targets from the issue: median <= 1 ms, p99 <= 20 ms.
 """
-from collective.streamguard.tests import servers
 
 import argparse
 import os
@@ -34,6 +33,8 @@ import tempfile
 import threading
 import time
 import uuid
+
+from collective.streamguard.tests import servers
 
 
 def percentile(values, fraction):
@@ -46,8 +47,10 @@ class Bench:
         self.directory = tempfile.mkdtemp(prefix="sg-bench-")
         self.sink = servers.EventSink(self.directory)
         self.server = servers.Server(
-            "waitress", options={"threads": 4, "channel_request_lookahead": lookahead},
-            env=self.sink.env, directory=self.directory,
+            "waitress",
+            options={"threads": 4, "channel_request_lookahead": lookahead},
+            env=self.sink.env,
+            directory=self.directory,
         ).start()
         self.lock = threading.Lock()
 
@@ -58,7 +61,9 @@ class Bench:
     def open_stream(self, mode, timeout):
         rid = uuid.uuid4().hex[:12]
         sock = servers.connect(self.server)
-        sock.sendall(servers.request_bytes(f"/stream?id={rid}&mode={mode}&timeout={timeout}"))
+        sock.sendall(
+            servers.request_bytes(f"/stream?id={rid}&mode={mode}&timeout={timeout}")
+        )
         servers.read_until(sock, b"ready\n")
         return rid, sock
 
@@ -113,9 +118,13 @@ class Bench:
             thread.start()
         latencies = {}
         deadline = time.monotonic() + 60 + count * 5
-        while (len(latencies) < count or any(t.is_alive() for t in threads)) and not errors:
+        while (
+            len(latencies) < count or any(t.is_alive() for t in threads)
+        ) and not errors:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{mode}: only {len(latencies)} of {count} streams ended")
+                raise RuntimeError(
+                    f"{mode}: only {len(latencies)} of {count} streams ended"
+                )
             for found in self.sink.collect(event=event):
                 latencies[found["id"]] = found["t"]
             time.sleep(0.01)
@@ -128,9 +137,8 @@ class Bench:
 
 
 def row(name, streams, latencies):
-    median = statistics.median(latencies)
-    return (f"{name:52} {streams:>7} {fmt(median):>10} {fmt(percentile(latencies, 0.99)):>10} "
-            f"{fmt(max(latencies)):>10}")
+    cells = (statistics.median(latencies), percentile(latencies, 0.99), max(latencies))
+    return f"{name:52} {streams:>7} " + " ".join(f"{fmt(c):>10}" for c in cells)
 
 
 def fmt(seconds):
@@ -149,28 +157,47 @@ def main():
     bench = Bench(lookahead=0)
     try:
         latencies = bench.streamguard(args.streams)
-        rows.append(row("streamguard wait_closed(), lookahead 0", args.streams, latencies))
+        rows.append(
+            row("streamguard wait_closed(), lookahead 0", args.streams, latencies)
+        )
         latencies = bench.concurrent(args.write_streams, "write", "end", drain=True)
-        rows.append(row("naive: a chunk every 1 s until a write fails", args.write_streams,
-                        latencies))
+        rows.append(
+            row(
+                "naive: a chunk every 1 s until a write fails",
+                args.write_streams,
+                latencies,
+            )
+        )
     finally:
         bench.close()
     bench = Bench(lookahead=1)
     try:
         latencies = bench.streamguard(args.streams)
-        rows.append(row("streamguard wait_closed(), lookahead 1", args.streams, latencies))
+        rows.append(
+            row("streamguard wait_closed(), lookahead 1", args.streams, latencies)
+        )
         latencies = bench.concurrent(args.flag_streams, "flag", "flagged")
-        rows.append(row("waitress.client_disconnected, lookahead 1, 1 s poll",
-                        args.flag_streams, latencies))
+        rows.append(
+            row(
+                "waitress.client_disconnected, lookahead 1, 1 s poll",
+                args.flag_streams,
+                latencies,
+            )
+        )
     finally:
         bench.close()
 
     from importlib.metadata import version
 
-    print(f"Python {platform.python_version()}, waitress {version('waitress')} (threads=4), "
-          f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs, loopback")
-    print("Time from the client's close() to the server side knowing "
-          "(p99 of 20 or 40 samples is their maximum):")
+    print(
+        f"Python {platform.python_version()}, waitress {version('waitress')} "
+        f"(threads=4), {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} CPUs, loopback"
+    )
+    print(
+        "Time from the client's close() to the server side knowing "
+        "(p99 of 20 or 40 samples is their maximum):"
+    )
     header = f"{'method':52} {'streams':>7} {'median':>10} {'p99':>10} {'max':>10}"
     print(header)
     print("-" * len(header))

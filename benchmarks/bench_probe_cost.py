@@ -17,10 +17,6 @@ Timed with timeit: each cell is the median over 7 repeats of the mean time
 per call (autoranged, >= 0.2 s per repeat).  Nothing is asserted; targets
 from the issue: <= 10 us per call, and 10,000/10 ratio <= 1.5.
 """
-from collective.streamguard import client_connection
-from collective.streamguard import is_browser_connection_open
-from collective.streamguard.connection import ENVIRON_KEY
-from types import SimpleNamespace
 
 import logging
 import os
@@ -35,11 +31,13 @@ import threading
 import time
 import timeit
 import warnings
+from types import SimpleNamespace
 
-import waitress
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 
+from collective.streamguard import is_browser_connection_open
+from collective.streamguard.connection import ENVIRON_KEY
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -93,7 +91,9 @@ class Connections:
         host, port = self.listener.getsockname()
         self.child = subprocess.Popen(
             [sys.executable, "-c", CLIENT, host, str(port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.accepted = []
         self.adj = Adjustments()
@@ -104,8 +104,11 @@ class Connections:
     def grow_to(self, total):
         more = total - len(self.accepted)
         accepted = []
-        acceptor = threading.Thread(target=lambda: accepted.extend(
-            self.listener.accept()[0] for _ in range(more)))
+        acceptor = threading.Thread(
+            target=lambda: accepted.extend(
+                self.listener.accept()[0] for _ in range(more)
+            )
+        )
         acceptor.start()
         self.child.stdin.write(f"{more}\n")
         self.child.stdin.flush()
@@ -113,8 +116,13 @@ class Connections:
         acceptor.join()
         start = int(time.time()) - 10 * total
         for index, sock in enumerate(accepted, len(self.accepted)):
-            channel = HTTPChannel(self.waitress_server, sock, sock.getpeername(), self.adj,
-                                  map=self.waitress_map)
+            channel = HTTPChannel(
+                self.waitress_server,
+                sock,
+                sock.getpeername(),
+                self.adj,
+                map=self.waitress_map,
+            )
             # Distinct creation seconds: the seed's scan meets no early match.
             self.channels.append((channel, zhttp_channel(sock, start + index)))
         self.accepted += accepted
@@ -146,28 +154,59 @@ def cases(connections):
     from collective.streamguard.probes import FdConnection
 
     channel, zchannel = connections.channels[-1]
-    waitress_environ = {"waitress.client_disconnected": channel.check_client_disconnected}
+    waitress_environ = {
+        "waitress.client_disconnected": channel.check_client_disconnected
+    }
     gunicorn_environ = {"gunicorn.socket": channel.socket}
     fd_environ = {ENVIRON_KEY: FdConnection(channel.socket.fileno(), "uwsgi")}
-    zserver_environ = {"channel.creation_time": zchannel.creation_time,
-                       "REMOTE_ADDR": zchannel.addr[0]}
-    results = measure([
-        ("waitress (Zope request)", is_browser_connection_open, Request(waitress_environ)),
-        ("gunicorn (WSGI environ)", is_browser_connection_open, gunicorn_environ),
-        ("uWSGI fd + inode check (environ)", is_browser_connection_open, fd_environ),
-        ("ZServer exact channel (request)", is_browser_connection_open,
-         Request({}, zchannel)),
-        ("ZServer scan, pinned (environ)", is_browser_connection_open, dict(zserver_environ)),
-        ("seed: socket_map scan", seed_is_browser_connection_open, Request(zserver_environ)),
-    ])
+    zserver_environ = {
+        "channel.creation_time": zchannel.creation_time,
+        "REMOTE_ADDR": zchannel.addr[0],
+    }
+    results = measure(
+        [
+            (
+                "waitress (Zope request)",
+                is_browser_connection_open,
+                Request(waitress_environ),
+            ),
+            ("gunicorn (WSGI environ)", is_browser_connection_open, gunicorn_environ),
+            (
+                "uWSGI fd + inode check (environ)",
+                is_browser_connection_open,
+                fd_environ,
+            ),
+            (
+                "ZServer exact channel (request)",
+                is_browser_connection_open,
+                Request({}, zchannel),
+            ),
+            (
+                "ZServer scan, pinned (environ)",
+                is_browser_connection_open,
+                dict(zserver_environ),
+            ),
+            (
+                "seed: socket_map scan",
+                seed_is_browser_connection_open,
+                Request(zserver_environ),
+            ),
+        ]
+    )
     # A second channel from the same address in the same second: the scan
     # can never pin and walks the whole map on every call.
     twin = connections.channels[-2][1]
     saved, twin.creation_time = twin.creation_time, zchannel.creation_time
     try:
-        results += measure([
-            ("ZServer scan, 2 in one second", is_browser_connection_open, dict(zserver_environ)),
-        ])
+        results += measure(
+            [
+                (
+                    "ZServer scan, 2 in one second",
+                    is_browser_connection_open,
+                    dict(zserver_environ),
+                ),
+            ]
+        )
     finally:
         twin.creation_time = saved
     return results
@@ -179,7 +218,9 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < SIZES[-1] + 200:
-        sys.exit(f"RLIMIT_NOFILE hard limit {hard} is too low for {SIZES[-1]} connections")
+        sys.exit(
+            f"RLIMIT_NOFILE hard limit {hard} is too low for {SIZES[-1]} connections"
+        )
     connections = Connections()
     table = {}
     try:
@@ -190,17 +231,26 @@ def main():
                 table.setdefault(name, {})[size] = seconds
     finally:
         connections.close()
-    print(f"Python {platform.python_version()}, waitress {waitress_version()}, "
-          f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs; "
-          f"RLIMIT_NOFILE {soft} -> {hard}")
+    print(
+        f"Python {platform.python_version()}, waitress {waitress_version()}, "
+        f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs; "
+        f"RLIMIT_NOFILE {soft} -> {hard}"
+    )
     print("Time per call, median of 7 repeats, with N other open connections:")
-    header = f"{'probe':34} " + " ".join(f"{f'N={n:,}':>11}" for n in SIZES) + f" {'ratio':>9}"
+    header = (
+        f"{'probe':34} "
+        + " ".join(f"{f'N={n:,}':>11}" for n in SIZES)
+        + f" {'ratio':>9}"
+    )
     print(header)
     print("-" * len(header))
     for name, cells in table.items():
         ratio = cells[SIZES[-1]] / cells[SIZES[0]]
-        print(f"{name:34} " + " ".join(f"{format_time(cells[n]):>11}" for n in SIZES)
-              + f" {ratio:>8.2f}x")
+        print(
+            f"{name:34} "
+            + " ".join(f"{format_time(cells[n]):>11}" for n in SIZES)
+            + f" {ratio:>8.2f}x"
+        )
     print(f"ratio = time at N={SIZES[-1]:,} / time at N={SIZES[0]:,}")
 
 

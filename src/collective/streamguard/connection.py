@@ -13,13 +13,12 @@ there is nothing to ask.
 This module imports nothing from Zope or Plone.  The server-specific parts
 live in ``probes``; on-close callbacks run in ``watcher``'s one thread.
 """
-from dataclasses import dataclass
 
 import enum
 import logging
 import select
 import time
-
+from dataclasses import dataclass
 
 logger = logging.getLogger("collective.streamguard")
 

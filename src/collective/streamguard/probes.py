@@ -8,6 +8,7 @@ nothing but the channel's creation second and the client address.  The
 server modules are never imported here except uWSGI's, lazily, and only when
 the environ says the request came from uWSGI.
 """
+
 import logging
 import os
 import select
@@ -15,7 +16,6 @@ import sys
 
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import ClientConnection
-
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -113,7 +113,9 @@ class FdConnection(ClientConnection):
 
     def _same_socket(self):
         try:
-            return self._identity is not None and self._inode(self._fd) == self._identity
+            return (
+                self._identity is not None and self._inode(self._fd) == self._identity
+            )
         except OSError:
             return False
 
@@ -239,7 +241,11 @@ def _zserver_channel(pipe):
     channel = getattr(pipe, "_channel", None)
     # ChannelPipe._channel is None once the response finished; a Zope 4+
     # WSGI response's stdout is a BytesIO and has no _channel at all.
-    if channel is not None and hasattr(channel, "closed") and hasattr(channel, "_fileno"):
+    if (
+        channel is not None
+        and hasattr(channel, "closed")
+        and hasattr(channel, "_fileno")
+    ):
         return channel
     return None
 

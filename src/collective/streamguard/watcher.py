@@ -11,18 +11,20 @@ and fd numbers reused by a new client.
 Started lazily on the first ``watch``; a process forked after that
 (gunicorn and uWSGI pre-fork their workers) starts a fresh one.
 """
+
 import logging
 import os
 import select
 import threading
 import time
 
-
 logger = logging.getLogger("collective.streamguard")
 
 SWEEP_INTERVAL = 1.0
 _EPOLL_EVENTS = (
-    getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
+    getattr(select, "EPOLLRDHUP", 0)
+    | getattr(select, "EPOLLHUP", 0)
+    | getattr(select, "EPOLLERR", 0)
 )
 
 
@@ -94,8 +96,8 @@ class Watcher:
     def _wake(self):
         try:
             os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the thread is awake anyway
+        except OSError:
+            pass  # the pipe is full (the thread is awake anyway) or closed
 
     def _cancel(self, entry):
         with self._lock:
@@ -108,24 +110,30 @@ class Watcher:
         return True
 
     def stop(self, timeout=5.0):
-        """Stop the thread; callbacks not yet run never run."""
+        """Stop the thread; callbacks not yet run never run.  The thread
+        closes its fds on its way out (also when a callback calls this)."""
         self._stopping = True
         self._wake()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._close_fds()
 
     def _close_fds(self):
-        if self._epoll is not None:
-            self._epoll.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        # Idempotent: a closed fd number may belong to someone else by now.
+        epoll, self._epoll = self._epoll, None
+        if epoll is not None:
+            epoll.close()
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
 
     def _run(self):
+        try:
+            self._loop()
+        finally:
+            self._close_fds()
+
+    def _loop(self):
         wait = self._epoll.poll if self._epoll is not None else self._select
         if self._epoll is not None:
             self._epoll.register(self._wake_r, select.EPOLLIN)

@@ -7,7 +7,6 @@ environment, and stops it with bounded timeouts.  ``EventSink`` is the test
 end of the side channel of ``wsgiapps``.  Later tests reuse both for the
 Zope WSGI app.
 """
-from collective.streamguard.tests import wsgiapps
 
 import errno
 import http.client
@@ -24,6 +23,7 @@ import time
 import unittest
 import uuid
 
+from collective.streamguard.tests import wsgiapps
 
 HOST = "127.0.0.1"
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -56,14 +56,27 @@ class Server:
     settings, e.g. ``{"threads": 4, "channel_request_lookahead": 1}`` for
     waitress, ``{"worker_class": "gthread", "threads": 4}`` for gunicorn,
     ``{"threads": 4, "keepalive": True}`` for uWSGI (``--http11-socket``
-    instead of ``--http-socket``); True means a bare flag.  ``env`` is added to the environment, ``pythonpath`` prepended to
-    PYTHONPATH (the package's ``src`` is always there).
+    instead of ``--http-socket``); True means a bare flag.  ``env`` is
+    added to the environment, ``pythonpath`` prepended to PYTHONPATH (the
+    package's ``src`` is always there).
     """
 
-    STOP_SIGNAL = {"waitress": signal.SIGTERM, "gunicorn": signal.SIGINT, "uwsgi": signal.SIGINT}
+    STOP_SIGNAL = {
+        "waitress": signal.SIGTERM,
+        "gunicorn": signal.SIGINT,
+        "uwsgi": signal.SIGINT,
+    }
 
-    def __init__(self, kind, app=TEST_APP, options=None, env=None, pythonpath=(),
-                 directory=None, startup_timeout=30.0):
+    def __init__(
+        self,
+        kind,
+        app=TEST_APP,
+        options=None,
+        env=None,
+        pythonpath=(),
+        directory=None,
+        startup_timeout=30.0,
+    ):
         if kind not in self.STOP_SIGNAL:
             raise ValueError(f"unknown server kind {kind!r}")
         self.kind = kind
@@ -97,10 +110,19 @@ class Server:
         opts.setdefault("disable_logging", True)
         # --http-socket closes after every response; --http11-socket keeps
         # the connection alive.  Either way the app's fd is the client's.
-        socket_flag = "--http11-socket" if opts.pop("keepalive", False) else "--http-socket"
+        socket_flag = (
+            "--http11-socket" if opts.pop("keepalive", False) else "--http-socket"
+        )
         # The uwsgi binary embeds libpython; home points it at this venv.
-        cmd = [executable("uwsgi"), socket_flag, f"{HOST}:{port}", "--home", sys.prefix,
-               "--module", self.app]
+        cmd = [
+            executable("uwsgi"),
+            socket_flag,
+            f"{HOST}:{port}",
+            "--home",
+            sys.prefix,
+            "--module",
+            self.app,
+        ]
         return cmd + self._flags(opts)
 
     @staticmethod
@@ -133,8 +155,13 @@ class Server:
             self.log_path = os.path.join(self.directory, f"{self.kind}-{port}.log")
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(
-                    self.command(port), env=env, cwd=self.directory, stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    self.command(port),
+                    env=env,
+                    cwd=self.directory,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             self.port = port
             if self._wait_ready():
@@ -163,21 +190,33 @@ class Server:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            # start_new_session: the server's pid is its process group, so
-            # this reaches gunicorn's forked worker too, and nothing else.
-            try:
-                os.killpg(process.pid, self.STOP_SIGNAL[self.kind])
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout)
-            except ProcessLookupError:
-                pass
+        # start_new_session: the server's pid is its process group, which
+        # reaches gunicorn's forked worker too, and nothing else.  The group
+        # id stays ours only until the leader is reaped, so signal the group
+        # before reaping.
+        self._signal_group(process, self.STOP_SIGNAL[self.kind])
+        if not self._exited(process, timeout):
+            self._signal_group(process, signal.SIGKILL)
+            self._exited(process, timeout)
+        self._signal_group(process, signal.SIGKILL)  # any straggling worker
+        process.wait(timeout)
+
+    @staticmethod
+    def _signal_group(process, signum):
         try:
-            os.killpg(process.pid, signal.SIGKILL)  # any straggling worker
+            os.killpg(process.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+    @staticmethod
+    def _exited(process, timeout):
+        """Wait for the leader to exit without reaping it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return True
+            time.sleep(0.01)
+        return False
 
     def cleanup(self):
         self.stop()
@@ -204,8 +243,16 @@ class ServerLayer:
 
     __bases__ = ()
 
-    def __init__(self, name, kind, options=None, app=TEST_APP, env=None, pythonpath=(),
-                 module=None):
+    def __init__(
+        self,
+        name,
+        kind,
+        options=None,
+        app=TEST_APP,
+        env=None,
+        pythonpath=(),
+        module=None,
+    ):
         self.__name__ = name
         self.__module__ = module or __name__
         self.kind = kind
@@ -227,8 +274,12 @@ class ServerLayer:
         self.directory = tempfile.mkdtemp(prefix="sg-")
         self.sink = EventSink(self.directory)
         self.server = Server(
-            self.kind, app=self.app, options=self.options, env={**self.env, **self.sink.env},
-            pythonpath=self.pythonpath, directory=self.directory,
+            self.kind,
+            app=self.app,
+            options=self.options,
+            env={**self.env, **self.sink.env},
+            pythonpath=self.pythonpath,
+            directory=self.directory,
         )
         try:
             self.server.start()
@@ -277,7 +328,7 @@ class EventSink:
         self.sock.settimeout(max(timeout, 0.001))
         try:
             self.buffer.append(json.loads(self.sock.recv(65536)))
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             pass
 
     def _drain(self):
@@ -305,19 +356,24 @@ class EventSink:
                     return event
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no event {match} within {timeout} s; have {self.buffer}")
+                raise AssertionError(
+                    f"no event {match} within {timeout} s; have {self.buffer}"
+                )
             self._receive(left)
 
     def ask(self, ctl, op, rid, timeout=10.0):
         """Send ``op`` ("state", "release", "ping") about request ``rid`` to
         the server process listening on ``ctl``; return its reply."""
         token = uuid.uuid4().hex
-        self.sock.sendto(json.dumps({"op": op, "id": rid, "token": token}).encode(), ctl)
+        self.sock.sendto(
+            json.dumps({"op": op, "id": rid, "token": token}).encode(), ctl
+        )
         return self.wait_for(timeout, event="reply", token=token)
 
 
 # Raw-socket clients: the tests need control over FIN, RST, pipelining and
 # keep-alive that no HTTP client library gives.
+
 
 def request_bytes(path, close=False):
     headers = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n"
@@ -340,8 +396,10 @@ def read_until(sock, marker, timeout=10.0):
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
-            raise AssertionError(f"no {marker!r} within {timeout} s; got {data!r}") from None
+        except TimeoutError:
+            raise AssertionError(
+                f"no {marker!r} within {timeout} s; got {data!r}"
+            ) from None
         if not chunk:
             raise AssertionError(f"server closed before {marker!r}; got {data!r}")
         data += chunk
@@ -362,7 +420,7 @@ def wait_gone(sock, timeout=10.0):
         try:
             if not sock.recv(65536):
                 return True
-        except socket.timeout:
+        except TimeoutError:
             break
         except OSError as exc:
             if exc.errno in (errno.ECONNRESET, errno.EPIPE):

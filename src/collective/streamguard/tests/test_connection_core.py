@@ -1,16 +1,6 @@
 """The core's API on plain sockets: input handling, caching, verdicts, the
 fd-reuse guard and thread safety.  The servers themselves are exercised in
 test_connection_servers."""
-from collective.streamguard import client_connection
-from collective.streamguard import connection_state
-from collective.streamguard import ConnectionState
-from collective.streamguard import is_browser_connection_open
-from collective.streamguard import on_disconnect
-from collective.streamguard import Verdict
-from collective.streamguard import wait_for_disconnect
-from collective.streamguard.connection import ENVIRON_KEY
-from collective.streamguard.probes import FdConnection
-from collective.streamguard.probes import socket_is_open
 
 import dataclasses
 import gc
@@ -20,6 +10,17 @@ import threading
 import time
 import unittest
 import weakref
+
+from collective.streamguard import ConnectionState
+from collective.streamguard import Verdict
+from collective.streamguard import client_connection
+from collective.streamguard import connection_state
+from collective.streamguard import is_browser_connection_open
+from collective.streamguard import on_disconnect
+from collective.streamguard import wait_for_disconnect
+from collective.streamguard.connection import ENVIRON_KEY
+from collective.streamguard.probes import FdConnection
+from collective.streamguard.probes import socket_is_open
 
 
 class Request:
@@ -49,7 +50,9 @@ class SocketTestCase(unittest.TestCase):
 
 class InputTests(unittest.TestCase):
     def test_none_is_a_type_error(self):
-        with self.assertRaisesRegex(TypeError, "needs a Zope request or a WSGI environ, got NoneType"):
+        with self.assertRaisesRegex(
+            TypeError, "needs a Zope request or a WSGI environ, got NoneType"
+        ):
             client_connection(None)
 
     def test_object_without_environ_is_a_type_error(self):
@@ -216,7 +219,9 @@ class ThreadTests(SocketTestCase):
         server, _ = self.pair()
         connection = client_connection({"gunicorn.socket": server})
         result = []
-        thread = threading.Thread(target=lambda: result.append(connection.wait_closed(10)))
+        thread = threading.Thread(
+            target=lambda: result.append(connection.wait_closed(10))
+        )
         thread.start()
         time.sleep(0.05)
         server.close()

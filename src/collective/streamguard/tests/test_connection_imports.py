@@ -1,12 +1,13 @@
 """The core is plain Python: importing it loads no Zope, Plone or ZODB
 module, and no server module either (they are imported lazily)."""
-import collective.streamguard
+
 import json
 import os
 import subprocess
 import sys
 import unittest
 
+import collective.streamguard
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(collective.streamguard.__file__)))
 FORBIDDEN = ("zope", "Products", "plone", "ZPublisher", "Zope2", "transaction", "ZODB")
@@ -24,7 +25,10 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 def loaded_by_import(*flags):
     env = dict(os.environ, PYTHONPATH=SRC)
     result = subprocess.run(
-        [sys.executable, *flags, "-c", SCRIPT], env=env, capture_output=True, timeout=60,
+        [sys.executable, *flags, "-c", SCRIPT],
+        env=env,
+        capture_output=True,
+        timeout=60,
         check=True,
     )
     return json.loads(result.stdout)

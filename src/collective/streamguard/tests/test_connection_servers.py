@@ -5,13 +5,13 @@ serving ``wsgiapps.app``; the app reports its probe verdicts over a unix
 datagram side channel, and the test asks it for a verdict at any moment
 through the control socket of the server process.
 """
-from collective.streamguard.tests import servers
 
 import socket
 import time
 import unittest
 import uuid
 
+from collective.streamguard.tests import servers
 
 SOON = 5.0  # generous: a bound that only a broken probe misses
 
@@ -83,7 +83,9 @@ class ServerContract:
         the socket and the app's "start" event once "ready" arrived."""
         sock = sock or self.connect()
         rid = self.rid()
-        query = "&".join(f"{k}={v}" for k, v in dict(id=rid, mode=mode, **params).items())
+        query = "&".join(
+            f"{k}={v}" for k, v in dict(id=rid, mode=mode, **params).items()
+        )
         sock.sendall(servers.request_bytes(f"/stream?{query}"))
         servers.read_until(sock, b"ready\n")
         start = self.sink.wait_for(event="start", id=rid)
@@ -187,7 +189,9 @@ class ServerContract:
 
     def test_keep_alive_request_gets_its_own_connection_object(self):
         if not self.keepalive:
-            self.skipTest(f"{self.layer.kind} closes the connection after each response")
+            self.skipTest(
+                f"{self.layer.kind} closes the connection after each response"
+            )
         sock = self.connect()
         first = self.rid()
         sock.sendall(servers.request_bytes(f"/hold?id={first}"))
@@ -242,10 +246,16 @@ def layer(name, kind, **options):
     return servers.ServerLayer(name, kind, options, module=__name__)
 
 
-WAITRESS_LOOKAHEAD_0 = layer("WAITRESS_LOOKAHEAD_0", "waitress", threads=4, channel_request_lookahead=0)
-WAITRESS_LOOKAHEAD_1 = layer("WAITRESS_LOOKAHEAD_1", "waitress", threads=4, channel_request_lookahead=1)
+WAITRESS_LOOKAHEAD_0 = layer(
+    "WAITRESS_LOOKAHEAD_0", "waitress", threads=4, channel_request_lookahead=0
+)
+WAITRESS_LOOKAHEAD_1 = layer(
+    "WAITRESS_LOOKAHEAD_1", "waitress", threads=4, channel_request_lookahead=1
+)
 GUNICORN_SYNC = layer("GUNICORN_SYNC", "gunicorn", worker_class="sync")
-GUNICORN_GTHREAD = layer("GUNICORN_GTHREAD", "gunicorn", worker_class="gthread", threads=4)
+GUNICORN_GTHREAD = layer(
+    "GUNICORN_GTHREAD", "gunicorn", worker_class="gthread", threads=4
+)
 UWSGI_HTTP11 = layer("UWSGI_HTTP11", "uwsgi", threads=4, keepalive=True)
 UWSGI_HTTP = layer("UWSGI_HTTP", "uwsgi", threads=4)
 

@@ -1,8 +1,4 @@
 """The watcher thread behind ``on_close``, on plain loopback sockets."""
-from collective.streamguard import client_connection
-from collective.streamguard import watcher
-from collective.streamguard.probes import FdConnection
-from collective.streamguard.tests.test_connection_core import SocketTestCase
 
 import os
 import signal
@@ -10,6 +6,10 @@ import threading
 import time
 import unittest
 
+from collective.streamguard import client_connection
+from collective.streamguard import watcher
+from collective.streamguard.probes import FdConnection
+from collective.streamguard.tests.test_connection_core import SocketTestCase
 
 SOON = 5.0
 
@@ -155,7 +155,9 @@ class WatcherTests(SocketTestCase):
                 client_connection({"gunicorn.socket": server}).on_close(recorder)
                 client.close()
                 fired = recorder.event.wait(SOON)
-                code = 0 if fired and watcher._watcher._thread is not parent_thread else 2
+                code = (
+                    0 if fired and watcher._watcher._thread is not parent_thread else 2
+                )
             finally:
                 os._exit(code)
         deadline = time.monotonic() + 2 * SOON

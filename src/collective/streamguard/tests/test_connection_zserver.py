@@ -9,11 +9,6 @@ a ``closed`` flag set on close, a ``ChannelPipe``-like response stdout with
 ``_channel``, and a request with ``.environ`` (``channel.creation_time``,
 ``REMOTE_ADDR``) and ``.response.stdout``.
 """
-from collective.streamguard import client_connection
-from collective.streamguard import ConnectionState
-from collective.streamguard import probes
-from collective.streamguard import watcher
-from types import SimpleNamespace
 
 import queue
 import socket
@@ -21,7 +16,12 @@ import threading
 import time
 import unittest
 import warnings
+from types import SimpleNamespace
 
+from collective.streamguard import ConnectionState
+from collective.streamguard import client_connection
+from collective.streamguard import probes
+from collective.streamguard import watcher
 
 with warnings.catch_warnings():
     # Deprecated since 3.6, removed in 3.12; ZServer is built on them.
@@ -112,7 +112,9 @@ class AsyncoreServerLayer:
         if self._users == 1:
             self.server = zhttp_server()
             self.stopping = False
-            self.thread = threading.Thread(target=self._loop, args=(self.server,), daemon=True)
+            self.thread = threading.Thread(
+                target=self._loop, args=(self.server,), daemon=True
+            )
             self.thread.start()
 
     def _loop(self, server):
@@ -128,7 +130,10 @@ class AsyncoreServerLayer:
         self.stopping = True
         self.thread.join(5)
         for dispatcher in list(asyncore.socket_map.values()):
-            if dispatcher is self.server or getattr(dispatcher, "server", None) is self.server:
+            if (
+                dispatcher is self.server
+                or getattr(dispatcher, "server", None) is self.server
+            ):
                 dispatcher.close()
         assert not self.thread.is_alive(), "asyncore loop thread did not stop"
 
@@ -197,7 +202,9 @@ class ExactChannelTests(ZServerContractTestCase):
         connection = client_connection(request)
         self.assertEqual(connection.probe, "zserver-channel")
         self.assertEqual(connection.state().state, ConnectionState.OPEN)
-        self.assertEqual(connection.fileno(), request.response.stdout._channel.socket.fileno())
+        self.assertEqual(
+            connection.fileno(), request.response.stdout._channel.socket.fileno()
+        )
 
     def test_stream_ends_when_asyncore_thread_reads_the_fin(self):
         sock, request = self.connect()
@@ -271,9 +278,13 @@ class ScanTests(ZServerContractTestCase):
         _, request = self.connect()
         environ = dict(request.environ)
         environ["channel.creation_time"] -= 3600
-        self.assertEqual(client_connection(environ).state().state, ConnectionState.CLOSED)
+        self.assertEqual(
+            client_connection(environ).state().state, ConnectionState.CLOSED
+        )
         environ = dict(request.environ, REMOTE_ADDR="127.0.0.2")
-        self.assertEqual(client_connection(environ).state().state, ConnectionState.CLOSED)
+        self.assertEqual(
+            client_connection(environ).state().state, ConnectionState.CLOSED
+        )
 
     def connect_twice_in_one_second(self):
         for _attempt in range(5):
@@ -288,8 +299,10 @@ class ScanTests(ZServerContractTestCase):
         with self.assertLogs("collective.streamguard", "WARNING") as logged:
             by_environ = client_connection(dict(first.environ))
             self.assertEqual(by_environ.state().state, ConnectionState.OPEN)
-            self.assertEqual(client_connection(dict(second.environ)).state().state,
-                             ConnectionState.OPEN)
+            self.assertEqual(
+                client_connection(dict(second.environ)).state().state,
+                ConnectionState.OPEN,
+            )
             self.assertEqual(by_environ.state().state, ConnectionState.OPEN)
         self.assertEqual(len(logged.records), 1)
         self.assertIn("same second", logged.records[0].getMessage())
@@ -305,6 +318,8 @@ class ScanTests(ZServerContractTestCase):
         # never in socket_map.
         environ = {"channel.creation_time": time.time(), "REMOTE_ADDR": "127.0.0.1"}
         verdict = client_connection(environ).state()
-        self.assertEqual((verdict.state, verdict.probe), (ConnectionState.UNKNOWN, "zserver-clock"))
+        self.assertEqual(
+            (verdict.state, verdict.probe), (ConnectionState.UNKNOWN, "zserver-clock")
+        )
         self.assertTrue(verdict)
         self.assertFalse(client_connection(environ).wait_closed(0))

@@ -31,16 +31,16 @@ Paths (``/stream?id=...`` query parameters):
     chunk every T seconds until the server raises on a dead client.  Every
     stream reports "end" from its iterator's ``close()``.
 """
-from collective.streamguard import client_connection
-from collective.streamguard.connection import ConnectionState
-from urllib.parse import parse_qs
 
 import json
 import os
 import socket
 import threading
 import time
+from urllib.parse import parse_qs
 
+from collective.streamguard import client_connection
+from collective.streamguard.connection import ConnectionState
 
 EVENTS_ENV = "STREAMGUARD_TEST_EVENTS"
 STREAM_CAP = 60.0  # no stream outlives a forgotten test by more than this
@@ -74,7 +74,11 @@ def report(event, **fields):
 
 def describe(connection):
     verdict = connection.state()
-    return {"state": verdict.state.value, "probe": verdict.probe, "fd": connection.fileno()}
+    return {
+        "state": verdict.state.value,
+        "probe": verdict.probe,
+        "fd": connection.fileno(),
+    }
 
 
 def _control_loop(sock):
@@ -117,16 +121,23 @@ def _ensure_control():
 
 
 def _query(environ):
-    return {key: values[-1] for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    return {
+        key: values[-1]
+        for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()
+    }
 
 
 def app(environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path == "/ping":
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")])
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")]
+        )
         return [b"pong"]
     if path not in ("/hold", "/stream"):
-        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
+        start_response(
+            "404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")]
+        )
         return [b""]
     query = _query(environ)
     rid = query.get("id", "")
@@ -145,10 +156,14 @@ def app(environ, start_response):
         connection.on_close(lambda: _called_back(rid))
     report("start", **start)
     if path == "/hold":
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")]
+        )
         return [b"held\n"]
     # No Content-Length: an endless body, chunked under HTTP/1.1.
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "no-store")])
+    start_response(
+        "200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "no-store")]
+    )
     return Stream(environ, connection, rid, query)
 
 
@@ -187,7 +202,10 @@ class Stream:
                 started = time.monotonic()
                 left = self.connection.wait_closed(self.timeout)
                 report(
-                    "waited", id=self.rid, left=left, elapsed=time.monotonic() - started,
+                    "waited",
+                    id=self.rid,
+                    left=left,
+                    elapsed=time.monotonic() - started,
                     state=self.connection.state().state.value,
                 )
                 if left or release.is_set():
@@ -206,5 +224,9 @@ class Stream:
     def close(self):
         self.steps.close()
         verdict = self.connection.state()
-        report("end", id=self.rid, state=verdict.state.value,
-               closed=verdict.state is ConnectionState.CLOSED)
+        report(
+            "end",
+            id=self.rid,
+            state=verdict.state.value,
+            closed=verdict.state is ConnectionState.CLOSED,
+        )
