@@ -94,10 +94,16 @@ class Watcher:
         return WatchHandle(entry)
 
     def _wake(self):
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # the pipe is full (the thread is awake anyway) or closed
+        # Under the lock: _close_fds must not close the pipe between our
+        # reading its number and writing, or we would write into whatever
+        # file got that number next.
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full: the thread is awake anyway
 
     def _cancel(self, entry):
         with self._lock:
@@ -122,10 +128,19 @@ class Watcher:
         epoll, self._epoll = self._epoll, None
         if epoll is not None:
             epoll.close()
-        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        with self._lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+
+    def _abandon_in_child(self):
+        """In a forked child: the thread did not survive the fork, the epoll
+        fd refers to the parent's instance (so it must not be used, only
+        closed), and the lock may have been held by a parent thread."""
+        self._lock = threading.Lock()
+        self._stopping = True
+        self._close_fds()
 
     def _run(self):
         try:
@@ -276,9 +291,8 @@ def _current():
         watcher = _watcher
         if watcher is None or watcher.pid != os.getpid() or not watcher.alive:
             if watcher is not None and watcher.pid != os.getpid():
-                # Forked without our at-fork hook (uWSGI forks from C): the
-                # epoll instance is the parent's, so only close our fds.
-                watcher._close_fds()
+                # Forked without our at-fork hook (uWSGI forks from C).
+                watcher._abandon_in_child()
             _watcher = watcher = Watcher()
         return watcher
 
@@ -298,9 +312,7 @@ def _after_fork_in_child():
     _watcher_lock = threading.Lock()
     watcher, _watcher = _watcher, None
     if watcher is not None:
-        # The thread did not survive the fork; the epoll fd would be shared
-        # with the parent's instance, so it must not be used, only closed.
-        watcher._close_fds()
+        watcher._abandon_in_child()
 
 
 if hasattr(os, "register_at_fork"):
