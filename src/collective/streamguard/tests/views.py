@@ -188,3 +188,36 @@ class MarkView(BrowserView):
     def __call__(self):
         self.request.response.setHeader("Content-Type", "text/plain")
         return getattr(self.context, "_streamguard_mark", "")
+
+
+class NaiveStreamView(BrowserView):
+    """``@@streamguard-test-naive``: the seed's loop, without the guard.
+
+    It yields a first line, then waits for more log data that never comes,
+    sleeping like the seed's ``while True`` loop; it never asks whether the
+    client is still there, so an abandoned one holds its thread forever.
+    For the benchmark only.
+    """
+
+    def __call__(self):
+        from ZPublisher.Iterators import IUnboundStreamIterator
+        from zope.interface import implementer
+
+        @implementer(IUnboundStreamIterator)
+        class Body:
+            def __init__(self):
+                self.lines = self._lines()
+
+            def _lines(self):
+                yield b"first line\n"
+                while True:
+                    time.sleep(0.5)
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                return next(self.lines)
+
+        self.request.response.setHeader("Content-Type", "text/plain")
+        return Body()
