@@ -3,14 +3,13 @@
 ``Server`` starts waitress, gunicorn or uWSGI (found next to
 ``sys.executable``, never a global install) on a free loopback port, serving
 any ``"module:callable"`` app with extra ``PYTHONPATH`` entries and
-environment, and stops it with bounded timeouts.  ``EventSink`` is the test
-end of the side channel of ``wsgiapps``.  Later tests reuse both for the
-Zope WSGI app.
+environment, and stops it with bounded timeouts.  ``ServerLayer`` makes
+one a test fixture, with the ``wsgiapps.EventSink`` its app reports to.
+Later tests reuse both for the Zope WSGI app.
 """
 
 import errno
 import http.client
-import json
 import os
 import shutil
 import signal
@@ -21,9 +20,8 @@ import sys
 import tempfile
 import time
 import unittest
-import uuid
 
-from collective.streamguard.tests import wsgiapps
+from collective.streamguard.tests.wsgiapps import EventSink
 
 HOST = "127.0.0.1"
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -58,7 +56,9 @@ class Server:
     ``{"threads": 4, "keepalive": True}`` for uWSGI (``--http11-socket``
     instead of ``--http-socket``); True means a bare flag.  ``env`` is
     added to the environment, ``pythonpath`` prepended to PYTHONPATH (the
-    package's ``src`` is always there).
+    package's ``src`` is always there).  The server is up once
+    ``GET ready_path`` answers ``ready_body`` (with ``ready_body=None``: any
+    status below 500), e.g. ``ready_path="/"`` for a Zope app.
     """
 
     STOP_SIGNAL = {
@@ -76,6 +76,8 @@ class Server:
         pythonpath=(),
         directory=None,
         startup_timeout=30.0,
+        ready_path="/ping",
+        ready_body=b"pong",
     ):
         if kind not in self.STOP_SIGNAL:
             raise ValueError(f"unknown server kind {kind!r}")
@@ -86,6 +88,8 @@ class Server:
         self.pythonpath = [*pythonpath, SRC]
         self.directory = directory
         self.startup_timeout = startup_timeout
+        self.ready_path = ready_path
+        self.ready_body = ready_body
         self.process = None
         self.port = None
         self.log_path = None
@@ -94,7 +98,10 @@ class Server:
         opts = dict(self.options)
         if self.kind == "waitress":
             cmd = [executable("waitress-serve"), f"--listen={HOST}:{port}"]
-            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+            cmd += [
+                f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+                for k, v in opts.items()
+            ]
             return cmd + [self.app]
         if self.kind == "gunicorn":
             opts.setdefault("workers", 1)
@@ -176,9 +183,14 @@ class Server:
                 return False
             try:
                 conn = http.client.HTTPConnection(HOST, self.port, timeout=2)
-                conn.request("GET", "/ping")
-                ok = conn.getresponse().read() == b"pong"
+                conn.request("GET", self.ready_path)
+                response = conn.getresponse()
+                body = response.read()
                 conn.close()
+                if self.ready_body is None:
+                    ok = response.status < 500
+                else:
+                    ok = body == self.ready_body
                 if ok:
                     return True
             except OSError:
@@ -252,6 +264,7 @@ class ServerLayer:
         env=None,
         pythonpath=(),
         module=None,
+        **server_options,
     ):
         self.__name__ = name
         self.__module__ = module or __name__
@@ -260,6 +273,7 @@ class ServerLayer:
         self.app = app
         self.env = dict(env or {})
         self.pythonpath = pythonpath
+        self.server_options = server_options  # more Server() arguments
         self.server = self.sink = self.directory = None
         self.skip_reason = None
         self._users = 0
@@ -280,6 +294,7 @@ class ServerLayer:
             env={**self.env, **self.sink.env},
             pythonpath=self.pythonpath,
             directory=self.directory,
+            **self.server_options,
         )
         try:
             self.server.start()
@@ -305,70 +320,6 @@ class ServerLayer:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
         self.server = self.sink = self.directory = None
-
-
-class EventSink:
-    """The test end of ``wsgiapps``' side channel: a bound unix datagram
-    socket; pass ``env`` to the ``Server``."""
-
-    def __init__(self, directory):
-        self.path = os.path.join(directory, "events")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.buffer = []
-
-    @property
-    def env(self):
-        return {wsgiapps.EVENTS_ENV: self.path}
-
-    def close(self):
-        self.sock.close()
-
-    def _receive(self, timeout):
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            self.buffer.append(json.loads(self.sock.recv(65536)))
-        except (TimeoutError, BlockingIOError):
-            pass
-
-    def _drain(self):
-        self.sock.setblocking(False)
-        while True:
-            try:
-                self.buffer.append(json.loads(self.sock.recv(65536)))
-            except BlockingIOError:
-                return
-
-    def collect(self, **match):
-        """All events matching ``match`` that arrived so far, consumed."""
-        self._drain()
-        found = [e for e in self.buffer if all(e.get(k) == v for k, v in match.items())]
-        self.buffer = [e for e in self.buffer if e not in found]
-        return found
-
-    def wait_for(self, timeout=10.0, **match):
-        """The first event matching ``match``; AssertionError after timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.buffer:
-                if all(event.get(k) == v for k, v in match.items()):
-                    self.buffer.remove(event)
-                    return event
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"no event {match} within {timeout} s; have {self.buffer}"
-                )
-            self._receive(left)
-
-    def ask(self, ctl, op, rid, timeout=10.0):
-        """Send ``op`` ("state", "release", "ping") about request ``rid`` to
-        the server process listening on ``ctl``; return its reply."""
-        token = uuid.uuid4().hex
-        self.sock.sendto(
-            json.dumps({"op": op, "id": rid, "token": token}).encode(), ctl
-        )
-        return self.wait_for(timeout, event="reply", token=token)
 
 
 # Raw-socket clients: the tests need control over FIN, RST, pipelining and

@@ -37,6 +37,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from urllib.parse import parse_qs
 
 from collective.streamguard import client_connection
@@ -230,3 +231,67 @@ class Stream:
             state=verdict.state.value,
             closed=verdict.state is ConnectionState.CLOSED,
         )
+
+
+class EventSink:
+    """The test end of the side channel: a bound unix datagram socket in
+    ``directory``; pass ``env`` to the server (``servers.Server``)."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, "events")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.buffer = []
+
+    @property
+    def env(self):
+        return {EVENTS_ENV: self.path}
+
+    def close(self):
+        self.sock.close()
+
+    def _receive(self, timeout):
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            self.buffer.append(json.loads(self.sock.recv(65536)))
+        except (TimeoutError, BlockingIOError):
+            pass
+
+    def _drain(self):
+        self.sock.setblocking(False)
+        while True:
+            try:
+                self.buffer.append(json.loads(self.sock.recv(65536)))
+            except BlockingIOError:
+                return
+
+    def collect(self, **match):
+        """All events matching ``match`` that arrived so far, consumed."""
+        self._drain()
+        found = [e for e in self.buffer if all(e.get(k) == v for k, v in match.items())]
+        self.buffer = [e for e in self.buffer if e not in found]
+        return found
+
+    def wait_for(self, timeout=10.0, **match):
+        """The first event matching ``match``; AssertionError after timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.buffer:
+                if all(event.get(k) == v for k, v in match.items()):
+                    self.buffer.remove(event)
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"no event {match} within {timeout} s; have {self.buffer}"
+                )
+            self._receive(left)
+
+    def ask(self, ctl, op, rid, timeout=10.0):
+        """Send ``op`` ("state", "release", "ping") about request ``rid`` to
+        the server process listening on ``ctl``; return its reply."""
+        token = uuid.uuid4().hex
+        self.sock.sendto(
+            json.dumps({"op": op, "id": rid, "token": token}).encode(), ctl
+        )
+        return self.wait_for(timeout, event="reply", token=token)
