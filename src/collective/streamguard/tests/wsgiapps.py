@@ -5,7 +5,7 @@ the test process over unix datagram sockets in a shared temp directory:
 
 - events: the app sends a JSON datagram per event ("start", "waited",
   "callback", "end", "reply") to the socket named by the environment
-  variable ``STREAMGUARD_TEST_EVENTS`` (``servers.EventSink`` binds it);
+  variable ``STREAMGUARD_TEST_EVENTS`` (``EventSink``, below, binds it);
 - control: the first request starts a thread in the server process that
   listens on ``ctl-<pid>`` next to it, so a test can ask for the probe
   verdict of any request this process has seen, at any moment, even while
