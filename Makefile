@@ -18,7 +18,7 @@ VAR := $(CURDIR)/var
 
 export SITE_ID ADMIN_USER ADMIN_PASSWORD
 
-.PHONY: help install install-test instance run test test-buildout buildout pins lint clean
+.PHONY: help install install-test system-packages instance run test test-buildout buildout pins lint clean
 
 help:
 	@echo "make run    serve http://$(HOST):$(PORT)/$(SITE_ID) (login $(ADMIN_USER))"
@@ -41,7 +41,21 @@ $(VENV)/.installed-test: $(VENV)/.installed-plone
 	@touch $@
 
 install: $(VENV)/.installed-plone
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test system-packages
+
+# The viewer's end-to-end test drives Debian's Chromium with its driver
+# (browsers downloaded by test tools cannot be fetched on our machines).
+SYSTEM_PACKAGES := chromium chromium-driver
+system-packages:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing $(SYSTEM_PACKAGES) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "make test needs Debian's $(SYSTEM_PACKAGES): sudo apt-get install $(SYSTEM_PACKAGES)"; \
+	    exit 1; \
+	  fi; \
+	fi
 
 # The instance's configuration is rendered on every run, so HOST, PORT and
 # THREADS take effect; the data (var/) is kept.
@@ -63,7 +77,7 @@ run: instance
 	@echo
 	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test system-packages
 	$(BIN)/python scripts/pins.py check
 	$(BIN)/zope-testrunner --test-path=src --auto-color --auto-progress $(TESTOPTS)
 
