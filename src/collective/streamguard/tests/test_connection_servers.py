@@ -18,13 +18,13 @@ SOON = 5.0  # generous: a bound that only a broken probe misses
 
 class ServerContract:
     """The behaviour every supported server must show.  Subclasses set
-    ``layer`` (a ``servers.ServerLayer``), the ``probe`` name to expect, and
-    ``keepalive``: whether the server keeps a connection open after a
-    response."""
+    ``layer`` (a ``servers.ServerLayer``) and the ``probe`` name to expect,
+    and add ``KeepAliveContract`` or ``ConnectionPerRequestContract``: what
+    the server does with a connection after a response decides which tests
+    apply, so a test that cannot apply is not there (rather than skipped)."""
 
     layer = None
     probe = None
-    keepalive = True
 
     @classmethod
     def setUpClass(cls):
@@ -187,27 +187,6 @@ class ServerContract:
         self.assertEqual(self.sink.collect(event="callback", id=start["id"]), [])
         self.assertEqual(self.state(start)["callbacks"], 1)
 
-    def test_keep_alive_request_gets_its_own_connection_object(self):
-        if not self.keepalive:
-            self.skipTest(
-                f"{self.layer.kind} closes the connection after each response"
-            )
-        sock = self.connect()
-        first = self.rid()
-        sock.sendall(servers.request_bytes(f"/hold?id={first}"))
-        servers.read_until(sock, b"held\n")
-        held = self.sink.wait_for(event="start", id=first)
-        _, start = self.open_stream(sock, compare=first)
-        # Same TCP connection: the held object of the finished first request
-        # sees it open as well, but the second request has its own object.
-        self.assertEqual(start["fd"], held["fd"])
-        self.assertFalse(start["same_object"])
-        self.assertEqual(start["state"], "open")
-        self.assertEqual(start["compare"]["state"], "open")
-        sock.close()
-        self.assert_becomes(start, "closed")
-        self.assert_becomes(held, "closed")
-
     def test_finished_request_reads_closed_once_its_connection_ended(self):
         sock = self.connect()
         rid = self.rid()
@@ -242,6 +221,40 @@ class ServerContract:
         self.assertEqual(self.state(new)["state"], "open")
 
 
+class KeepAliveContract:
+    """For servers that keep the connection open after a response: the
+    next request on it must not inherit the first one's connection object."""
+
+    def test_keep_alive_request_gets_its_own_connection_object(self):
+        sock = self.connect()
+        first = self.rid()
+        sock.sendall(servers.request_bytes(f"/hold?id={first}"))
+        servers.read_until(sock, b"held\n")
+        held = self.sink.wait_for(event="start", id=first)
+        _, start = self.open_stream(sock, compare=first)
+        # Same TCP connection: the held object of the finished first request
+        # sees it open as well, but the second request has its own object.
+        self.assertEqual(start["fd"], held["fd"])
+        self.assertFalse(start["same_object"])
+        self.assertEqual(start["state"], "open")
+        self.assertEqual(start["compare"]["state"], "open")
+        sock.close()
+        self.assert_becomes(start, "closed")
+        self.assert_becomes(held, "closed")
+
+
+class ConnectionPerRequestContract:
+    """For servers that close the connection after every response, which is
+    why ``KeepAliveContract`` does not apply to them."""
+
+    def test_server_closes_the_connection_after_a_response(self):
+        sock = self.connect()
+        sock.sendall(servers.request_bytes("/ping"))
+        self.assertIn(b"pong", servers.read_until(sock, b"pong"))
+        # At once: keep-alive servers hold an idle connection for seconds.
+        self.assertTrue(servers.wait_gone(sock, timeout=1.0), "connection kept")
+
+
 def layer(name, kind, **options):
     return servers.ServerLayer(name, kind, options, module=__name__)
 
@@ -260,7 +273,7 @@ UWSGI_HTTP11 = layer("UWSGI_HTTP11", "uwsgi", threads=4, keepalive=True)
 UWSGI_HTTP = layer("UWSGI_HTTP", "uwsgi", threads=4)
 
 
-class WaitressLookahead0Tests(ServerContract, unittest.TestCase):
+class WaitressLookahead0Tests(ServerContract, KeepAliveContract, unittest.TestCase):
     """waitress' defaults: it does not read the socket while a request is
     in flight, so its own disconnect flag never flips for an idle stream."""
 
@@ -268,7 +281,7 @@ class WaitressLookahead0Tests(ServerContract, unittest.TestCase):
     probe = "waitress"
 
 
-class WaitressLookahead1Tests(ServerContract, unittest.TestCase):
+class WaitressLookahead1Tests(ServerContract, KeepAliveContract, unittest.TestCase):
     """waitress reading ahead: its main thread may see the FIN first and
     close the socket under the probe."""
 
@@ -276,18 +289,21 @@ class WaitressLookahead1Tests(ServerContract, unittest.TestCase):
     probe = "waitress"
 
 
-class GunicornSyncTests(ServerContract, unittest.TestCase):
+class GunicornSyncTests(
+    ServerContract, ConnectionPerRequestContract, unittest.TestCase
+):
+    """The sync worker forces ``Connection: close``."""
+
     layer = GUNICORN_SYNC
     probe = "gunicorn"
-    keepalive = False  # the sync worker forces Connection: close
 
 
-class GunicornGthreadTests(ServerContract, unittest.TestCase):
+class GunicornGthreadTests(ServerContract, KeepAliveContract, unittest.TestCase):
     layer = GUNICORN_GTHREAD
     probe = "gunicorn"
 
 
-class UwsgiTests(ServerContract, unittest.TestCase):
+class UwsgiTests(ServerContract, KeepAliveContract, unittest.TestCase):
     """uWSGI with --http11-socket (keep-alive) and 4 threads: the probe has
     only an int fd, so fd reuse is the case that matters."""
 
@@ -295,9 +311,10 @@ class UwsgiTests(ServerContract, unittest.TestCase):
     probe = "uwsgi"
 
 
-class UwsgiHttpSocketTests(ServerContract, unittest.TestCase):
+class UwsgiHttpSocketTests(
+    ServerContract, ConnectionPerRequestContract, unittest.TestCase
+):
     """uWSGI with plain --http-socket: a connection per request."""
 
     layer = UWSGI_HTTP
     probe = "uwsgi"
-    keepalive = False
