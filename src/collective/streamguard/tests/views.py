@@ -221,3 +221,15 @@ class NaiveStreamView(BrowserView):
 
         self.request.response.setHeader("Content-Type", "text/plain")
         return Body()
+
+
+class ProbeView(BrowserView):
+    """``@@streamguard-test-probe``: "<state> <probe>" of this request's
+    connection, asked inside the view (where uWSGI's fd is valid)."""
+
+    def __call__(self):
+        from collective.streamguard import connection_state
+
+        verdict = connection_state(self.request)
+        self.request.response.setHeader("Content-Type", "text/plain")
+        return f"{verdict.state.value} {verdict.probe}\n"
