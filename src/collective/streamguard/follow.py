@@ -1,0 +1,425 @@
+"""Follow one log file like ``tail -F``: the plain-Python core of ``@@stream-log``.
+
+The seed case (000) streamed a log line by line until the writer put
+``<<<<<EOFMARKER>>>>>`` at the start of a line, reopened the file on every
+turn and slept between turns.  ``LogFollower`` does the file part of that
+without sleeping: ``fileno()`` is an inotify fd that a producer hands to
+``guard.wait(timeout, readable=[fd])``, and ``read()`` returns what is there
+now, as ``Piece`` objects whose byte offsets can serve as SSE event ids::
+
+    with LogFollower(path, last_lines=100) as follower:
+        fd = follower.fileno()
+        while True:
+            for piece in follower.read():
+                yield piece.text
+            if follower.ended:
+                break
+            if guard.wait(follower.poll_interval, readable=[fd] if fd >= 0 else []):
+                break
+
+Rotation (rename and create, copytruncate, delete and re-create) is followed
+by name, as ``tail -F`` does.  The name is never followed through a symbolic
+link: the directory is pinned when the follower opens, the file is opened with
+``O_NOFOLLOW`` and must be a regular file, and a file later swapped for a
+symbolic link (or anything that is not a regular file) makes ``read()`` raise
+``LogUnavailable`` without reading another byte.
+
+Plain Python, standard library only, Linux inotify through ctypes; elsewhere
+(or when the per-user inotify limit is reached) ``fileno()`` is -1 and the
+caller waits ``poll_interval`` between reads.  One follower serves one
+producer; ``close()`` may come from another thread.
+"""
+import codecs
+import ctypes
+import errno
+import functools
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+
+END_MARKER = "<<<<<EOFMARKER>>>>>"
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# O_PATH: the directory needs search permission only, not read permission.
+_DIR_FLAGS = os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
+
+# <sys/inotify.h>
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_ONLYDIR = 0x01000000
+# Names coming and going in the directory: rotation, deletion, creation.
+# IN_MODIFY is deliberately not watched on the directory: a directory watch
+# reports writes to *every* file in it, and Zope's var/log holds the access
+# log next to the event log, so each request would wake every follower.
+DIR_MASK = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ATTRIB
+# Writes, truncation and chmod of the file we have open (watched by inode).
+FILE_MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB
+
+_SAME, _MISSING, _OTHER = "same", "missing", "other"
+
+
+class LogUnavailable(Exception):
+    """The configured file cannot be followed (missing directory, not a
+    regular file, a symbolic link, unreadable); ``str()`` is a short reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Decoded text (never empty) and the byte offset just after it."""
+
+    text: str
+    offset: int
+
+
+@functools.cache
+def _inotify():
+    """(inotify_init1, inotify_add_watch, inotify_rm_watch) or None."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        init = libc.inotify_init1
+        add = libc.inotify_add_watch
+        rm = libc.inotify_rm_watch
+    except (OSError, AttributeError):
+        return None
+    init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
+    add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    add.restype = ctypes.c_int
+    rm.argtypes, rm.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return init, add, rm
+
+
+def _start_of_last_lines(fd, size, count):
+    """Offset where the last ``count`` complete lines (those ending in a
+    newline) begin; a partial line after them is kept.  Reads backwards in
+    blocks, so memory stays bounded whatever the line length."""
+    needed = count + 1  # the newline that ends the line before them
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        block = os.pread(fd, end - start, start)
+        index = len(block)
+        while (index := block.rfind(b"\n", 0, index)) >= 0:
+            needed -= 1
+            if needed == 0:
+                return start + index + 1
+        end = start
+    return 0
+
+
+class LogFollower:
+    """Follow the file at ``path`` by name, like ``tail -F``.
+
+    Start at byte ``offset`` (0 if it is beyond the current size: the file
+    was rotated or truncated), or before the last ``last_lines`` complete
+    lines, or else at the end.  A line starting with ``end_marker`` (None or
+    "" for none) ends the log: it and everything after it are never returned.
+    Pieces cover at most ``max_piece`` bytes of the file.
+    """
+
+    def __init__(
+        self,
+        path,
+        *,
+        offset=None,
+        last_lines=None,
+        end_marker=END_MARKER,
+        max_piece=65536,
+        poll_interval=1.0,
+        use_inotify=True,
+    ):
+        if offset is not None and last_lines is not None:
+            raise ValueError("give offset or last_lines, not both")
+        if (offset or 0) < 0 or (last_lines or 0) < 0:
+            raise ValueError("offset and last_lines must not be negative")
+        self.path = os.path.abspath(os.fspath(path))
+        self._dir, self._name = os.path.split(self.path)
+        self._marker = (end_marker or "").encode("utf-8")
+        self._nl_marker = b"\n" + self._marker
+        # A held-back tail (marker prefix, or an incomplete UTF-8 sequence)
+        # is shorter than this, so a full chunk always makes progress.
+        self._min_chunk = len(self._marker) + 4
+        self.max_piece = max(int(max_piece), self._min_chunk)
+        self.poll_interval = poll_interval
+        self._use_inotify = use_inotify
+        self._start = (offset, last_lines)
+        self._dfd = self._fd = self._ifd = None
+        self._file_wd = -1
+        self._ident = None
+        self._pos = 0
+        self._at_line_start = True
+        self._ended = False
+        self._error = None
+        self._opened = self._closed = False
+        # close() from a cleanup in another thread must not close (and let the
+        # kernel reuse) an fd that read() is in the middle of using.  Re-entrant:
+        # a weakref finalizer may call close() in the reading thread itself.
+        self._lock = threading.RLock()
+
+    # -- public API ---------------------------------------------------------
+
+    def open(self):
+        """Open the directory and the file; raise ``LogUnavailable``.
+
+        A file that does not exist yet in an existing directory is fine: it
+        is followed from its start once created.
+        """
+        with self._lock:
+            self._open()
+
+    def fileno(self):
+        """An fd that becomes readable when the file may have changed, or -1
+        (no inotify: wait ``poll_interval`` between reads)."""
+        return -1 if self._ifd is None else self._ifd
+
+    def read(self, max_bytes=1 << 20):
+        """Everything available now (about ``max_bytes`` at most), never
+        blocking; follows rotation.  Raises ``LogUnavailable`` once the name
+        is a symbolic link or not a regular file, and on every call after."""
+        with self._lock:
+            self._open()
+            if self._closed or self._ended:
+                return []
+            if self._error is not None:
+                raise LogUnavailable(self._error)
+            self._drain()
+            pieces = []
+            budget = max_bytes
+            while True:
+                where = self._check_name()
+                if self._fd is None:
+                    if where is _MISSING or not self._open_file():
+                        return pieces
+                    self._pos, self._at_line_start = 0, True
+                elif os.fstat(self._fd).st_size < self._pos:
+                    # copytruncate: the file shrank under us; its new
+                    # content starts at 0.
+                    self._pos, self._at_line_start = 0, True
+                # Once the name points elsewhere, this file only gets what the
+                # writer still had buffered: read it to its end, hold nothing.
+                used, at_end = self._read_into(pieces, budget, final=where is _OTHER)
+                budget -= used
+                if self._ended or not at_end or where is not _OTHER:
+                    return pieces
+                self._close_file()
+
+    @property
+    def ended(self):
+        """True once a line starting with the end marker was read."""
+        return self._ended
+
+    @property
+    def size(self):
+        """Size of the file being followed (0 while there is none)."""
+        with self._lock:
+            return 0 if self._fd is None else os.fstat(self._fd).st_size
+
+    @property
+    def offset(self):
+        """Byte offset, in the current file, just after the last piece."""
+        return self._pos
+
+    def close(self):
+        """Close the file, directory and inotify fds; idempotent."""
+        with self._lock:
+            self._closed = True
+            for name in ("_fd", "_ifd", "_dfd"):
+                fd = getattr(self, name)
+                setattr(self, name, None)
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return f"<LogFollower {self.path!r} at {self._pos}>"
+
+    # -- opening ------------------------------------------------------------
+
+    def _open(self):
+        if self._opened:
+            return
+        if self._closed:
+            raise ValueError("the follower is closed")
+        self._opened = True
+        try:
+            # Pinned once: a parent directory later swapped for a symbolic
+            # link cannot redirect the follower.  A directory that is a
+            # symbolic link at configuration time (/var/log) is fine.
+            self._dfd = os.open(self._dir, _DIR_FLAGS)
+        except OSError as error:
+            self._opened = False
+            raise LogUnavailable(f"directory {self._dir}: {_reason(error)}") from None
+        try:
+            self._start_inotify()
+            if not self._open_file():
+                return  # followed from 0 once it exists
+            offset, last_lines = self._start
+            size = os.fstat(self._fd).st_size
+            if last_lines is not None:
+                self._pos = _start_of_last_lines(self._fd, size, last_lines)
+            elif offset is not None:
+                self._pos = offset if offset <= size else 0
+            else:
+                self._pos = size
+            self._at_line_start = (
+                self._pos == 0 or os.pread(self._fd, 1, self._pos - 1) == b"\n"
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_file(self):
+        """Open the file at the name; False if there is none."""
+        # lstat first: opening a device node can have side effects, and
+        # O_NOFOLLOW alone would still open one.
+        if self._check_name() is _MISSING:
+            return False
+        try:
+            fd = os.open(self._name, _OPEN_FLAGS, dir_fd=self._dfd)
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            self._fail(_reason(error))
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # swapped between lstat and open
+            os.close(fd)
+            self._fail("is not a regular file")
+        self._fd, self._ident = fd, (info.st_dev, info.st_ino)
+        self._watch_file()
+        return True
+
+    def _check_name(self):
+        """Where the name points now: our file, another file, or nowhere."""
+        try:
+            info = os.stat(self._name, dir_fd=self._dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return _MISSING
+        except OSError as error:
+            self._fail(_reason(error))
+        if stat.S_ISLNK(info.st_mode):
+            self._fail("is a symbolic link")
+        if not stat.S_ISREG(info.st_mode):
+            self._fail("is not a regular file")
+        if self._fd is not None and (info.st_dev, info.st_ino) == self._ident:
+            return _SAME
+        return _OTHER
+
+    def _fail(self, reason):
+        self._error = f"{self.path} {reason}"
+        raise LogUnavailable(self._error)
+
+    def _close_file(self):
+        if self._file_wd >= 0 and self._ifd is not None:
+            _inotify()[2](self._ifd, self._file_wd)
+        self._file_wd = -1
+        os.close(self._fd)
+        self._fd = self._ident = None
+
+    # -- inotify ------------------------------------------------------------
+
+    def _start_inotify(self):
+        api = _inotify() if self._use_inotify else None
+        if api is None:
+            return
+        init, add, _rm = api
+        # IN_NONBLOCK and IN_CLOEXEC are O_NONBLOCK and O_CLOEXEC by definition.
+        ifd = init(os.O_NONBLOCK | os.O_CLOEXEC)
+        if ifd < 0:
+            return  # EMFILE: fs.inotify.max_user_instances (128) is reached
+        if add(ifd, os.fsencode(self._dir), DIR_MASK | IN_ONLYDIR) < 0:
+            os.close(ifd)
+            return
+        self._ifd = ifd
+
+    def _watch_file(self):
+        if self._ifd is None:
+            return
+        _init, add, _rm = _inotify()
+        # The open fd's inode, through /proc: no race with a rename between
+        # our open() and the watch.  Without /proc, fall back to reporting
+        # every write in the directory.
+        self._file_wd = add(self._ifd, f"/proc/self/fd/{self._fd}".encode(), FILE_MASK)
+        if self._file_wd < 0:
+            add(self._ifd, os.fsencode(self._dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
+
+    def _drain(self):
+        # Drained before reading: a write after this point leaves the fd
+        # readable, so no change is ever missed between read() and wait().
+        if self._ifd is None:
+            return
+        try:
+            while os.read(self._ifd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- reading ------------------------------------------------------------
+
+    def _read_into(self, pieces, budget, final):
+        """Read from ``self._pos`` up to about ``budget`` bytes or the end of
+        the file; return (bytes read, whether the end was reached)."""
+        used = 0
+        while used < budget:
+            want = min(self.max_piece, max(budget - used, self._min_chunk))
+            data = os.pread(self._fd, want, self._pos)
+            used += len(data)
+            at_end = len(data) < want  # a regular file reads short only at its end
+            taken = self._take(data, pieces, final and at_end)
+            if at_end or self._ended or not taken:
+                return used, at_end or not taken
+        return used, False
+
+    def _take(self, data, pieces, final):
+        """Turn ``data`` (the bytes at ``self._pos``) into a piece, holding
+        back what cannot be decided yet; return the number of bytes taken."""
+        end = len(data)
+        marker = self._marker
+        if marker:
+            if self._at_line_start and data.startswith(marker):
+                hit = 0
+            else:
+                hit = data.find(self._nl_marker)
+                hit = hit + 1 if hit >= 0 else -1
+            if hit >= 0:
+                end = hit
+                self._ended = True
+            elif not final:
+                # A last line that could still grow into the marker waits
+                # until a byte decides it (the seed only ever saw whole lines).
+                start = data.rfind(b"\n") + 1
+                if (start or self._at_line_start) and end - start < len(marker):
+                    if marker.startswith(data[start:]):
+                        end = start
+        # utf_8_decode stops before an incomplete sequence at the end (unless
+        # final) and reports how many bytes it used: offsets stay exact.
+        text, taken = codecs.utf_8_decode(memoryview(data)[:end], "replace", final)
+        if taken:
+            self._pos += taken
+            self._at_line_start = data[taken - 1] == 0x0A
+            pieces.append(Piece(text, self._pos))
+        return taken
+
+
+def _reason(error):
+    if error.errno == errno.ELOOP:
+        return "is a symbolic link"
+    if error.errno == errno.ENOENT:
+        return "does not exist"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "is not readable (permission denied)"
+    return error.strerror or str(error)
