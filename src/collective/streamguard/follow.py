@@ -1,33 +1,17 @@
 """Follow one log file like ``tail -F``: the plain-Python core of ``@@stream-log``.
 
-The seed case (000) streamed a log line by line until the writer put
-``<<<<<EOFMARKER>>>>>`` at the start of a line, reopened the file on every
-turn and slept between turns.  ``LogFollower`` does the file part of that
-without sleeping: ``fileno()`` is an inotify fd that a producer hands to
-``guard.wait(timeout, readable=[fd])``, and ``read()`` returns what is there
-now, as ``Piece`` objects whose byte offsets can serve as SSE event ids::
+The seed case (000) streamed a log until the writer put ``<<<<<EOFMARKER>>>>>``
+at the start of a line, reopening the file and sleeping on every turn.  Here
+``fileno()`` is an inotify fd for ``guard.wait(timeout, readable=[fd])`` and
+``read()`` returns what is there now, as ``Piece`` objects whose exact byte
+offsets serve as SSE event ids.  Rotation (rename and create, copytruncate,
+delete and re-create) is followed by name.  The name is never followed through
+a symbolic link: the directory is pinned at ``open()``, the file is opened with
+``O_NOFOLLOW`` and must be a regular file, and a name later swapped for a
+symbolic link or a non-regular file makes ``read()`` raise ``LogUnavailable``.
 
-    with LogFollower(path, last_lines=100) as follower:
-        fd = follower.fileno()
-        while True:
-            for piece in follower.read():
-                yield piece.text
-            if follower.ended:
-                break
-            if guard.wait(follower.poll_interval, readable=[fd] if fd >= 0 else []):
-                break
-
-Rotation (rename and create, copytruncate, delete and re-create) is followed
-by name, as ``tail -F`` does.  The name is never followed through a symbolic
-link: the directory is pinned when the follower opens, the file is opened with
-``O_NOFOLLOW`` and must be a regular file, and a file later swapped for a
-symbolic link (or anything that is not a regular file) makes ``read()`` raise
-``LogUnavailable`` without reading another byte.
-
-Plain Python, standard library only, Linux inotify through ctypes; elsewhere
-(or when the per-user inotify limit is reached) ``fileno()`` is -1 and the
-caller waits ``poll_interval`` between reads.  One follower serves one
-producer; ``close()`` may come from another thread.
+Standard library only; Linux inotify through ctypes.  Elsewhere, or past the
+per-user inotify limit, ``fileno()`` is -1 and callers wait ``poll_interval``.
 """
 import codecs
 import ctypes
@@ -46,13 +30,8 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 
 # <sys/inotify.h>
-IN_MODIFY = 0x002
-IN_ATTRIB = 0x004
-IN_CLOSE_WRITE = 0x008
-IN_MOVED_FROM = 0x040
-IN_MOVED_TO = 0x080
-IN_CREATE = 0x100
-IN_DELETE = 0x200
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x002, 0x004, 0x008
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x040, 0x080, 0x100, 0x200
 IN_ONLYDIR = 0x01000000
 # Names coming and going in the directory: rotation, deletion, creation.
 # IN_MODIFY is deliberately not watched on the directory: a directory watch
@@ -183,31 +162,22 @@ class LogFollower:
         blocking; follows rotation.  Raises ``LogUnavailable`` once the name
         is a symbolic link or not a regular file, and on every call after."""
         with self._lock:
-            self._open()
             if self._closed or self._ended:
                 return []
+            self._open()
             if self._error is not None:
                 raise LogUnavailable(self._error)
             self._drain()
             pieces = []
-            budget = max_bytes
-            while True:
-                where = self._check_name()
-                if self._fd is None:
-                    if where is _MISSING or not self._open_file():
-                        return pieces
-                    self._pos, self._at_line_start = 0, True
-                elif os.fstat(self._fd).st_size < self._pos:
-                    # copytruncate: the file shrank under us; its new
-                    # content starts at 0.
-                    self._pos, self._at_line_start = 0, True
-                # Once the name points elsewhere, this file only gets what the
-                # writer still had buffered: read it to its end, hold nothing.
-                used, at_end = self._read_into(pieces, budget, final=where is _OTHER)
-                budget -= used
-                if self._ended or not at_end or where is not _OTHER:
-                    return pieces
-                self._close_file()
+            try:
+                self._follow(pieces, max_bytes)
+            except LogUnavailable:
+                if not pieces:
+                    raise
+                # Text read before the name went bad is still delivered (its
+                # offset is already counted); the error is sticky, so the
+                # next read() raises.
+            return pieces
 
     @property
     def ended(self):
@@ -369,6 +339,26 @@ class LogFollower:
             pass
 
     # -- reading ------------------------------------------------------------
+
+    def _follow(self, pieces, budget):
+        while True:
+            where = self._check_name()
+            if self._fd is None:
+                if where is _MISSING or not self._open_file():
+                    return
+                self._pos, self._at_line_start = 0, True
+                where = _SAME
+            elif os.fstat(self._fd).st_size < self._pos:
+                # copytruncate: the file shrank under us; its new content
+                # starts at 0.
+                self._pos, self._at_line_start = 0, True
+            # Once the name points elsewhere, this file only gets what the
+            # writer still had buffered: read it to its end, hold nothing back.
+            used, at_end = self._read_into(pieces, budget, final=where is _OTHER)
+            budget -= used
+            if self._ended or not at_end or where is not _OTHER:
+                return
+            self._close_file()
 
     def _read_into(self, pieces, budget, final):
         """Read from ``self._pos`` up to about ``budget`` bytes or the end of

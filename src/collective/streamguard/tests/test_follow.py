@@ -1,0 +1,442 @@
+"""LogFollower on real files: appends, rotation, truncation, deletion,
+symbolic links and FIFOs made by the test itself, in a temporary directory."""
+
+import json
+import os
+import random
+import select
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import tracemalloc
+import unittest
+from unittest import mock
+
+from collective.streamguard import follow
+from collective.streamguard.follow import LogFollower
+from collective.streamguard.follow import LogUnavailable
+from collective.streamguard.follow import Piece
+
+
+MARKER = follow.END_MARKER
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(follow.__file__)))
+
+
+def readable_within(fd, timeout):
+    """Seconds until ``fd`` became readable, or None."""
+    start = time.monotonic()
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return time.monotonic() - start if ready else None
+
+
+def read_all(follower):
+    pieces = []
+    while batch := follower.read():
+        pieces.extend(batch)
+    return pieces
+
+
+def text_of(pieces):
+    return "".join(piece.text for piece in pieces)
+
+
+class FollowTestCase(unittest.TestCase):
+    def setUp(self):
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.dir = directory.name
+        self.path = os.path.join(self.dir, "event.log")
+
+    def append(self, data, path=None):
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with open(path or self.path, "ab") as file:
+            file.write(data)
+
+    def follower(self, path=None, **options):
+        follower = LogFollower(path or self.path, **options)
+        self.addCleanup(follower.close)
+        follower.open()
+        return follower
+
+
+class StartTests(FollowTestCase):
+    def test_starts_at_the_end_by_default(self):
+        self.append("old\n")
+        follower = self.follower()
+        self.assertEqual(follower.read(), [])
+        self.append("new\n")
+        self.assertEqual(follower.read(), [Piece("new\n", 8)])
+
+    def test_offset_starts_there(self):
+        self.append("one\ntwo\n")
+        self.assertEqual(text_of(self.follower(offset=4).read()), "two\n")
+
+    def test_offset_beyond_the_size_starts_at_zero(self):
+        self.append("rotated\n")
+        self.assertEqual(text_of(self.follower(offset=500).read()), "rotated\n")
+
+    def test_last_lines_are_the_last_complete_lines_and_what_follows(self):
+        self.append("a\nb\nc\nd")
+        self.assertEqual(text_of(self.follower(last_lines=2).read()), "b\nc\nd")
+        self.assertEqual(text_of(self.follower(last_lines=9).read()), "a\nb\nc\nd")
+        # 0: the line being written, from its start; nothing after a newline.
+        self.assertEqual(text_of(self.follower(last_lines=0).read()), "d")
+        self.append("\n")
+        self.assertEqual(self.follower(last_lines=0).read(), [])
+
+    def test_last_lines_across_blocks(self):
+        lines = [f"{n:06d} " + "x" * 993 + "\n" for n in range(300)]
+        self.append("".join(lines))
+        follower = self.follower(last_lines=70)
+        self.assertEqual(text_of(read_all(follower)), "".join(lines[-70:]))
+
+    def test_offset_and_last_lines_together_are_refused(self):
+        with self.assertRaises(ValueError):
+            LogFollower(self.path, offset=0, last_lines=1)
+
+    def test_size_and_offset(self):
+        self.append("12345\n")
+        follower = self.follower(offset=0)
+        self.assertEqual((follower.size, follower.offset), (6, 0))
+        follower.read()
+        self.assertEqual(follower.offset, 6)
+
+
+class AppendTests(FollowTestCase):
+    def test_inotify_fd_becomes_readable_within_milliseconds_of_an_append(self):
+        self.append("start\n")
+        follower = self.follower()
+        self.assertGreaterEqual(follower.fileno(), 0)
+        self.assertIsNone(readable_within(follower.fileno(), 0.05))
+        for n in range(5):
+            self.append(f"line {n}\n")
+            self.assertLess(readable_within(follower.fileno(), 1.0), 0.05)
+            self.assertEqual(text_of(follower.read()), f"line {n}\n")
+            # read() drained the fd: nothing new, nothing readable.
+            self.assertIsNone(readable_within(follower.fileno(), 0.02))
+
+    def test_writes_to_other_files_in_the_directory_do_not_wake_it(self):
+        self.append("x\n")
+        self.append("x\n", os.path.join(self.dir, "access.log"))
+        follower = self.follower()
+        self.append("request\n", os.path.join(self.dir, "access.log"))
+        self.assertIsNone(readable_within(follower.fileno(), 0.05))
+
+    def test_partial_lines_are_returned_as_they_arrive(self):
+        follower = self.follower()
+        self.append("abc")
+        self.assertEqual(follower.read(), [Piece("abc", 3)])
+        self.append("def\n")
+        self.assertEqual(follower.read(), [Piece("def\n", 7)])
+
+    def test_read_returns_about_max_bytes(self):
+        self.append("y" * 100_000)
+        follower = self.follower(offset=0)
+        self.assertEqual(len(text_of(follower.read(max_bytes=30_000))), 30_000)
+        self.assertEqual(len(text_of(follower.read())), 70_000)
+
+    def test_a_50_mb_line_comes_in_bounded_pieces_in_bounded_memory(self):
+        block = b"x" * (1 << 20)
+        with open(self.path, "wb") as file:
+            for _ in range(50):
+                file.write(block)
+        del block
+        follower = self.follower(offset=0, max_piece=65536)
+        total = 0
+        tracemalloc.start()
+        try:
+            while pieces := follower.read():
+                for piece in pieces:
+                    self.assertLessEqual(len(piece.text), 65536)
+                    total += len(piece.text)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual((total, follower.offset), (50 << 20, 50 << 20))
+        self.assertLess(peak, 4 << 20)
+
+
+class MarkerTests(FollowTestCase):
+    def test_marker_line_ends_the_log_and_nothing_after_it_is_returned(self):
+        follower = self.follower()
+        self.append(f"done\n{MARKER} at 12:00\nafter\n")
+        self.assertEqual(follower.read(), [Piece("done\n", 5)])
+        self.assertTrue(follower.ended)
+        self.append("later\n")
+        self.assertEqual(follower.read(), [])
+        self.assertTrue(follower.ended)
+
+    def test_marker_that_does_not_start_a_line_is_text(self):
+        follower = self.follower()
+        self.append(f"say {MARKER}\n")
+        self.assertEqual(text_of(follower.read()), f"say {MARKER}\n")
+        self.assertFalse(follower.ended)
+
+    def test_marker_prefix_is_held_back_until_decided(self):
+        follower = self.follower()
+        self.append("line\n<<<<<EOF")
+        self.assertEqual(follower.read(), [Piece("line\n", 5)])
+        self.append("X\n")  # not the marker after all
+        self.assertEqual(text_of(follower.read()), "<<<<<EOFX\n")
+        self.append("<<")
+        self.assertEqual(follower.read(), [])
+        self.append(MARKER[2:])  # no newline needed: the line starts with it
+        self.assertEqual(follower.read(), [])
+        self.assertTrue(follower.ended)
+
+    def test_marker_split_across_pieces(self):
+        self.append("a" * 30 + "\n" + MARKER + "\nafter\n")
+        follower = self.follower(offset=0, max_piece=25)
+        self.assertEqual(text_of(read_all(follower)), "a" * 30 + "\n")
+        self.assertTrue(follower.ended)
+
+    def test_marker_at_the_start_of_the_file(self):
+        self.append(MARKER + "\n")
+        follower = self.follower(offset=0)
+        self.assertEqual(follower.read(), [])
+        self.assertTrue(follower.ended)
+
+    def test_start_in_the_middle_of_a_marker_line_is_not_a_line_start(self):
+        self.append(f"xx{MARKER}\n")
+        self.assertEqual(text_of(self.follower(offset=2).read()), f"{MARKER}\n")
+
+    def test_no_marker(self):
+        for marker in (None, ""):
+            follower = self.follower(end_marker=marker)
+            self.append(f"{MARKER}\n")
+            self.assertEqual(text_of(follower.read()), f"{MARKER}\n")
+            self.assertFalse(follower.ended)
+
+    def test_custom_marker(self):
+        follower = self.follower(end_marker="DONE")
+        self.append("DON")
+        self.assertEqual(follower.read(), [])
+        self.append("T\nDONE.\n")
+        self.assertEqual(text_of(follower.read()), "DONT\n")
+        self.assertTrue(follower.ended)
+
+
+class DecodingTests(FollowTestCase):
+    def test_incomplete_utf8_is_held_back_and_offsets_are_bytes(self):
+        follower = self.follower()
+        self.append(b"caf\xc3")
+        self.assertEqual(follower.read(), [Piece("caf", 3)])
+        self.assertEqual(follower.read(), [])
+        self.append(b"\xa9\n")
+        self.assertEqual(follower.read(), [Piece("é\n", 6)])
+
+    def test_invalid_bytes_become_replacement_characters(self):
+        follower = self.follower()
+        self.append(b"a\xffb\xe2\x28\n")
+        self.assertEqual(follower.read(), [Piece("a\ufffdb\ufffd(\n", 6)])
+
+    def test_resume_from_any_piece_offset_gives_exactly_the_rest(self):
+        rng = random.Random(2583)
+        parts = [
+            b"plain line\n", "größe € 😀\n".encode(), b"bad \xff\xfe bytes\n",
+            b"<<<<<EOF not quite\n", b"<<<", b"partial ", b"\xf0\x9f", b"\x98\x80\n",
+            b"\xe2\x82", b"x\n", b"tab\there\r\n",
+        ]
+        content = b"".join(rng.choice(parts) for _ in range(400)) + b"end\n"
+        whole = content.decode("utf-8", "replace")
+        follower = self.follower(offset=0, max_piece=24)
+        pieces = []
+        position = 0
+        while position < len(content):
+            step = rng.randint(1, 40)  # splits lines and UTF-8 sequences
+            self.append(content[position:position + step])
+            position += step
+            pieces.extend(follower.read(max_bytes=rng.randint(1, 100)))
+        pieces.extend(read_all(follower))
+        self.assertEqual(text_of(pieces), whole)
+        before = ""
+        for piece in pieces:
+            self.assertTrue(piece.text)
+            before += piece.text
+            self.assertEqual(content[:piece.offset].decode("utf-8", "replace"), before)
+        for piece in rng.sample(pieces, 40):
+            before = content[:piece.offset].decode("utf-8", "replace")
+            rest = text_of(read_all(self.follower(offset=piece.offset)))
+            self.assertEqual(before + rest, whole)
+
+
+class RotationTests(FollowTestCase):
+    use_inotify = True
+
+    def follower(self, path=None, **options):
+        return super().follower(path, use_inotify=self.use_inotify, **options)
+
+    def wait(self, follower):
+        if follower.fileno() >= 0:
+            self.assertIsNotNone(readable_within(follower.fileno(), 1.0))
+
+    def test_rename_rotation_reads_the_old_file_to_its_end_then_the_new_from_zero(self):
+        self.append("1\n")
+        follower = self.follower(offset=0)
+        self.assertEqual(text_of(follower.read()), "1\n")
+        with open(self.path, "ab", buffering=0) as writer:
+            writer.write(b"2\n")
+            os.rename(self.path, self.path + ".1")
+            self.wait(follower)
+            writer.write(b"3\n\xc3")  # still writing to the old file after the rename
+            self.append("new\n")
+        pieces = read_all(follower)
+        self.assertEqual(text_of(pieces), "2\n3\n\ufffdnew\n")
+        self.assertEqual(pieces[-1].offset, 4)
+        self.append("more\n")
+        self.wait(follower)
+        self.assertEqual(follower.read(), [Piece("more\n", 9)])
+
+    def test_copytruncate_rereads_from_zero(self):
+        self.append("a long first line\n" * 10)
+        follower = self.follower()
+        os.truncate(self.path, 0)
+        self.append("fresh\n")
+        self.wait(follower)
+        self.assertEqual(follower.read(), [Piece("fresh\n", 6)])
+
+    def test_deleted_then_recreated_file_is_followed_from_zero(self):
+        self.append("x\n")
+        follower = self.follower()
+        os.unlink(self.path)
+        self.wait(follower)
+        self.assertEqual(follower.read(), [])
+        self.assertEqual(follower.size, 2)  # still the deleted file
+        self.append("again\n")
+        self.wait(follower)
+        self.assertEqual(follower.read(), [Piece("again\n", 6)])
+
+    def test_missing_file_is_followed_once_created(self):
+        follower = self.follower(offset=100)
+        self.assertEqual((follower.read(), follower.size), ([], 0))
+        self.append("born\n")
+        self.wait(follower)
+        self.assertEqual(follower.read(), [Piece("born\n", 5)])
+
+
+class RotationWithoutInotifyTests(RotationTests):
+    use_inotify = False
+
+    def test_fileno_is_minus_one(self):
+        self.assertEqual(self.follower().fileno(), -1)
+
+    def test_no_inotify_in_libc(self):
+        with mock.patch.object(follow, "_inotify", lambda: None):
+            follower = LogFollower(self.path)
+            self.addCleanup(follower.close)
+            follower.open()
+        self.assertEqual(follower.fileno(), -1)
+        self.append("seen\n")
+        self.assertEqual(text_of(follower.read()), "seen\n")
+
+
+class SecurityTests(FollowTestCase):
+    def setUp(self):
+        super().setUp()
+        self.secret = os.path.join(self.dir, "secret")
+        with open(self.secret, "w") as file:
+            file.write("SECRET\n")
+
+    def assert_unavailable(self, reason, **options):
+        with self.assertRaises(LogUnavailable) as raised:
+            self.follower(**options)
+        self.assertIn(reason, str(raised.exception))
+
+    def test_symlink_is_refused(self):
+        os.symlink(self.secret, self.path)
+        self.assert_unavailable("is a symbolic link")
+
+    def test_directory_is_refused(self):
+        os.mkdir(self.path)
+        self.assert_unavailable("is not a regular file")
+
+    def test_fifo_is_refused_without_blocking(self):
+        os.mkfifo(self.path)
+        self.assert_unavailable("is not a regular file")
+
+    def test_missing_directory_is_refused(self):
+        with self.assertRaises(LogUnavailable) as raised:
+            self.follower(os.path.join(self.dir, "nowhere", "event.log"))
+        self.assertIn("does not exist", str(raised.exception))
+
+    def test_unreadable_file_is_refused(self):
+        self.append("private\n")
+        os.chmod(self.path, 0)
+        if os.geteuid() != 0:
+            self.assert_unavailable("is not readable (permission denied)")
+            return
+        # Root reads everything: ask as nobody, in a forked child, so that no
+        # other thread of this process ever runs under another uid.
+        os.chmod(self.dir, 0o755)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            reason = b"opened"
+            try:
+                os.setresuid(65534, 65534, 65534)
+                LogFollower(self.path).open()
+            except LogUnavailable as error:
+                reason = str(error).encode()
+            finally:
+                os.write(write_end, reason)
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            reason = pipe.read().decode()
+        os.waitpid(pid, 0)
+        self.assertIn("is not readable (permission denied)", reason)
+
+    def test_swapped_for_a_symlink_reads_nothing_more_and_raises(self):
+        self.append("before\n")
+        follower = self.follower(offset=0)
+        self.assertEqual(text_of(follower.read()), "before\n")
+        self.append("unread\n")
+        os.rename(self.path, self.path + ".1")
+        os.symlink(self.secret, self.path)
+        for _ in range(2):  # and on every read after
+            with self.assertRaises(LogUnavailable) as raised:
+                follower.read()
+            self.assertIn("is a symbolic link", str(raised.exception))
+        self.assertFalse(follower.ended)
+
+    def test_missing_file_created_as_a_symlink_raises(self):
+        follower = self.follower()
+        os.symlink(self.secret, self.path)
+        with self.assertRaises(LogUnavailable):
+            follower.read()
+
+    def test_swapped_for_a_fifo_raises(self):
+        follower = self.follower()
+        os.mkfifo(self.path)
+        with self.assertRaises(LogUnavailable) as raised:
+            follower.read()
+        self.assertIn("is not a regular file", str(raised.exception))
+
+
+class LifecycleTests(FollowTestCase):
+    def test_context_manager_and_idempotent_close(self):
+        with LogFollower(self.path) as follower:
+            self.assertGreaterEqual(follower.fileno(), 0)
+        self.assertEqual(follower.fileno(), -1)
+        self.assertEqual(follower.read(), [])
+        follower.close()
+
+    def test_read_after_close_without_open_returns_nothing(self):
+        follower = LogFollower(self.path)
+        follower.close()
+        self.assertEqual((follower.read(), follower.fileno()), ([], -1))
+
+    def test_core_module_imports_no_zope(self):
+        script = (
+            "import json, sys; import collective.streamguard.follow; "
+            "print(json.dumps(sorted(sys.modules)))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-S", "-c", script], env={"PYTHONPATH": SRC},
+            capture_output=True, timeout=30, check=True,
+        )
+        roots = {name.split(".")[0] for name in json.loads(result.stdout)}
+        self.assertFalse(roots & {"zope", "Products", "plone", "ZODB", "transaction"})
