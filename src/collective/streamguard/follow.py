@@ -21,6 +21,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
+from dataclasses import field
 
 
 END_MARKER = "<<<<<EOFMARKER>>>>>"
@@ -55,6 +56,13 @@ class Piece:
 
     text: str
     offset: int
+    _data: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def data(self):
+        """``text`` encoded as UTF-8.  Where the file held valid UTF-8 these
+        are its own bytes, kept from the read: no encoding, no copy."""
+        return self.text.encode("utf-8") if self._data is None else self._data
 
 
 @functools.cache
@@ -401,7 +409,13 @@ class LogFollower:
         if taken:
             self._pos += taken
             self._at_line_start = data[taken - 1] == 0x0A
-            pieces.append(Piece(text, self._pos))
+            # No U+FFFD (a test that is instant for Latin-1 text): nothing
+            # was replaced, so these bytes are exactly text.encode().
+            if "\ufffd" in text:
+                raw = None
+            else:
+                raw = data if taken == len(data) else data[:taken]
+            pieces.append(Piece(text, self._pos, raw))
         return taken
 
 
