@@ -23,6 +23,7 @@ class StreamGuardLayer(PloneSandboxLayer):
 
         self.loadZCML(package=collective.streamguard)
         self.loadZCML(package=collective.streamguard.tests, name="test.zcml")
+        self.loadZCML(package=collective.streamguard.tests, name="plone.zcml")
 
     def setUpPloneSite(self, portal):
         applyProfile(portal, "collective.streamguard:default")

@@ -94,6 +94,10 @@ class TestUninstall(unittest.TestCase):
         # uninstall the site is back to Zope's default for the permission.
         self.assertNotIn(pname(VIEW_LOG_STREAMS), self.portal.__dict__)
 
+    def test_configlets_are_removed(self):
+        ids = {a.getId() for a in self.portal.portal_controlpanel.listActions()}
+        self.assertFalse(ids & {"collective.streamguard", "collective.streamguard.viewer"})
+
     def test_reinstall_after_uninstall_works(self):
         self.installer.install_product("collective.streamguard")
         self.assertIn(IStreamGuardLayer, registered_layers())

@@ -53,20 +53,6 @@ def import_path():
     ]
 
 
-CMF_PERMISSIONS = '<include package="Products.CMFCore" file="permissions.zcml" />'
-
-
-def define_cmf_permissions(instance):
-    """Workaround: test.zcml registers the README's example views with
-    Plone's ``cmf.ManagePortal``, which a Zope instance without Plone does
-    not define, so it cannot load (test_shutdown and test_zeo fail the same
-    way).  Remove once test.zcml keeps those views to Plone."""
-    path = os.path.join(instance.home, "etc", "site.zcml")
-    with open(path) as f:
-        text = f.read()
-    anchor = '<include package="Zope2.App" />'
-    with open(path, "w") as f:
-        f.write(text.replace(anchor, f"{anchor}\n  {CMF_PERMISSIONS}"))
 
 
 class ZopeServerLayer:
@@ -98,7 +84,6 @@ class ZopeServerLayer:
             return
         # The port is runwsgi's (zope.ini); this server picks its own.
         self.instance = ZopeInstance(0)
-        define_cmf_permissions(self.instance)
         env = dict(self.instance.env)
         env.pop("PYTHONPATH")  # Server builds it from pythonpath
         self.server = servers.Server(

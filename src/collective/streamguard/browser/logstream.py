@@ -1,0 +1,184 @@
+"""``@@stream-log``: a log followed like ``tail -F``, as text or server-sent events.
+
+On the Plone site root (add-on installed) and on the Zope application root.
+Parameters: ``log`` (a configured name, never a path), where to start
+(``lines=N``: the last N lines; ``offset=N``: a byte offset; neither: the
+end) and ``format=sse`` (or ``Accept: text/event-stream``).  A reconnecting
+EventSource sends ``Last-Event-ID``: the byte offset after the last event it
+got, so it gets exactly what it missed.
+"""
+import logging
+import re
+import weakref
+
+from AccessControl import Unauthorized
+from AccessControl import getSecurityManager
+from AccessControl.SpecialUsers import nobody
+from Products.Five import BrowserView
+from zope.component import queryUtility
+
+from collective.streamguard.follow import LogFollower
+from collective.streamguard.follow import LogUnavailable
+from collective.streamguard.interfaces import END_MARKER
+from collective.streamguard.interfaces import IStreamDefaults
+from collective.streamguard.logs import configured_logs
+from collective.streamguard.permissions import VIEW_LOG_STREAMS
+from collective.streamguard.streaming import stream_response
+
+
+logger = logging.getLogger("collective.streamguard")
+NUMBER = re.compile(r"^[0-9]{1,15}$")
+HEARTBEAT = b": keep-alive\n\n"
+END_EVENT = b"event: end\ndata: \n\n"
+RETRY = b"retry: 3000\n\n"
+
+
+def site_settings():
+    """The site's settings (Plone's registry), or None in a bare Zope."""
+    provider = queryUtility(IStreamDefaults)
+    return provider() if provider is not None else None
+
+
+class LogAccessView(BrowserView):
+    """Base of the log views: the permission check and plain-text errors."""
+
+    def check_access(self):
+        """None when the user may view log streams; else the 403 body.
+
+        The pages are registered with zope2.View and check the add-on's
+        permission here, because Plone answers an authenticated user who
+        lacks a permission with a redirect, where we want a plain 403.
+        Anonymous users still get Unauthorized: Plone sends them to log in.
+        """
+        security = getSecurityManager()
+        if security.checkPermission(VIEW_LOG_STREAMS, self.context):
+            return None
+        user = security.getUser()
+        if user is None or user is nobody or user.getUserName() == "Anonymous User":
+            raise Unauthorized("Log in to view log streams.")
+        return self.error(403, "You may not view log streams.")
+
+    def error(self, status, message):
+        response = self.request.response
+        response.setStatus(status)
+        response.setHeader("Content-Type", "text/plain; charset=utf-8")
+        response.setHeader("Cache-Control", "no-store")
+        response.setHeader("X-Content-Type-Options", "nosniff")
+        # Plone's transforms (theming) would wrap the message in a page.
+        self.request.environ["plone.transformchain.disable"] = True
+        return message + "\n"
+
+    def logs(self):
+        settings = site_settings()
+        return configured_logs(getattr(settings, "log_files", None))
+
+    def end_marker(self):
+        return getattr(site_settings(), "end_marker", None) or END_MARKER
+
+
+class StreamLogView(LogAccessView):
+    def __call__(self):
+        denied = self.check_access()
+        if denied is not None:
+            return denied
+        form = self.request.form
+        logs = self.logs()
+        name = form.get("log")
+        if not isinstance(name, str) or name not in logs:
+            known = ", ".join(sorted(logs)) or "none"
+            return self.error(404, f"Unknown log. The logs here are: {known}.")
+        try:
+            offset, last_lines = self.start(form)
+        except ValueError as error:
+            return self.error(400, str(error))
+        sse = form.get("format") == "sse" or "text/event-stream" in (
+            self.request.getHeader("Accept") or ""
+        )
+        follower = LogFollower(
+            logs[name], offset=offset, last_lines=last_lines, end_marker=self.end_marker()
+        )
+        try:
+            follower.open()
+        except LogUnavailable as error:
+            return self.error(404, f"The log {name} cannot be read now: {error}")
+        return stream_response(
+            self.request,
+            LogStream(follower, sse),
+            "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
+            heartbeat=HEARTBEAT if sse else None,
+            label=f"log {name}",
+        )
+
+    def start(self, form):
+        """(offset, last_lines) from Last-Event-ID, ``offset`` or ``lines``."""
+        last_event_id = self.request.getHeader("Last-Event-ID")
+        if last_event_id is not None:
+            if not NUMBER.match(last_event_id):
+                raise ValueError("Last-Event-ID must be a byte offset.")
+            return int(last_event_id), None
+        for key in ("offset", "lines"):
+            value = form.get(key)
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str) or not NUMBER.match(value):
+                raise ValueError(f"{key} must be a whole number of at most 15 digits.")
+            return (int(value), None) if key == "offset" else (None, int(value))
+        return None, None
+
+
+class LogStream:
+    """The producer of ``@@stream-log``: the follower's pieces, formatted."""
+
+    def __init__(self, follower, sse):
+        self.follower = follower
+        self.sse = sse
+        # A body the publisher drops without running still closes the
+        # follower's file and inotify descriptors.
+        weakref.finalize(self, follower.close)
+
+    def close(self):
+        self.follower.close()
+
+    def __call__(self, guard):
+        guard.add_cleanup(self.follower.close)
+        return self.pieces(guard)
+
+    def pieces(self, guard):
+        follower = self.follower
+        fd = follower.fileno()
+        readable = [fd] if fd >= 0 else []
+        if self.sse:
+            # waitress sends the headers with the first body bytes: without
+            # these an EventSource on an idle log would never see "open".
+            yield RETRY
+        while True:
+            try:
+                pieces = follower.read()
+            except LogUnavailable as error:
+                # The file became something we must not read (a symlink):
+                # stop here, having sent nothing of it.
+                logger.warning("log stream stopped: %s", error)
+                return
+            for piece in pieces:
+                yield self.format(piece)
+            if follower.ended:
+                # The writer's end marker: tell an EventSource not to
+                # reconnect, then finish.
+                if self.sse:
+                    yield END_EVENT
+                return
+            if pieces:
+                continue
+            # inotify wakes us at once; the timeout is the safety net (and
+            # the whole mechanism where there is no inotify).
+            if (yield from guard.idle(follower.poll_interval, readable)):
+                return
+
+    def format(self, piece):
+        if not self.sse:
+            return piece.data  # the file's own bytes: nothing to re-encode
+        # An SSE data line cannot hold CR or LF: one "data:" field per line;
+        # EventSource joins them with "\n" again.
+        text = piece.text.replace("\r\n", "\n").replace("\r", "\n")
+        data = "".join(f"data: {line}\n" for line in text.split("\n"))
+        return f"id: {piece.offset}\n{data}\n"

@@ -1,0 +1,45 @@
+"""``@@stream-status``: the live streams and how streams ended, for managers."""
+import json
+from datetime import datetime
+from datetime import timezone
+
+from Products.Five import BrowserView
+
+from collective.streamguard.registry import streams
+from collective.streamguard.zodb import open_sessions
+
+
+def status():
+    """The process's streams as plain data."""
+    snapshot = streams.snapshot()
+    return {
+        "live": [
+            {
+                "id": record.id,
+                "log": record.label[4:] if record.label.startswith("log ") else "",
+                "label": record.label,
+                "user": record.user,
+                "client": record.client,
+                "probe": record.probe,
+                "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(),
+                "bytes_sent": record.bytes_sent,
+            }
+            for record in sorted(streams.live(), key=lambda r: r.id)
+        ],
+        "ended": snapshot["ended"],
+        "refused": snapshot["refused"],
+        "open_zodb_sessions": open_sessions(),
+    }
+
+
+class StreamStatusView(BrowserView):
+    """HTML in the site's look; ``?format=json`` for scripts and monitoring."""
+
+    def __call__(self):
+        self.data = status()
+        if self.request.form.get("format") == "json":
+            response = self.request.response
+            response.setHeader("Content-Type", "application/json")
+            response.setHeader("Cache-Control", "no-store")
+            return json.dumps(self.data)
+        return self.index()

@@ -1,0 +1,323 @@
+"""@@stream-log on a real Plone site served by a real waitress (4 threads).
+
+The log is a real file in a temp dir, configured in the registry; the test
+appends to it, rotates it, swaps it, while raw-socket clients follow it.
+"""
+import base64
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+
+import transaction
+from plone.app.testing import TEST_USER_NAME
+from plone.app.testing import TEST_USER_PASSWORD
+from plone.registry.interfaces import IRegistry
+from zope.component import getUtility
+
+from collective.streamguard.permissions import VIEW_LOG_STREAMS
+from collective.streamguard.registry import streams
+from collective.streamguard.tests.servers import read_until
+from collective.streamguard.tests.test_streaming import StreamingTestCase
+from collective.streamguard.tests.test_streaming import wait_for
+
+
+MARKER = "<<<<<EOFMARKER>>>>>"
+
+
+class LogTestCase(StreamingTestCase):
+    def setUp(self):
+        super().setUp()
+        self.directory = tempfile.mkdtemp(prefix="streamguard-log-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.path = os.path.join(self.directory, "app.log")
+        self.write("first old line\nsecond old line\n")
+        self.configure(log_files=[f"app|{self.path}"])
+
+    def configure(self, **settings):
+        registry = getUtility(IRegistry, context=self.layer["portal"])
+        for name, value in settings.items():
+            registry[f"collective.streamguard.{name}"] = value
+        transaction.commit()
+
+    def write(self, text, path=None, mode="a"):
+        with open(path or self.path, mode, encoding="utf-8") as f:
+            f.write(text)
+
+    def follow(self, query="log=app", auth=True):
+        """Start following; return the socket and the response head.
+
+        waitress sends the head with the first body bytes: a text stream
+        that starts at the end of an idle log gets a line written first.
+        """
+        sock = self.open(query, auth=auth, path="/plone/@@stream-log")
+        if "format=sse" not in query and "lines=" not in query and "offset=" not in query:
+            self.assertTrue(wait_for(lambda: streams.live()), "the stream did not start")
+            self.write("-- following --\n")
+        head = read_until(sock, b"\r\n\r\n")
+        return sock, head
+
+    def status_json(self):
+        status, _, body = self.get_as_manager("/plone/@@stream-status?format=json")
+        self.assertEqual(status, 200)
+        return json.loads(body)
+
+    def get_as_manager(self, path):
+        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
+        try:
+            token = base64.b64encode(b"admin:secret").decode()
+            connection.request("GET", path, headers={"Authorization": f"Basic {token}"})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+
+class TestFollowing(LogTestCase):
+    def test_appended_lines_reach_the_client(self):
+        sock, head = self.follow()
+        self.assertIn(b"Content-Type: text/plain; charset=utf-8", head)
+        self.write("a new line\n")
+        data = head + read_until(sock, b"a new line\n")
+        self.assertNotIn(b"old line", data)  # started at the end
+        self.write("another one\n")
+        read_until(sock, b"another one\n")
+
+    def test_last_lines(self):
+        sock, head = self.follow("log=app&lines=1")
+        data = head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        self.assertNotIn(b"first old line", data)
+
+    def test_byte_offset(self):
+        sock, head = self.follow("log=app&offset=6")
+        data = head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        self.assertIn(b"old line\nsecond", data)
+        self.assertNotIn(b"first old", data)
+
+    def test_end_marker_ends_the_stream_and_is_not_sent(self):
+        sock, _ = self.follow()
+        self.write(f"last words\n{MARKER}\nafter the marker\n")
+        data = read_until(sock, b"\r\n0\r\n\r\n")
+        self.assertIn(b"last words\n", data)
+        self.assertNotIn(MARKER.encode(), data)
+        self.assertNotIn(b"after the marker", data)
+        self.assertTrue(wait_for(lambda: not streams.live()))
+        self.assertGreaterEqual(self.status_json()["ended"]["finished"], 1)
+
+    def test_client_leaving_frees_the_thread(self):
+        before = self.status_json()["ended"]["client gone"]
+        sock, _ = self.follow()
+        self.assertEqual(len(self.status_json()["live"]), 1)
+        sock.close()
+        self.assertTrue(wait_for(lambda: not streams.live(), 5))
+        self.assertEqual(self.status_json()["ended"]["client gone"], before + 1)
+
+    def test_maximum_duration(self):
+        self.configure(max_duration=1)
+        sock, _ = self.follow()
+        read_until(sock, b"\r\n0\r\n\r\n", timeout=10)
+        self.assertTrue(wait_for(lambda: not streams.live()))
+        self.assertGreaterEqual(self.status_json()["ended"]["timeout"], 1)
+
+    def test_rotation_by_rename(self):
+        sock, _ = self.follow()
+        self.write("before rotation\n")
+        read_until(sock, b"before rotation\n")
+        os.rename(self.path, self.path + ".1")
+        self.write("tail of the old file\n", path=self.path + ".1")
+        self.write("in the new file\n", mode="w")
+        data = read_until(sock, b"in the new file\n")
+        self.assertIn(b"tail of the old file\n", data)
+
+    def test_rotation_by_copytruncate(self):
+        sock, _ = self.follow()
+        self.write("before truncation\n")
+        read_until(sock, b"before truncation\n")
+        shutil.copy(self.path, self.path + ".1")
+        os.truncate(self.path, 0)
+        self.write("after truncation\n")
+        read_until(sock, b"after truncation\n")
+
+    def test_deletion_and_recreation(self):
+        sock, _ = self.follow()
+        os.unlink(self.path)
+        time.sleep(0.2)
+        self.write("a new file\n", mode="w")
+        read_until(sock, b"a new file\n")
+
+    def test_invalid_utf8_is_replaced(self):
+        sock, _ = self.follow()
+        with open(self.path, "ab") as f:
+            f.write(b"bad \xff\xfe bytes\n")
+        data = read_until(sock, b"bytes\n")
+        self.assertIn("bad \ufffd\ufffd bytes".encode(), data)
+
+
+class TestServerSentEvents(LogTestCase):
+    def test_event_ids_are_byte_offsets_and_last_event_id_resumes_exactly(self):
+        sock, head = self.follow("log=app&format=sse&lines=2")
+        self.assertIn(b"Content-Type: text/event-stream; charset=utf-8", head)
+        data = head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        offset = os.path.getsize(self.path)
+        self.assertIn(f"id: {offset}\n".encode(), data)
+        sock.close()
+        # Written while no client follows; a reconnecting EventSource sends
+        # the last id it got.
+        self.write("missed one\nmissed two\n")
+        sock = socket.create_connection((self.layer["host"], self.layer["port"]), timeout=10)
+        self.sockets.append(sock)
+        token = base64.b64encode(b"admin:secret").decode()
+        sock.sendall(
+            (
+                "GET /plone/@@stream-log?log=app&format=sse HTTP/1.1\r\nHost: localhost\r\n"
+                f"Authorization: Basic {token}\r\nLast-Event-ID: {offset}\r\n\r\n"
+            ).encode()
+        )
+        data = read_until(sock, b"missed two\n")
+        text = data.decode()
+        self.assertEqual(re.findall(r"data: (.*)\n", text)[:2], ["missed one", "missed two"])
+        self.assertNotIn("old line", text)
+        self.assertIn(f"id: {os.path.getsize(self.path)}\n", text)
+
+    def test_end_marker_sends_an_end_event(self):
+        sock, _ = self.follow("log=app&format=sse")
+        self.write(f"{MARKER}\n")
+        data = read_until(sock, b"\r\n0\r\n\r\n")
+        self.assertIn(b"event: end\n", data)
+
+    def test_heartbeat_comments_while_idle(self):
+        self.configure(heartbeat_interval=1)
+        sock, _ = self.follow("log=app&format=sse")
+        read_until(sock, b": keep-alive\n\n", timeout=5)
+
+
+class TestStatus(LogTestCase):
+    def test_status_lists_the_live_stream(self):
+        sock, _ = self.follow()
+        self.write("something\n")
+        read_until(sock, b"something\n")
+        (live,) = self.status_json()["live"]
+        self.assertEqual(live["log"], "app")
+        self.assertEqual(live["user"], "admin")
+        self.assertEqual(live["client"], "127.0.0.1")
+        self.assertGreater(live["bytes_sent"], 0)
+
+    def test_status_page_needs_a_manager(self):
+        status, _, _ = self.get("/plone/@@stream-status")
+        self.assertIn(status, (302, 401))
+
+
+class TestSecurity(LogTestCase):
+    def request(self, query, user=("admin", "secret"), path="/plone/@@stream-log", size=4096):
+        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
+        headers = {}
+        if user:
+            token = base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        try:
+            connection.request("GET", f"{path}?{query}", headers=headers)
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read(size)
+        finally:
+            connection.close()
+
+    def test_anonymous_is_sent_to_log_in(self):
+        status, headers, _ = self.request("log=app", user=None)
+        self.assertEqual(status, 302)
+        self.assertIn("login", headers["Location"])
+
+    def test_user_without_the_permission_gets_403(self):
+        status, headers, body = self.request("log=app", user=(TEST_USER_NAME, TEST_USER_PASSWORD))
+        self.assertEqual(status, 403)
+        self.assertEqual(body, b"You may not view log streams.\n")
+        status, _, _ = self.request(
+            "", user=(TEST_USER_NAME, TEST_USER_PASSWORD), path="/plone/@@stream-log-viewer"
+        )
+        self.assertEqual(status, 403)
+
+    def test_the_permission_can_be_granted_to_another_role(self):
+        portal = self.layer["portal"]
+        portal.manage_permission(VIEW_LOG_STREAMS, roles=["Manager", "Member"], acquire=False)
+        transaction.commit()
+        sock = socket.create_connection((self.layer["host"], self.layer["port"]), timeout=10)
+        self.sockets.append(sock)
+        token = base64.b64encode(f"{TEST_USER_NAME}:{TEST_USER_PASSWORD}".encode()).decode()
+        sock.sendall(
+            "GET /plone/@@stream-log?log=app&lines=1 HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: Basic {token}\r\n\r\n".encode()
+        )
+        data = read_until(sock, b"second old line\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "))
+
+    def test_unknown_log_is_404(self):
+        status, headers, body = self.request("log=nosuchlog")
+        self.assertEqual(status, 404)
+        self.assertTrue(body.startswith(b"Unknown log. The logs here are: app"))
+        self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
+
+    def test_traversal_attempts_read_nothing(self):
+        secret = os.path.join(self.directory, "secret.txt")
+        self.write("TOP SECRET\n", path=secret, mode="w")
+        attempts = [
+            "log=../secret.txt",
+            "log=..%2Fsecret.txt",
+            "log=%2E%2E%2Fsecret.txt",
+            "log=%252e%252e%252fsecret.txt",
+            f"log={secret}",
+            "log=app%00",
+            "log=app/../secret.txt",
+            "log=app&offset=../1",
+            "log=app&lines=-1",
+            "log=app&offset=%00",
+            "log=app&lines=1e3",
+        ]
+        for query in attempts:
+            status, _, body = self.request(query)
+            self.assertIn(status, (400, 404), query)
+            self.assertNotIn(b"SECRET", body, query)
+
+    def test_file_swapped_for_a_symlink_reads_nothing(self):
+        secret = os.path.join(self.directory, "outside.txt")
+        self.write("TOP SECRET\n", path=secret, mode="w")
+        os.unlink(self.path)
+        os.symlink(secret, self.path)
+        status, _, body = self.request("log=app&offset=0")
+        self.assertEqual(status, 404)
+        self.assertNotIn(b"SECRET", body)
+
+    def test_symlink_swap_while_following_reads_nothing_outside(self):
+        secret = os.path.join(self.directory, "outside.txt")
+        self.write("TOP SECRET\n", path=secret, mode="w")
+        sock, _ = self.follow()
+        self.write("legit\n")
+        read_until(sock, b"legit\n")
+        os.unlink(self.path)
+        os.symlink(secret, self.path)
+        self.write("MORE SECRET\n", path=secret)
+        sock.settimeout(3)
+        data = b""
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        self.assertNotIn(b"SECRET", data)
+
+    def test_log_content_is_never_html_in_the_stream(self):
+        sock, head = self.follow()
+        self.assertIn(b"X-Content-Type-Options: nosniff", head)
+        self.assertIn(b"text/plain", head)
+
+    def test_viewer_page_renders_for_managers(self):
+        status, _, body = self.request("", path="/plone/@@stream-log-viewer", size=None)
+        self.assertEqual(status, 200)
+        self.assertIn(b'id="streamguard-viewer"', body)
+        self.assertIn(b'<option value="app"', body)

@@ -1,0 +1,160 @@
+"""The log viewer in a real headless Chromium against a real waitress.
+
+Debian's ``chromium`` and ``chromium-driver`` (``make test`` installs them),
+driven by Selenium with the system browser and driver: no browser is
+downloaded.  A manager logs in, opens the viewer, sees appended lines arrive
+(as text, whatever HTML they hold), filters them, and closes the tab; the
+server-side stream must have ended within a second, as @@stream-status says.
+"""
+import base64
+import http.client
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import transaction
+from plone.registry.interfaces import IRegistry
+from zope.component import getUtility
+
+from collective.streamguard.tests.test_streaming import StreamingTestCase
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def chromium_driver(profile):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            raise RuntimeError(
+                f"{path} is missing: install Debian's chromium and chromium-driver "
+                "(`make test` does, as root)"
+            )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # The flags this machine's closed network needs (no background
+    # connections to Google's hosts), and root's need for --no-sandbox.
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+class TestViewerInChromium(StreamingTestCase):
+    def setUp(self):
+        super().setUp()
+        self.directory = tempfile.mkdtemp(prefix="streamguard-viewer-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.log = os.path.join(self.directory, "app.log")
+        with open(self.log, "w") as f:
+            f.write("an old line\n")
+        registry = getUtility(IRegistry, context=self.layer["portal"])
+        registry["collective.streamguard.log_files"] = [f"app|{self.log}"]
+        transaction.commit()
+        self.driver = chromium_driver(os.path.join(self.directory, "profile"))
+        self.base = f"http://{self.layer['host']}:{self.layer['port']}/plone"
+
+    def tearDown(self):
+        # The browser goes first: the base class checks no stream is left.
+        self.driver.quit()
+        super().tearDown()
+
+    def append(self, text):
+        with open(self.log, "a") as f:
+            f.write(text)
+
+    def wait(self, condition, timeout=10, message=""):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        return WebDriverWait(self.driver, timeout).until(lambda d: condition(), message)
+
+    def live_streams(self):
+        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=10)
+        try:
+            token = base64.b64encode(b"admin:secret").decode()
+            connection.request(
+                "GET", "/plone/@@stream-status?format=json",
+                headers={"Authorization": f"Basic {token}"},
+            )
+            return json.loads(connection.getresponse().read())["live"]
+        finally:
+            connection.close()
+
+    def log_in(self):
+        from selenium.webdriver.common.by import By
+
+        self.driver.get(f"{self.base}/login")
+        self.driver.find_element(By.NAME, "__ac_name").send_keys("admin")
+        self.driver.find_element(By.NAME, "__ac_password").send_keys("secret")
+        self.driver.find_element(By.NAME, "buttons.login").click()
+        self.wait(lambda: "__ac" in {c["name"] for c in self.driver.get_cookies()},
+                  message="login did not set the auth cookie")
+
+    def test_follow_filter_escape_and_close(self):
+        from selenium.webdriver.common.by import By
+
+        self.log_in()
+        self.driver.get(f"{self.base}/@@stream-log-viewer")
+        viewer = self.driver.find_element(By.ID, "streamguard-viewer")
+        output = self.driver.find_element(By.ID, "streamguard-output")
+        self.wait(lambda: viewer.get_attribute("data-state") == "Following.",
+                  message="the viewer did not start following")
+        self.assertEqual(self.driver.find_element(By.ID, "streamguard-name").text, "app")
+        self.wait(lambda: "an old line" in output.text)
+
+        self.append('2026-11-21 INFO a line with <script>window.pwned=1</script> in it\n')
+        self.append("2026-11-21 ERROR something broke\n")
+        self.append("2026-11-21 WARNING something odd\n")
+        self.wait(lambda: "something odd" in output.text, message="appended lines never showed")
+        # Shown as text, never run or parsed as HTML.
+        self.assertIn("<script>window.pwned=1</script>", output.text)
+        self.assertEqual(output.find_elements(By.TAG_NAME, "script"), [])
+        self.assertIsNone(self.driver.execute_script("return window.pwned"))
+        levels = {
+            line.text: line.get_attribute("data-level")
+            for line in output.find_elements(By.CLASS_NAME, "streamguard-line")
+        }
+        self.assertEqual(levels["2026-11-21 ERROR something broke"], "error")
+        self.assertEqual(levels["2026-11-21 WARNING something odd"], "warning")
+
+        self.driver.find_element(By.ID, "streamguard-filter").send_keys("ERROR")
+        visible = [line.text for line in output.find_elements(By.CLASS_NAME, "streamguard-line")
+                   if line.is_displayed()]
+        self.assertEqual(visible, ["2026-11-21 ERROR something broke"])
+
+        # Pause stops the stream; follow resumes from where it stopped.
+        self.driver.find_element(By.ID, "streamguard-pause").click()
+        self.wait(lambda: not self.live_streams(), message="pause did not end the stream")
+        self.append("2026-11-21 ERROR while paused\n")
+        self.driver.find_element(By.ID, "streamguard-follow").click()
+        self.wait(lambda: "while paused" in output.text)
+        self.assertEqual(output.text.count("something broke"), 1)
+
+        # Close the tab: the server-side stream must end within a second.
+        self.assertEqual(len(self.live_streams()), 1)
+        first = self.driver.current_window_handle
+        self.driver.switch_to.new_window("tab")
+        self.driver.get(f"{self.base}/@@stream-log-viewer")
+        self.wait(lambda: len(self.live_streams()) == 2, message="second tab never streamed")
+        self.driver.close()
+        closed = time.monotonic()
+        while self.live_streams() and len(self.live_streams()) > 1:
+            self.assertLess(time.monotonic() - closed, 1.0, "the stream outlived its tab by 1 s")
+            time.sleep(0.02)
+        self.driver.switch_to.window(first)
+        self.assertEqual(len(self.live_streams()), 1)
