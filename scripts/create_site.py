@@ -32,7 +32,13 @@ if site_id not in app.objectIds():  # noqa: F821
         app,  # noqa: F821
         site_id,
         title="Plone with collective.streamguard",
-        extension_ids=("plone.app.contenttypes:default", "collective.streamguard:default"),
+        # Plone's look: the classic distribution applies the Barceloneta
+        # theme; a bare addPloneSite does not.
+        extension_ids=(
+            "plone.app.contenttypes:default",
+            "plonetheme.barceloneta:default",
+            "collective.streamguard:default",
+        ),
         setup_content=False,
     )
     print(f"Created the Plone site /{site_id} with collective.streamguard installed.")
@@ -45,4 +51,13 @@ else:
         print(f"Installed collective.streamguard in /{site_id}.")
     else:
         print(f"Reusing the Plone site /{site_id}.")
+    if site.portal_setup.getLastVersionForProfile("plonetheme.barceloneta:default") == "unknown":
+        site.portal_setup.runAllImportStepsFromProfile("profile-plonetheme.barceloneta:default")
+        print("Applied Plone's Barceloneta theme.")
+# Plone leaves requests to 127.0.0.1 unthemed by default ("Unthemed host
+# names"); the URL make run prints is exactly that host.
+registry = site.portal_registry
+record = "plone.app.theming.interfaces.IThemeSettings.hostnameBlacklist"
+if registry.get(record):
+    registry[record] = []
 transaction.commit()

@@ -14,7 +14,9 @@ class LogViewerView(LogAccessView):
     def log_choices(self):
         """[{name, size}] of the logs this site can stream."""
         choices = []
-        for name, path in sorted(self.logs().items()):
+        # Zope's event log first: it is what a site manager looks for.
+        order = {"event": 0, "access": 1}
+        for name, path in sorted(self.logs().items(), key=lambda i: (order.get(i[0], 2), i[0])):
             try:
                 size = os.stat(path).st_size
             except OSError:
