@@ -46,7 +46,7 @@ def documents_csv(guard):
 
 
 # example: batch-job
-from collective.streamguard.streaming import stream_response  # noqa: E402
+from collective.streamguard.streaming import stream_response  # noqa: E402, F811
 
 BATCH_SIZE = 100
 

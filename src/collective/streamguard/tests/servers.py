@@ -66,6 +66,17 @@ def executable(name):
     )
 
 
+def wait_for(predicate, timeout=10.0, interval=0.01):
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind((HOST, 0))

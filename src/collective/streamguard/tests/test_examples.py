@@ -7,13 +7,11 @@ import re
 import unittest
 
 import transaction
-from plone.app.testing import SITE_OWNER_NAME
-from plone.app.testing import SITE_OWNER_PASSWORD
 
 from collective.streamguard.tests import examples
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.test_streaming import StreamingTestCase
-from collective.streamguard.tests.test_streaming import wait_for
+from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.registry import streams
 
 

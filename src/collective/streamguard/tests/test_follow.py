@@ -8,7 +8,6 @@ import select
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import tracemalloc
 import unittest

@@ -9,12 +9,11 @@ import http.client
 import os
 import socket
 import threading
-import time
 
 from collective.streamguard.registry import streams
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.test_streaming import StreamingTestCase
-from collective.streamguard.tests.test_streaming import wait_for
+from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.tests.test_transactions import open_connections
 from collective.streamguard.zodb import open_sessions
 

@@ -23,7 +23,7 @@ from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.registry import streams
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.test_streaming import StreamingTestCase
-from collective.streamguard.tests.test_streaming import wait_for
+from collective.streamguard.tests.servers import wait_for
 
 
 MARKER = "<<<<<EOFMARKER>>>>>"

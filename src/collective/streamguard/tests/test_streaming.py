@@ -18,17 +18,8 @@ from collective.streamguard.testing import STREAMGUARD_WAITRESS_TESTING
 from collective.streamguard.tests import views
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.servers import reset
+from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.tests.servers import wait_gone
-
-
-def wait_for(predicate, timeout=10.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 class StreamingTestCase(unittest.TestCase):

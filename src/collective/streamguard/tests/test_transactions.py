@@ -13,7 +13,7 @@ import transaction
 from collective.streamguard.tests import views
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.test_streaming import StreamingTestCase
-from collective.streamguard.tests.test_streaming import wait_for
+from collective.streamguard.tests.servers import wait_for
 
 
 PATH = "/plone/@@streamguard-test-zodb"

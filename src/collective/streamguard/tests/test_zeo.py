@@ -17,7 +17,7 @@ from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.test_shutdown import wait_until_serving
-from collective.streamguard.tests.test_streaming import wait_for
+from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 

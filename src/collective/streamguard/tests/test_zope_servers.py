@@ -22,20 +22,11 @@ import unittest
 import uuid
 
 from collective.streamguard.tests import servers
+from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 APP = "collective.streamguard.tests.zopeapp:application"
 SOON = 10.0  # generous: a bound that only a broken probe misses
-
-
-def wait_for(predicate, timeout=SOON, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def import_path():
