@@ -1,0 +1,1 @@
+``is_browser_connection_open(request)`` and friends (``connection_state``, ``wait_for_disconnect``, ``on_disconnect``, ``client_connection``): exact, constant-cost disconnect detection on waitress (any ``channel_request_lookahead``), gunicorn, uWSGI and classic ZServer.

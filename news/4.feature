@@ -1,0 +1,1 @@
+Guarded streaming: ``stream_response()`` turns a producer into a response that really streams under WSGI, stops the moment the client leaves, runs its cleanups exactly once, gives the producer its own ZODB connection and transaction, caps live streams per process and stops them on shutdown.

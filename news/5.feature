@@ -1,0 +1,1 @@
+``@@stream-log``, ``@@stream-log-viewer`` and ``@@stream-status``: live log streaming for site managers (text and server-sent events, rotation, end marker, resume by byte offset), with a control panel for named logs and the permission "collective.streamguard: View log streams".
