@@ -329,9 +329,24 @@ class ServerLayer:
         self._users += 1
         if self._users > 1:
             return
+        try:
+            self.server = self.make_server()
+            self.server.start()
+        except unittest.SkipTest as skip:
+            # Only for a server STREAMGUARD_SKIP_MISSING allows to be
+            # missing.  A layer cannot be skipped under zope.testrunner: let
+            # the tests skip themselves (their setUp asks for skip_reason).
+            self.skip_reason = str(skip)
+        except BaseException:
+            self._users = 1
+            self.tearDown()
+            raise
+
+    def make_server(self):
+        """The ``Server`` this layer runs (not started yet)."""
         self.directory = tempfile.mkdtemp(prefix="sg-")
         self.sink = EventSink(self.directory)
-        self.server = Server(
+        return Server(
             self.kind,
             app=self.app,
             options=self.options,
@@ -340,18 +355,6 @@ class ServerLayer:
             directory=self.directory,
             **self.server_options,
         )
-        try:
-            self.server.start()
-        except unittest.SkipTest as skip:
-            # Only for a server STREAMGUARD_SKIP_MISSING allows to be
-            # missing.  A layer cannot be skipped under zope.testrunner: let
-            # the tests skip themselves (ServerContract.setUp asks for
-            # skip_reason).
-            self.skip_reason = str(skip)
-        except BaseException:
-            self._users = 1
-            self.tearDown()
-            raise
 
     def tearDown(self):
         self._users -= 1
@@ -361,11 +364,16 @@ class ServerLayer:
         self.skip_reason = None
         if self.server is not None:
             self.server.stop()
+        self.server = None
+        self.dispose()
+
+    def dispose(self):
+        """Remove what ``make_server`` made besides the server."""
         if self.sink is not None:
             self.sink.close()
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
-        self.server = self.sink = self.directory = None
+        self.sink = self.directory = None
 
 
 # Raw-socket clients: the tests need control over FIN, RST, pipelining and

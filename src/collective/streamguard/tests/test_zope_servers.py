@@ -46,40 +46,27 @@ def import_path():
 
 
 
-class ZopeServerLayer:
+class ZopeServerLayer(servers.ServerLayer):
     """A ``ZopeInstance`` served by one ``servers.Server``.
 
-    A layer in zope.testrunner's sense, plain Python otherwise, and
-    counted like ``servers.ServerLayer`` (plain unittest sets it up from
-    ``setUpClass``), whose ``EventSink`` it does not use: the Zope test
-    views report to the instance's events file instead.
+    ``servers.ServerLayer``'s set-up counting and skipping, without its
+    ``EventSink``: the Zope test views report to the instance's events file.
     """
 
-    __bases__ = ()
     __module__ = __name__
 
     def __init__(self, name, kind, **options):
-        self.__name__ = name
-        self.kind = kind
-        self.options = options
-        self.instance = self.server = None
-        self.skip_reason = None
-        self._users = 0
+        super().__init__(name, kind, options=options, app=APP, module=__name__)
+        self.instance = None
 
-    def __repr__(self):
-        return f"<ZopeServerLayer {self.__name__}>"
-
-    def setUp(self):
-        self._users += 1
-        if self._users > 1:
-            return
+    def make_server(self):
         # The port is runwsgi's (zope.ini); this server picks its own.
         self.instance = ZopeInstance(0)
         env = dict(self.instance.env)
         env.pop("PYTHONPATH")  # Server builds it from pythonpath
-        self.server = servers.Server(
+        return servers.Server(
             self.kind,
-            app=APP,
+            app=self.app,
             options=self.options,
             env=env,
             pythonpath=import_path(),
@@ -87,29 +74,11 @@ class ZopeServerLayer:
             ready_path="/",
             ready_body=None,
         )
-        try:
-            self.server.start()
-        except unittest.SkipTest as skip:
-            # Only where the environment says this server cannot be
-            # installed (servers.SKIP_MISSING_ENV); zope.testrunner cannot skip a
-            # layer, so its tests skip themselves.
-            self.skip_reason = str(skip)
-        except BaseException:
-            self._users = 1
-            self.tearDown()
-            raise
 
-    def tearDown(self):
-        self._users -= 1
-        if self._users > 0:
-            return
-        self._users = 0
-        if self.server is not None:
-            self.server.stop()
+    def dispose(self):
         if self.instance is not None:
             self.instance.remove()
-        self.instance = self.server = None
-        self.skip_reason = None
+        self.instance = None
 
 
 class ZopeServerContract:
