@@ -220,6 +220,23 @@ class MarkerTests(FollowTestCase):
         self.assertTrue(follower.ended)
 
 
+    def test_marker_after_many_lines_starting_with_its_first_byte(self):
+        # More than a few lines starting with "<": the search switches from
+        # the marker's first byte to the whole "\n" + marker.
+        lines = "".join(f"<{n} not the end\n" for n in range(50))
+        self.append(lines + f"<<<<<EOF {MARKER}\n" + MARKER + "\nafter\n")
+        follower = self.follower(offset=0)
+        self.assertEqual(text_of(read_all(follower)), lines + f"<<<<<EOF {MARKER}\n")
+        self.assertTrue(follower.ended)
+
+    def test_marker_deep_in_a_large_piece(self):
+        head = "x" * 100 + "\n"
+        self.append(head * 20_000 + MARKER + "\n")
+        follower = self.follower(offset=0, max_piece=1 << 20)
+        self.assertEqual(text_of(read_all(follower)), head * 20_000)
+        self.assertTrue(follower.ended)
+
+
 class DecodingTests(FollowTestCase):
     def test_incomplete_utf8_is_held_back_and_offsets_are_bytes(self):
         follower = self.follower()
@@ -242,6 +259,32 @@ class DecodingTests(FollowTestCase):
         [piece] = follower.read()
         self.assertEqual(piece.data, "größe €\n".encode())
         self.assertEqual(Piece("x\n", 2).data, b"x\n")
+
+    def test_large_pieces_are_checked_across_slices(self):
+        # 1 MiB pieces are checked in 64 KiB slices: a sequence cut by a
+        # slice's end, invalid bytes deep in the piece, and a cut at the end.
+        euro = "€".encode()
+        body = b"a" * (65536 - 1) + euro + b"b" * 100_000 + b"\xff" + b"c\n"
+        tail = euro[:2]
+        self.append(body + tail)
+        follower = self.follower(offset=0, max_piece=1 << 20)
+        [piece] = follower.read()
+        self.assertEqual(piece.offset, len(body))  # the cut "€" waits
+        self.assertEqual(piece.text, body.decode("utf-8", "replace"))
+        self.assertEqual(piece.data, body.decode("utf-8", "replace").encode())
+        self.append(euro[2:] + b"\n")
+        self.assertEqual(follower.read(), [Piece("€\n", len(body) + 4)])
+
+    def test_valid_large_pieces_are_the_files_bytes_and_text_on_demand(self):
+        body = ("größe € 😀 " * 20_000 + "\n").encode()
+        self.append(body)
+        follower = self.follower(offset=0, max_piece=1 << 20)
+        [piece] = follower.read()
+        # Checked slice by slice, across cut sequences, and not decoded.
+        self.assertIsNone(piece._text)
+        self.assertEqual(piece.data, body)
+        self.assertEqual(piece.text, body.decode())
+        self.assertEqual(piece, Piece(body.decode(), len(body)))
 
     def test_resume_from_any_piece_offset_gives_exactly_the_rest(self):
         rng = random.Random(2583)
