@@ -47,6 +47,8 @@ class StreamRecord:
     probe: str
     started: float = field(default_factory=time.time)
     bytes_sent: int = 0
+    #: Of bytes_sent, those queued on waitress' channel without a copy.
+    bytes_direct: int = 0
     guard: object = field(default=None, repr=False, compare=False)
 
 

@@ -7,9 +7,7 @@ end) and ``format=sse`` (or ``Accept: text/event-stream``).  A reconnecting
 EventSource sends ``Last-Event-ID``: the byte offset after the last event it
 got, so it gets exactly what it missed.
 """
-import logging
 import re
-import weakref
 
 from AccessControl import Unauthorized
 from AccessControl import getSecurityManager
@@ -19,6 +17,9 @@ from zope.component import queryUtility
 
 from collective.streamguard.follow import LogFollower
 from collective.streamguard.follow import LogUnavailable
+from collective.streamguard.logstream import HEARTBEAT
+from collective.streamguard.logstream import LogStream
+from collective.streamguard.logstream import piece_size
 from collective.streamguard.interfaces import END_MARKER
 from collective.streamguard.interfaces import IStreamDefaults
 from collective.streamguard.logs import configured_logs
@@ -26,11 +27,7 @@ from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.streaming import stream_response
 
 
-logger = logging.getLogger("collective.streamguard")
 NUMBER = re.compile(r"^[0-9]{1,15}$")
-HEARTBEAT = b": keep-alive\n\n"
-END_EVENT = b"event: end\ndata: \n\n"
-RETRY = b"retry: 3000\n\n"
 
 
 def site_settings():
@@ -95,7 +92,11 @@ class StreamLogView(LogAccessView):
             self.request.getHeader("Accept") or ""
         )
         follower = LogFollower(
-            logs[name], offset=offset, last_lines=last_lines, end_marker=self.end_marker()
+            logs[name],
+            offset=offset,
+            last_lines=last_lines,
+            end_marker=self.end_marker(),
+            max_piece=piece_size(sse),
         )
         try:
             follower.open()
@@ -124,61 +125,3 @@ class StreamLogView(LogAccessView):
                 raise ValueError(f"{key} must be a whole number of at most 15 digits.")
             return (int(value), None) if key == "offset" else (None, int(value))
         return None, None
-
-
-class LogStream:
-    """The producer of ``@@stream-log``: the follower's pieces, formatted."""
-
-    def __init__(self, follower, sse):
-        self.follower = follower
-        self.sse = sse
-        # A body the publisher drops without running still closes the
-        # follower's file and inotify descriptors.
-        weakref.finalize(self, follower.close)
-
-    def close(self):
-        self.follower.close()
-
-    def __call__(self, guard):
-        guard.add_cleanup(self.follower.close)
-        return self.pieces(guard)
-
-    def pieces(self, guard):
-        follower = self.follower
-        fd = follower.fileno()
-        readable = [fd] if fd >= 0 else []
-        if self.sse:
-            # waitress sends the headers with the first body bytes: without
-            # these an EventSource on an idle log would never see "open".
-            yield RETRY
-        while True:
-            try:
-                pieces = follower.read()
-            except LogUnavailable as error:
-                # The file became something we must not read (a symlink):
-                # stop here, having sent nothing of it.
-                logger.warning("log stream stopped: %s", error)
-                return
-            for piece in pieces:
-                yield self.format(piece)
-            if follower.ended:
-                # The writer's end marker: tell an EventSource not to
-                # reconnect, then finish.
-                if self.sse:
-                    yield END_EVENT
-                return
-            if pieces:
-                continue
-            # inotify wakes us at once; the timeout is the safety net (and
-            # the whole mechanism where there is no inotify).
-            if (yield from guard.idle(follower.poll_interval, readable)):
-                return
-
-    def format(self, piece):
-        if not self.sse:
-            return piece.data  # the file's own bytes: nothing to re-encode
-        # An SSE data line cannot hold CR or LF: one "data:" field per line;
-        # EventSource joins them with "\n" again.
-        text = piece.text.replace("\r\n", "\n").replace("\r", "\n")
-        data = "".join(f"data: {line}\n" for line in text.split("\n"))
-        return f"id: {piece.offset}\n{data}\n"

@@ -17,7 +17,9 @@ import json, sys
 before = set(sys.modules)
 import collective.streamguard
 import collective.streamguard.connection, collective.streamguard.probes
-import collective.streamguard.watcher
+import collective.streamguard.watcher, collective.streamguard.guard
+import collective.streamguard.registry, collective.streamguard.follow
+import collective.streamguard.logstream
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 

@@ -24,6 +24,8 @@ from collective.streamguard.registry import streams
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.test_streaming import StreamingTestCase
 from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.tests.test_waitress_output import Recorder
+from collective.streamguard.tests.test_waitress_output import dechunk
 
 
 MARKER = "<<<<<EOFMARKER>>>>>"
@@ -149,6 +151,32 @@ class TestFollowing(LogTestCase):
         self.write("a new file\n", mode="w")
         read_until(sock, b"a new file\n")
 
+    def big_log(self):
+        """About 6 MB of lines with UTF-8, CRLF and a few invalid bytes deep
+        inside, then the end marker; the text a client must get."""
+        lines = [f"{n} größe € 😀 line\r\n".encode() if n % 7 else f"{n} plain\n".encode()
+                 for n in range(200_000)]
+        lines[150_000] = b"bad \xff\xfe bytes\n"
+        content = b"".join(lines)
+        with open(self.path, "wb") as f:
+            f.write(content + MARKER.encode() + b"\n")
+        return content.decode("utf-8", "replace"), len(content)
+
+    def read_to_the_end(self, query):
+        recorder = Recorder.attach(self)
+        sock = self.open(query, auth=True, path="/plone/@@stream-log")
+        raw = read_until(sock, b"\r\n0\r\n\r\n", timeout=30)
+        self.assertTrue(wait_for(lambda: recorder.ended))
+        return dechunk(raw)[1], recorder.ended[0]
+
+    def test_catch_up_of_a_large_log_is_exact(self):
+        text, _size = self.big_log()
+        body, ended = self.read_to_the_end("log=app&offset=0")
+        self.assertEqual(body, text.encode())
+        self.assertEqual(ended["reason"], "finished")
+        # Caught up in 1 MiB pieces handed to waitress' I/O thread.
+        self.assertGreater(ended["direct"], len(body) // 2)
+
     def test_invalid_utf8_is_replaced(self):
         sock, _ = self.follow()
         with open(self.path, "ab") as f:
@@ -182,6 +210,24 @@ class TestServerSentEvents(LogTestCase):
         self.assertEqual(re.findall(r"data: (.*)\n", text)[:2], ["missed one", "missed two"])
         self.assertNotIn("old line", text)
         self.assertIn(f"id: {os.path.getsize(self.path)}\n", text)
+
+    def test_catch_up_of_a_large_log_as_events_is_exact(self):
+        text, size = TestFollowing.big_log(self)
+        body, ended = TestFollowing.read_to_the_end(self, "log=app&format=sse&offset=0")
+        events = body.decode().split("\n\n")
+        self.assertEqual(events[0], "retry: 3000")
+        self.assertEqual(events[-2:], ["event: end\ndata: ", ""])
+        received, offset = [], 0
+        for event in events[1:-2]:
+            head, *data = event.split("\n")
+            self.assertTrue(head.startswith("id: "), head)
+            self.assertGreater(int(head[4:]), offset)
+            offset = int(head[4:])
+            self.assertTrue(all(line.startswith("data: ") for line in data))
+            received.append("\n".join(line[6:] for line in data))
+        self.assertEqual("".join(received), text.replace("\r\n", "\n"))
+        self.assertEqual(offset, size)
+        self.assertGreater(ended["direct"], 0)
 
     def test_end_marker_sends_an_end_event(self):
         sock, _ = self.follow("log=app&format=sse")

@@ -1,0 +1,214 @@
+"""Large chunks go straight onto waitress' channel (``waitress_output``).
+
+A real waitress (webtest's StopableWSGIServer, as plone.testing uses) runs
+in this process and is read over real sockets, so the test can read the
+stream's end line from the log: how many bytes took the direct way.
+"""
+import logging
+import re
+import socket
+import threading
+import time
+import unittest
+from urllib.parse import parse_qs
+
+from webtest.http import StopableWSGIServer
+
+from collective.streamguard.connection import client_connection
+from collective.streamguard.guard import GuardedStream
+from collective.streamguard.guard import StreamGuard
+from collective.streamguard.registry import EndReason
+from collective.streamguard.tests.servers import read_until
+from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.waitress_output import QUEUE_LIMIT
+
+
+MiB = 1 << 20
+ENDED = re.compile(r"stream (\d+) ended \((.+)\): (\d+) bytes \((\d+) queued without a copy\)")
+
+
+def chunk(index, size):
+    """Chunk ``index`` of ``size`` bytes: different bytes for every chunk."""
+    line = f"chunk {index:06d} ".encode()
+    return (line * (size // len(line) + 1))[:size]
+
+
+def expected_body(sizes):
+    return b"".join(chunk(i, size) for i, size in enumerate(sizes))
+
+
+class Recorder(logging.Handler):
+    """The "stream N ended" lines of collective.streamguard's log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.ended = []
+
+    @classmethod
+    def attach(cls, testcase):
+        recorder = cls()
+        logger = logging.getLogger("collective.streamguard")
+        testcase.addCleanup(logger.setLevel, logger.level)
+        testcase.addCleanup(logger.removeHandler, recorder)
+        logger.addHandler(recorder)
+        logger.setLevel(logging.INFO)
+        return recorder
+
+    def emit(self, record):
+        match = ENDED.match(record.getMessage())
+        if match:
+            self.ended.append(
+                dict(reason=match.group(2), sent=int(match.group(3)), direct=int(match.group(4)))
+            )
+
+
+class App:
+    """``/chunks?sizes=70000,10,1048576`` yields those chunks under a guard;
+    ``/wrapped?...`` the same behind a middleware that iterates the body."""
+
+    def __init__(self):
+        self.produced = 0
+        self.cleanups = 0
+
+    def __call__(self, environ, start_response):
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        sizes = [int(s) for s in query["sizes"][0].split(",")] * int(query.get("repeat", ["1"])[0])
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        guard = StreamGuard(client_connection(environ))
+        guard.add_cleanup(self.cleaned)
+        body = GuardedStream(self.producer(sizes), guard, label=environ["PATH_INFO"])
+        if environ["PATH_INFO"] == "/wrapped":
+            return self.middleware(body)
+        return body
+
+    def producer(self, sizes):
+        for index, size in enumerate(sizes):
+            data = chunk(index, size)
+            self.produced += size
+            yield data
+
+    @staticmethod
+    def middleware(body):
+        try:
+            for data in body:
+                yield data
+        finally:
+            body.close()
+
+    def cleaned(self):
+        self.cleanups += 1
+
+
+def dechunk(raw):
+    """The body of a chunked HTTP/1.1 response, checking its framing."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head, head
+    body = bytearray()
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n", rest[:40]
+            return head, bytes(body)
+        body += rest[:size]
+        assert rest[size:size + 2] == b"\r\n"
+        rest = rest[size + 2:]
+
+
+class DirectOutputTests(unittest.TestCase):
+    def setUp(self):
+        self.recorder = Recorder.attach(self)
+        self.app = App()
+        server = StopableWSGIServer.create(self.app, threads=4, expose_tracebacks=False)
+        self.addCleanup(server.runner.join, 10)
+        self.addCleanup(server.shutdown)
+        self.address = (server.adj.host, server.adj.port)
+        self.assertTrue(server.wait())
+
+    def connect(self, path, version="1.1", method="GET"):
+        sock = socket.create_connection(self.address, timeout=10)
+        self.addCleanup(sock.close)
+        close = "Connection: close\r\n" if version == "1.1" else ""
+        sock.sendall(f"{method} {path} HTTP/{version}\r\nHost: test\r\n{close}\r\n".encode())
+        return sock
+
+    def fetch(self, path, version="1.1", method="GET"):
+        sock = self.connect(path, version, method)
+        parts = []
+        while data := sock.recv(MiB):
+            parts.append(data)
+        return b"".join(parts)
+
+    def ended(self):
+        self.assertTrue(wait_for(lambda: self.recorder.ended), "the stream did not end")
+        [ended] = self.recorder.ended
+        return ended
+
+    def test_large_chunks_arrive_exactly_and_in_order_with_small_ones(self):
+        sizes = [70_000, 10, MiB, 5, 3 * MiB + 7, 65_536, 65_535, 200_000, 1]
+        head, body = dechunk(self.fetch(f"/chunks?sizes={','.join(map(str, sizes))}"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(body, expected_body(sizes))
+        ended = self.ended()
+        self.assertEqual((ended["reason"], ended["sent"]), ("finished", sum(sizes)))
+        # The first chunk is what sends the headers: it takes the ordinary
+        # way; so do chunks under 64 KiB.
+        self.assertEqual(ended["direct"], MiB + 3 * MiB + 7 + 65_536 + 200_000)
+
+    def test_http_1_0_body_runs_to_the_close(self):
+        sizes = [100, 2 * MiB, 80_000, 3]
+        raw = self.fetch(f"/chunks?sizes={','.join(map(str, sizes))}", version="1.0")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head)
+        self.assertEqual(body, expected_body(sizes))
+        self.assertEqual(self.ended()["direct"], 2 * MiB + 80_000)
+
+    def test_a_middleware_in_between_gets_ordinary_chunks(self):
+        sizes = [10, 2 * MiB, 70_000]
+        _, body = dechunk(self.fetch(f"/wrapped?sizes={','.join(map(str, sizes))}"))
+        self.assertEqual(body, expected_body(sizes))
+        self.assertEqual(self.ended()["direct"], 0)
+
+    def test_a_client_that_stops_reading_holds_the_producer_back(self):
+        before_produced, before_cleanups = self.app.produced, self.app.cleanups
+        sock = self.connect("/chunks?sizes=1048576&repeat=2000")  # 2 GiB
+        read_until(sock, b"\r\n\r\n")
+        # Not reading: the kernel's socket buffers fill, then waitress'
+        # queue up to QUEUE_LIMIT, then the producer waits.
+        time.sleep(1.0)
+        produced = self.app.produced - before_produced
+        time.sleep(0.5)
+        self.assertEqual(self.app.produced - before_produced, produced, "the producer went on")
+        # Plus what the loopback socket buffers hold: 9 MiB were produced in
+        # all when this was written.
+        self.assertLess(produced, QUEUE_LIMIT + 12 * MiB)
+        self.assertFalse(self.recorder.ended)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # reset: the client is gone
+        ended = self.ended()
+        self.assertEqual(ended["reason"], EndReason.CLIENT_GONE.value)
+        self.assertEqual(self.app.cleanups, before_cleanups + 1)
+
+    def test_a_client_leaving_mid_transfer_ends_the_stream_once(self):
+        before = self.app.cleanups
+        sock = self.connect("/chunks?sizes=1048576&repeat=500")
+        received = 0
+        while received < 5 * MiB:
+            received += len(sock.recv(MiB))
+        sock.close()
+        ended = self.ended()
+        self.assertEqual(ended["reason"], EndReason.CLIENT_GONE.value)
+        self.assertLess(ended["sent"], 500 * MiB)
+        self.assertGreater(ended["direct"], 0)
+        self.assertEqual(self.app.cleanups, before + 1)
+        # Every worker thread is free again: four streams at once finish.
+        results = []
+        threads = [
+            threading.Thread(target=lambda: results.append(self.fetch("/chunks?sizes=10,100000")))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(len(results), 4)

@@ -1,0 +1,145 @@
+"""Large body chunks handed to waitress' I/O thread without copying them.
+
+A body chunk returned to waitress takes a long way to the socket: its task
+frames it for chunked encoding (two concatenations, two copies), the channel
+appends it to an OverflowableBuffer (a copy; past 1 MB queued, into a
+temporary file) and reads it out again in 16 KiB pieces (a copy each), and
+the worker thread sends it itself, inside ``write_soon()``, under the
+channel's lock: the next chunk is not read while this one is sent.  A log
+caught up from its start went at a third of the speed waitress serves the
+same file with ``wsgi.file_wrapper`` (benchmarks/bench_follow_throughput.py).
+
+waitress queues one kind of object as it is: its ``ReadOnlyFileBasedBuffer``,
+which is what ``wsgi.file_wrapper`` makes, and its I/O thread takes the data
+out with ``get()``/``skip()``.  ``ChunkBuffer`` is such a buffer over bytes
+already in memory (the chunk framing and the chunk) and hands out
+memoryviews of them: no copy, and one ``send()`` as large as the socket
+takes.  Its ``get()`` gives nothing to the thread that queued it, so the
+flush inside ``write_soon()`` leaves the sending to the I/O thread, and the
+worker reads and checks the next chunk meanwhile.
+
+This is used only where it is exact: when waitress' own
+``WSGITask.execute`` iterates the body itself (checked on the calling frame;
+no middleware in between could see or change the bytes), once the headers
+are out.  Written against waitress 3.0; with anything else ``for_caller``
+answers None and chunks take the ordinary way.
+"""
+import collections
+import threading
+
+try:
+    from waitress.buffers import ReadOnlyFileBasedBuffer
+    from waitress.task import WSGITask
+except ImportError:  # no waitress: nothing here is used
+    ReadOnlyFileBasedBuffer, WSGITask = object, None
+
+
+#: Bytes waitress may hold queued for one stream before the producer waits:
+#: bounds memory per stream, and a slow client holds back the producer.
+QUEUE_LIMIT = 4 * 1024 * 1024
+RECHECK = 0.5
+
+_TASK_ATTRIBUTES = (
+    "channel", "wrote_header", "has_body", "chunked_response", "content_length",
+)
+_CHANNEL_ATTRIBUTES = ("write_soon", "outbuf_lock", "total_outbufs_len", "connected", "server")
+
+
+class ChunkBuffer(ReadOnlyFileBasedBuffer):
+    """Bytes queued on a waitress channel as they are, sent by its I/O thread."""
+
+    def __init__(self, parts):
+        # No file: ReadOnlyFileBasedBuffer.__init__ is deliberately not run.
+        self._parts = collections.deque(memoryview(part) for part in parts if part)
+        self.remain = sum(len(part) for part in self._parts)
+        self._queued_by = threading.get_ident()
+
+    def __len__(self):
+        return self.remain
+
+    def prepare(self, size=None):
+        return self.remain
+
+    def get(self, numbytes=-1, skip=False):
+        # Nothing for the queuing thread: see the module's docstring.
+        if not self._parts or threading.get_ident() == self._queued_by:
+            return b""
+        chunk = self._parts[0]  # whole: the socket takes what it can
+        if skip:
+            self.skip(len(chunk))
+        return chunk
+
+    def skip(self, numbytes, allow_prune=False):
+        if numbytes > self.remain:
+            raise ValueError(f"cannot skip {numbytes} bytes of {self.remain}")
+        self.remain -= numbytes
+        parts = self._parts
+        while numbytes:
+            head = parts[0]
+            if numbytes < len(head):
+                parts[0] = head[numbytes:]
+                return
+            numbytes -= len(head)
+            parts.popleft()
+
+    def close(self):
+        self._parts.clear()
+        self.remain = 0
+
+    def __iter__(self):
+        raise TypeError("a ChunkBuffer is queued on a channel, not iterated")
+
+
+class DirectOutput:
+    """Writes body chunks of one response straight onto its waitress channel."""
+
+    def __init__(self, task):
+        self.task = task
+        self.channel = task.channel
+
+    @classmethod
+    def for_caller(cls, frame):
+        """A ``DirectOutput`` when ``frame`` is waitress' ``WSGITask.execute``
+        iterating the body, else None."""
+        if WSGITask is None or frame is None:
+            return None
+        if frame.f_code is not WSGITask.execute.__code__:
+            return None
+        task = frame.f_locals.get("self")
+        if not isinstance(task, WSGITask):
+            return None
+        if not all(hasattr(task, name) for name in _TASK_ATTRIBUTES):
+            return None
+        if not all(hasattr(task.channel, name) for name in _CHANNEL_ATTRIBUTES):
+            return None
+        return cls(task)
+
+    def ready(self):
+        """True once the headers are out and the body is chunked or runs to
+        the connection's close (an HTTP/1.0 client)."""
+        task = self.task
+        return (
+            task.wrote_header
+            and task.has_body
+            and (task.chunked_response or task.content_length is None)
+        )
+
+    def write(self, data, stopping=None):
+        """Queue ``data``; raises waitress' ``ClientDisconnected`` once the
+        client has gone.  Waits while more than QUEUE_LIMIT bytes are queued,
+        until the I/O thread has sent some or ``stopping()`` says to stop."""
+        channel = self.channel
+        if channel.total_outbufs_len > QUEUE_LIMIT:
+            with channel.outbuf_lock:
+                while channel.connected and channel.total_outbufs_len > QUEUE_LIMIT:
+                    if stopping is not None and stopping():
+                        break
+                    channel.server.pull_trigger()
+                    # Notified by the I/O thread after each flush, and when
+                    # the channel closes.
+                    channel.outbuf_lock.wait(RECHECK)
+        if self.task.chunked_response:
+            parts = (b"%X\r\n" % len(data), data, b"\r\n")
+        else:
+            parts = (data,)
+        channel.write_soon(ChunkBuffer(parts))
