@@ -71,6 +71,9 @@ class StreamGuard:
         self.heartbeat_interval = heartbeat_interval or None
         self.registry = registry
         self.reason = None
+        #: Called before the producer sleeps in wait()/idle(): output held
+        #: back for a busy I/O thread must not wait with it.
+        self.before_wait = None
         self.started = time.monotonic()
         self.last_output = self.started
         self._endings = []
@@ -138,6 +141,8 @@ class StreamGuard:
             pass  # the pipe is full (already woken) or the stream has ended
 
     def _wait(self, timeout, readable):
+        if self.before_wait is not None:
+            self.before_wait()
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
         if self.max_duration:
             end = self.started + self.max_duration
@@ -264,6 +269,8 @@ class GuardedStream:
             raise StopIteration
         reason = self.guard.check()
         if reason is not None:
+            if reason is not EndReason.CLIENT_GONE:
+                self._flush_direct()
             self._end(reason)
             raise StopIteration
         try:
@@ -271,6 +278,9 @@ class GuardedStream:
                 self._iterator = self._start()
             chunk = next(self._iterator)
         except StopIteration:
+            # What is still held goes before waitress ends the body; if the
+            # client has gone, waitress closes us (CLIENT_GONE).
+            self._flush_direct(quiet=False)
             # A producer that returns because its wait said "stop" did not
             # finish its work: end with the guard's reason, so that its
             # transaction is aborted rather than committed.
@@ -286,18 +296,32 @@ class GuardedStream:
             chunk = chunk.encode(self._encoding)
         elif not isinstance(chunk, bytes):
             chunk = bytes(chunk)
-        if chunk:
-            self.record.bytes_sent += len(chunk)
-            self.guard.last_output = time.monotonic()
-            if len(chunk) >= DIRECT_MIN and self._direct is not False:
-                if self._direct is None:
-                    # Who iterates us: waitress itself, or anything else.
-                    self._direct = _direct_output(sys._getframe(1)) or False
-                if self._direct and self._direct.ready():
-                    self._direct.write(chunk, lambda: self.guard.stopping)
-                    self.record.bytes_direct += len(chunk)
-                    return b""
+        if not chunk:
+            return chunk
+        self.record.bytes_sent += len(chunk)
+        self.guard.last_output = time.monotonic()
+        if len(chunk) >= DIRECT_MIN and self._direct is not False:
+            if self._direct is None:
+                # Who iterates us: waitress itself, or anything else.
+                self._direct = _direct_output(sys._getframe(1)) or False
+                if self._direct:
+                    self.guard.before_wait = self._flush_direct
+            if self._direct and self._direct.ready():
+                self._direct.write(chunk, self._stopping)
+                self.record.bytes_direct += len(chunk)
+                return b""
+        # An ordinary chunk: what the direct output holds goes first.
+        self._flush_direct(quiet=False)
         return chunk
+
+    def _stopping(self):
+        return self.guard.stopping
+
+    def _flush_direct(self, quiet=True):
+        """Queue what the direct output holds.  ``quiet``: a client that has
+        gone is not an error here (the guard will see it)."""
+        if self._direct:
+            self._direct.flush(self._stopping, quiet=quiet)
 
     def _start(self):
         if self._setup is not None:

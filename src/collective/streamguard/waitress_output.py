@@ -16,7 +16,11 @@ already in memory (the chunk framing and the chunk) and hands out
 memoryviews of them: no copy, and one ``send()`` as large as the socket
 takes.  Its ``get()`` gives nothing to the thread that queued it, so the
 flush inside ``write_soon()`` leaves the sending to the I/O thread, and the
-worker reads and checks the next chunk meanwhile.
+worker reads and checks the next chunk meanwhile.  While the I/O thread is
+busy, chunks are held and handed over together: the I/O thread holds the
+channel's lock while it sends, and a worker waiting for that lock would not
+be reading.  Held chunks go out before the producer sleeps in the guard,
+before any ordinary chunk and at the end.
 
 This is used only where it is exact: when waitress' own
 ``WSGITask.execute`` iterates the body itself (checked on the calling frame;
@@ -29,14 +33,25 @@ import threading
 
 try:
     from waitress.buffers import ReadOnlyFileBasedBuffer
+    from waitress.channel import ClientDisconnected
     from waitress.task import WSGITask
 except ImportError:  # no waitress: nothing here is used
     ReadOnlyFileBasedBuffer, WSGITask = object, None
+
+    class ClientDisconnected(Exception):
+        pass
 
 
 #: Bytes waitress may hold queued for one stream before the producer waits:
 #: bounds memory per stream, and a slow client holds back the producer.
 QUEUE_LIMIT = 4 * 1024 * 1024
+#: Chunks are held back while the I/O thread still has more than this to
+#: send, up to HELD_LIMIT bytes: then the worker hands them over in one
+#: buffer instead of waiting for the channel's lock, which the I/O thread
+#: holds while it sends (one chunk at a time would serialize reading and
+#: sending again).
+HANDOVER_BELOW = 256 * 1024
+HELD_LIMIT = 4 * 1024 * 1024
 RECHECK = 0.5
 
 _TASK_ATTRIBUTES = (
@@ -96,6 +111,8 @@ class DirectOutput:
     def __init__(self, task):
         self.task = task
         self.channel = task.channel
+        self._held = []
+        self._held_bytes = 0
 
     @classmethod
     def for_caller(cls, frame):
@@ -125,21 +142,42 @@ class DirectOutput:
         )
 
     def write(self, data, stopping=None):
-        """Queue ``data``; raises waitress' ``ClientDisconnected`` once the
-        client has gone.  Waits while more than QUEUE_LIMIT bytes are queued,
-        until the I/O thread has sent some or ``stopping()`` says to stop."""
+        """Send ``data``: now, or with the next chunks while the I/O thread is
+        busy.  Raises waitress' ``ClientDisconnected`` once the client has
+        gone.  ``flush()`` sends what is held."""
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes >= HELD_LIMIT or self.channel.total_outbufs_len < HANDOVER_BELOW:
+            self.flush(stopping, quiet=False)
+
+    def flush(self, stopping=None, quiet=True):
+        """Queue the held chunks.  Waits while more than QUEUE_LIMIT bytes are
+        queued, until the I/O thread has sent some or ``stopping()`` says to
+        stop.  A gone client raises ``ClientDisconnected``, or with ``quiet``
+        drops the chunks and returns False."""
+        if not self._held:
+            return True
+        held, self._held, self._held_bytes = self._held, [], 0
         channel = self.channel
         if channel.total_outbufs_len > QUEUE_LIMIT:
             with channel.outbuf_lock:
                 while channel.connected and channel.total_outbufs_len > QUEUE_LIMIT:
                     if stopping is not None and stopping():
                         break
-                    channel.server.pull_trigger()
                     # Notified by the I/O thread after each flush, and when
-                    # the channel closes.
+                    # the channel closes.  No pull_trigger(): with this much
+                    # queued the I/O thread is already waiting to write.
                     channel.outbuf_lock.wait(RECHECK)
         if self.task.chunked_response:
-            parts = (b"%X\r\n" % len(data), data, b"\r\n")
+            parts = []
+            for data in held:
+                parts += (b"%X\r\n" % len(data), data, b"\r\n")
         else:
-            parts = (data,)
-        channel.write_soon(ChunkBuffer(parts))
+            parts = held
+        try:
+            channel.write_soon(ChunkBuffer(parts))
+        except ClientDisconnected:
+            if quiet:
+                return False
+            raise
+        return True

@@ -20,6 +20,7 @@ from collective.streamguard.guard import StreamGuard
 from collective.streamguard.registry import EndReason
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.waitress_output import HELD_LIMIT
 from collective.streamguard.waitress_output import QUEUE_LIMIT
 
 
@@ -73,19 +74,25 @@ class App:
     def __call__(self, environ, start_response):
         query = parse_qs(environ.get("QUERY_STRING", ""))
         sizes = [int(s) for s in query["sizes"][0].split(",")] * int(query.get("repeat", ["1"])[0])
+        pause = float(query.get("pause", ["0"])[0])
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         guard = StreamGuard(client_connection(environ))
         guard.add_cleanup(self.cleaned)
-        body = GuardedStream(self.producer(sizes), guard, label=environ["PATH_INFO"])
+        body = GuardedStream(
+            lambda guard: self.producer(guard, sizes, pause), guard, label=environ["PATH_INFO"]
+        )
         if environ["PATH_INFO"] == "/wrapped":
             return self.middleware(body)
         return body
 
-    def producer(self, sizes):
+    def producer(self, guard, sizes, pause):
         for index, size in enumerate(sizes):
             data = chunk(index, size)
             self.produced += size
             yield data
+        if pause:
+            guard.wait(pause)
+            yield b"end"
 
     @staticmethod
     def middleware(body):
@@ -169,6 +176,18 @@ class DirectOutputTests(unittest.TestCase):
         self.assertEqual(body, expected_body(sizes))
         self.assertEqual(self.ended()["direct"], 0)
 
+    def test_nothing_is_held_back_while_the_producer_waits(self):
+        sizes = [10] + [MiB] * 6
+        sock = self.connect(f"/chunks?sizes={','.join(map(str, sizes))}&pause=5")
+        start = time.monotonic()
+        raw = read_until(sock, chunk(6, MiB)[-100:] + b"\r\n", timeout=10)
+        # All six chunks arrived while the producer still waits.
+        self.assertLess(time.monotonic() - start, 4)
+        self.assertFalse(self.recorder.ended)
+        self.assertIn(chunk(1, MiB)[:100], raw)
+        read_until(sock, b"end\r\n0\r\n\r\n", timeout=10)
+        self.assertEqual(self.ended()["reason"], "finished")
+
     def test_a_client_that_stops_reading_holds_the_producer_back(self):
         before_produced, before_cleanups = self.app.produced, self.app.cleanups
         sock = self.connect("/chunks?sizes=1048576&repeat=2000")  # 2 GiB
@@ -179,9 +198,9 @@ class DirectOutputTests(unittest.TestCase):
         produced = self.app.produced - before_produced
         time.sleep(0.5)
         self.assertEqual(self.app.produced - before_produced, produced, "the producer went on")
-        # Plus what the loopback socket buffers hold: 9 MiB were produced in
-        # all when this was written.
-        self.assertLess(produced, QUEUE_LIMIT + 12 * MiB)
+        # Queued, held, and what the loopback socket buffers hold: 14 MiB
+        # were produced in all when this was written.
+        self.assertLess(produced, QUEUE_LIMIT + HELD_LIMIT + 12 * MiB)
         self.assertFalse(self.recorder.ended)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()  # reset: the client is gone
