@@ -35,8 +35,10 @@ The (b) and (g)/(o) apps run in one waitress subprocess
 one request runs at a time.  MB/s is file bytes (10^6) per second, from
 sending the request to the end of the response.  Cells are the median of
 the runs (best in brackets); ratios are of the medians, measured side by
-side in the same run.  The issue's target: (z)/(b) >= 0.8.  Nothing is
-asserted.
+side in the same run.  CPU is the seconds (user + system, from /proc) the
+serving process and the client used per GiB, medians: on a machine with
+few cores their sum bounds the throughput.  The issue's target:
+(z)/(b) >= 0.8.  Nothing is asserted.
 """
 
 import argparse
@@ -224,6 +226,13 @@ def fetch(port, target, auth=False):
     return time.monotonic() - start, received
 
 
+def process_cpu(pid):
+    """CPU seconds (user + system) the process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def follower_alone(path):
     start = time.monotonic()
     with LogFollower(path, offset=0, max_piece=TEXT_PIECE) as follower:
@@ -253,20 +262,27 @@ def measure(kind, size, runs, directory):
     instance, zope, zope_port = start_zope(zope_log)
     warm(instance.event_log)
     rates = {name: [] for name in ROWS}
+    cpu = {name: [] for name in ROWS}  # (server, client) CPU seconds per run
     wire = {}
     try:
         for _ in range(runs):
             for name in ROWS:
+                server = zope if name.startswith("zope") else bare
+                server_cpu, client_cpu = process_cpu(server.pid), time.process_time()
                 if name == "alone":
+                    server_cpu = process_cpu(os.getpid())
                     elapsed, received = follower_alone(path), written
                 elif name.startswith("zope"):
                     query = "log=event&offset=0" + ("&format=sse" if name == "zope-sse" else "")
                     elapsed, received = fetch(zope_port, f"/@@stream-log?{query}", auth=True)
                 else:
                     elapsed, received = fetch(bare_port, f"/{name}")
+                client_cpu = time.process_time() - client_cpu
+                server_cpu = process_cpu(os.getpid() if name == "alone" else server.pid) - server_cpu
                 if received < written:
                     raise RuntimeError(f"{name}: {received} bytes for {written}")
                 rates[name].append(written / elapsed)
+                cpu[name].append((server_cpu, 0.0 if name == "alone" else client_cpu))
                 wire[name] = received
     finally:
         for process in (bare, zope):
@@ -274,7 +290,7 @@ def measure(kind, size, runs, directory):
             process.wait()
         instance.remove()
         os.unlink(path)
-    return written, rates, wire
+    return written, rates, cpu, wire
 
 
 def main():
@@ -293,16 +309,25 @@ def main():
     )
     with tempfile.TemporaryDirectory() as directory:
         for kind in ("typical", "dense UTF-8"):
-            written, rates, wire = measure(kind, args.size, args.runs, directory)
+            written, rates, cpu, wire = measure(kind, args.size, args.runs, directory)
             print(f"\n{kind} log: {written:,} bytes")
-            header = f"{'':<48} {'MB/s':>14} {'ratio to (b)':>13}"
+            header = (
+                f"{'':<48} {'MB/s':>14} {'ratio to (b)':>13} "
+                f"{'CPU s/GiB: server':>18} {'client':>7}"
+            )
             print(header)
             print("-" * len(header))
             reference = statistics.median(rates["file"])
+            gib = written / 2**30
             for name, label in ROWS.items():
                 median = statistics.median(rates[name])
                 cell = f"{median / 1e6:6.0f} ({max(rates[name]) / 1e6:.0f})"
-                print(f"{label:<48} {cell:>14} {median / reference:13.2f}")
+                server_cpu = statistics.median(c[0] for c in cpu[name]) / gib
+                client_cpu = statistics.median(c[1] for c in cpu[name]) / gib
+                print(
+                    f"{label:<48} {cell:>14} {median / reference:13.2f} "
+                    f"{server_cpu:18.2f} {client_cpu:7.2f}"
+                )
             print(
                 f"on the wire: (z) {wire['zope']:,} bytes (chunked), "
                 f"(z') {wire['zope-sse']:,} bytes (events)"

@@ -71,6 +71,12 @@ class StreamGuard:
         self.heartbeat_interval = heartbeat_interval or None
         self.registry = registry
         self.reason = None
+        #: A producer that yields large chunks and blocks nowhere but in
+        #: wait()/idle() may set this: under waitress its large chunks are
+        #: then handed over in batches while the server still has output to
+        #: send, which is faster (waitress_output).  Otherwise each goes out
+        #: at once.
+        self.batch_output = False
         #: Called before the producer sleeps in wait()/idle(): output held
         #: back for a busy I/O thread must not wait with it.
         self.before_wait = None
@@ -307,7 +313,7 @@ class GuardedStream:
                 if self._direct:
                     self.guard.before_wait = self._flush_direct
             if self._direct and self._direct.ready():
-                self._direct.write(chunk, self._stopping)
+                self._direct.write(chunk, self._stopping, batch=self.guard.batch_output)
                 self.record.bytes_direct += len(chunk)
                 return b""
         # An ordinary chunk: what the direct output holds goes first.

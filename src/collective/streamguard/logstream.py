@@ -41,6 +41,8 @@ class LogStream:
 
     def __call__(self, guard):
         guard.add_cleanup(self.follower.close)
+        # It only ever waits in the guard: large pieces may go out in batches.
+        guard.batch_output = True
         return self.pieces(guard)
 
     def pieces(self, guard):

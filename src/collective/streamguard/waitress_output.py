@@ -16,8 +16,9 @@ already in memory (the chunk framing and the chunk) and hands out
 memoryviews of them: no copy, and one ``send()`` as large as the socket
 takes.  Its ``get()`` gives nothing to the thread that queued it, so the
 flush inside ``write_soon()`` leaves the sending to the I/O thread, and the
-worker reads and checks the next chunk meanwhile.  While the I/O thread is
-busy, chunks are held and handed over together: the I/O thread holds the
+worker reads and checks the next chunk meanwhile.  For a producer that
+sets ``guard.batch_output`` (``@@stream-log``'s does), chunks are held while
+the I/O thread is busy and handed over together: the I/O thread holds the
 channel's lock while it sends, and a worker waiting for that lock would not
 be reading.  Held chunks go out before the producer sleeps in the guard,
 before any ordinary chunk and at the end.
@@ -25,11 +26,13 @@ before any ordinary chunk and at the end.
 This is used only where it is exact: when waitress' own
 ``WSGITask.execute`` iterates the body itself (checked on the calling frame;
 no middleware in between could see or change the bytes), once the headers
-are out.  Written against waitress 3.0; with anything else ``for_caller``
-answers None and chunks take the ordinary way.
+are out.  Written against waitress 3.0 (``SUPPORTED_SERIES``); with any
+other release ``for_caller`` answers None and chunks take the ordinary way.
 """
 import collections
 import threading
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version
 
 try:
     from waitress.buffers import ReadOnlyFileBasedBuffer
@@ -40,6 +43,19 @@ except ImportError:  # no waitress: nothing here is used
 
     class ClientDisconnected(Exception):
         pass
+
+
+def _waitress_series():
+    try:
+        return tuple(int(part) for part in version("waitress").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+#: The waitress releases whose internals this module was written against
+#: and tested with; any other takes the ordinary way.
+SUPPORTED_SERIES = {(3, 0)}
+SUPPORTED = WSGITask is not None and _waitress_series() in SUPPORTED_SERIES
 
 
 #: Bytes waitress may hold queued for one stream before the producer waits:
@@ -53,6 +69,8 @@ QUEUE_LIMIT = 4 * 1024 * 1024
 HANDOVER_BELOW = 256 * 1024
 HELD_LIMIT = 4 * 1024 * 1024
 RECHECK = 0.5
+SMALL_PART = 64
+SMALL_PART_COMPANION = 64 * 1024
 
 _TASK_ATTRIBUTES = (
     "channel", "wrote_header", "has_body", "chunked_response", "content_length",
@@ -79,7 +97,12 @@ class ChunkBuffer(ReadOnlyFileBasedBuffer):
         # Nothing for the queuing thread: see the module's docstring.
         if not self._parts or threading.get_ident() == self._queued_by:
             return b""
-        chunk = self._parts[0]  # whole: the socket takes what it can
+        parts = self._parts
+        chunk = parts[0]  # whole: the socket takes what it can
+        if len(chunk) < SMALL_PART and len(parts) > 1:
+            # Chunk framing: sent with the start of the data, not as a
+            # segment of its own (waitress sets TCP_NODELAY).
+            chunk = b"".join((chunk, parts[1][:SMALL_PART_COMPANION]))
         if skip:
             self.skip(len(chunk))
         return chunk
@@ -118,7 +141,7 @@ class DirectOutput:
     def for_caller(cls, frame):
         """A ``DirectOutput`` when ``frame`` is waitress' ``WSGITask.execute``
         iterating the body, else None."""
-        if WSGITask is None or frame is None:
+        if not SUPPORTED or frame is None:
             return None
         if frame.f_code is not WSGITask.execute.__code__:
             return None
@@ -141,13 +164,17 @@ class DirectOutput:
             and (task.chunked_response or task.content_length is None)
         )
 
-    def write(self, data, stopping=None):
-        """Send ``data``: now, or with the next chunks while the I/O thread is
-        busy.  Raises waitress' ``ClientDisconnected`` once the client has
-        gone.  ``flush()`` sends what is held."""
+    def write(self, data, stopping=None, batch=False):
+        """Send ``data`` now or, with ``batch``, with the next chunks while
+        the I/O thread is busy (``flush()`` sends what is held).  Raises
+        waitress' ``ClientDisconnected`` once the client has gone."""
         self._held.append(data)
         self._held_bytes += len(data)
-        if self._held_bytes >= HELD_LIMIT or self.channel.total_outbufs_len < HANDOVER_BELOW:
+        if (
+            not batch
+            or self._held_bytes >= HELD_LIMIT
+            or self.channel.total_outbufs_len < HANDOVER_BELOW
+        ):
             self.flush(stopping, quiet=False)
 
     def flush(self, stopping=None, quiet=True):
@@ -170,8 +197,11 @@ class DirectOutput:
                     channel.outbuf_lock.wait(RECHECK)
         if self.task.chunked_response:
             parts = []
+            framing = b""  # the CRLF ending the previous chunk, with the next size
             for data in held:
-                parts += (b"%X\r\n" % len(data), data, b"\r\n")
+                parts += (framing + b"%X\r\n" % len(data), data)
+                framing = b"\r\n"
+            parts.append(framing)
         else:
             parts = held
         try:

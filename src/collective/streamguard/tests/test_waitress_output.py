@@ -64,7 +64,9 @@ class Recorder(logging.Handler):
 
 
 class App:
-    """``/chunks?sizes=70000,10,1048576`` yields those chunks under a guard;
+    """``/chunks?sizes=70000,10,1048576`` yields those chunks under a guard
+    (``&batch=1``: with ``guard.batch_output``, ``&pause=S``: then waits S
+    seconds in the guard and yields "end", ``&repeat=N``: the sizes N times);
     ``/wrapped?...`` the same behind a middleware that iterates the body."""
 
     def __init__(self):
@@ -75,17 +77,19 @@ class App:
         query = parse_qs(environ.get("QUERY_STRING", ""))
         sizes = [int(s) for s in query["sizes"][0].split(",")] * int(query.get("repeat", ["1"])[0])
         pause = float(query.get("pause", ["0"])[0])
+        batch = "batch" in query
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         guard = StreamGuard(client_connection(environ))
         guard.add_cleanup(self.cleaned)
         body = GuardedStream(
-            lambda guard: self.producer(guard, sizes, pause), guard, label=environ["PATH_INFO"]
+            lambda guard: self.producer(guard, sizes, pause, batch), guard, label=environ["PATH_INFO"]
         )
         if environ["PATH_INFO"] == "/wrapped":
             return self.middleware(body)
         return body
 
-    def producer(self, guard, sizes, pause):
+    def producer(self, guard, sizes, pause, batch):
+        guard.batch_output = batch
         for index, size in enumerate(sizes):
             data = chunk(index, size)
             self.produced += size
@@ -152,19 +156,23 @@ class DirectOutputTests(unittest.TestCase):
         return ended
 
     def test_large_chunks_arrive_exactly_and_in_order_with_small_ones(self):
-        sizes = [70_000, 10, MiB, 5, 3 * MiB + 7, 65_536, 65_535, 200_000, 1]
-        head, body = dechunk(self.fetch(f"/chunks?sizes={','.join(map(str, sizes))}"))
-        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
-        self.assertEqual(body, expected_body(sizes))
-        ended = self.ended()
-        self.assertEqual((ended["reason"], ended["sent"]), ("finished", sum(sizes)))
-        # The first chunk is what sends the headers: it takes the ordinary
-        # way; so do chunks under 64 KiB.
-        self.assertEqual(ended["direct"], MiB + 3 * MiB + 7 + 65_536 + 200_000)
+        sizes = [70_000, 10, MiB, 5, 3 * MiB + 7, 65_536, 65_535, 200_000, MiB, MiB, 1]
+        for batch in ("", "&batch=1"):
+            with self.subTest(batch=batch):
+                del self.recorder.ended[:]
+                path = f"/chunks?sizes={','.join(map(str, sizes))}{batch}"
+                head, body = dechunk(self.fetch(path))
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
+                self.assertEqual(body, expected_body(sizes))
+                ended = self.ended()
+                self.assertEqual((ended["reason"], ended["sent"]), ("finished", sum(sizes)))
+                # The first chunk is what sends the headers: it takes the
+                # ordinary way; so do chunks under 64 KiB.
+                self.assertEqual(ended["direct"], 6 * MiB + 7 + 65_536 + 200_000)
 
     def test_http_1_0_body_runs_to_the_close(self):
         sizes = [100, 2 * MiB, 80_000, 3]
-        raw = self.fetch(f"/chunks?sizes={','.join(map(str, sizes))}", version="1.0")
+        raw = self.fetch(f"/chunks?sizes={','.join(map(str, sizes))}&batch=1", version="1.0")
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertNotIn(b"chunked", head)
         self.assertEqual(body, expected_body(sizes))
@@ -178,7 +186,7 @@ class DirectOutputTests(unittest.TestCase):
 
     def test_nothing_is_held_back_while_the_producer_waits(self):
         sizes = [10] + [MiB] * 6
-        sock = self.connect(f"/chunks?sizes={','.join(map(str, sizes))}&pause=5")
+        sock = self.connect(f"/chunks?sizes={','.join(map(str, sizes))}&pause=5&batch=1")
         start = time.monotonic()
         raw = read_until(sock, chunk(6, MiB)[-100:] + b"\r\n", timeout=10)
         # All six chunks arrived while the producer still waits.
@@ -190,7 +198,7 @@ class DirectOutputTests(unittest.TestCase):
 
     def test_a_client_that_stops_reading_holds_the_producer_back(self):
         before_produced, before_cleanups = self.app.produced, self.app.cleanups
-        sock = self.connect("/chunks?sizes=1048576&repeat=2000")  # 2 GiB
+        sock = self.connect("/chunks?sizes=1048576&repeat=2000&batch=1")  # 2 GiB
         read_until(sock, b"\r\n\r\n")
         # Not reading: the kernel's socket buffers fill, then waitress'
         # queue up to QUEUE_LIMIT, then the producer waits.
@@ -210,7 +218,7 @@ class DirectOutputTests(unittest.TestCase):
 
     def test_a_client_leaving_mid_transfer_ends_the_stream_once(self):
         before = self.app.cleanups
-        sock = self.connect("/chunks?sizes=1048576&repeat=500")
+        sock = self.connect("/chunks?sizes=1048576&repeat=500&batch=1")
         received = 0
         while received < 5 * MiB:
             received += len(sock.recv(MiB))
