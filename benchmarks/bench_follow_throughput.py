@@ -65,7 +65,6 @@ from collective.streamguard.logstream import TEXT_PIECE
 from collective.streamguard.logstream import LogStream
 from collective.streamguard.logstream import piece_size
 
-
 UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 UNITS.update(k=10**3, m=10**6, g=10**9, kib=2**10, mib=2**20, gib=2**30)
 ADMIN = ("admin", "secret")
@@ -133,7 +132,10 @@ def make_app(path):
             size = os.fstat(file.fileno()).st_size
             start_response(
                 "200 OK",
-                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(size))],
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(size)),
+                ],
             )
             return environ["wsgi.file_wrapper"](file)
         start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
@@ -190,11 +192,15 @@ def start_zope(log_path):
     env = dict(os.environ, **instance.env)
     subprocess.run(
         [executable("addzopeuser"), "-c", instance.zope_conf, *ADMIN],
-        env=env, check=True, capture_output=True,
+        env=env,
+        check=True,
+        capture_output=True,
     )
     process = subprocess.Popen(
         [executable("runwsgi"), instance.zope_ini],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -235,10 +241,11 @@ def process_cpu(pid):
 
 def follower_alone(path):
     start = time.monotonic()
+    sent = 0
     with LogFollower(path, offset=0, max_piece=TEXT_PIECE) as follower:
         while not follower.ended:
             for piece in follower.read():
-                piece.data
+                sent += len(piece.data)  # what a text stream sends
     return time.monotonic() - start
 
 
@@ -273,12 +280,19 @@ def measure(kind, size, runs, directory):
                     server_cpu = process_cpu(os.getpid())
                     elapsed, received = follower_alone(path), written
                 elif name.startswith("zope"):
-                    query = "log=event&offset=0" + ("&format=sse" if name == "zope-sse" else "")
-                    elapsed, received = fetch(zope_port, f"/@@stream-log?{query}", auth=True)
+                    query = "log=event&offset=0" + (
+                        "&format=sse" if name == "zope-sse" else ""
+                    )
+                    elapsed, received = fetch(
+                        zope_port, f"/@@stream-log?{query}", auth=True
+                    )
                 else:
                     elapsed, received = fetch(bare_port, f"/{name}")
                 client_cpu = time.process_time() - client_cpu
-                server_cpu = process_cpu(os.getpid() if name == "alone" else server.pid) - server_cpu
+                server_cpu = (
+                    process_cpu(os.getpid() if name == "alone" else server.pid)
+                    - server_cpu
+                )
                 if received < written:
                     raise RuntimeError(f"{name}: {received} bytes for {written}")
                 rates[name].append(written / elapsed)
@@ -295,7 +309,9 @@ def measure(kind, size, runs, directory):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=parse_size, default=2**30, help="e.g. 1GiB, 200MB")
+    parser.add_argument(
+        "--size", type=parse_size, default=2**30, help="e.g. 1GiB, 200MB"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()

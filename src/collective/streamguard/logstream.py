@@ -4,11 +4,11 @@ Plain Python (the view in ``browser/logstream.py`` adds Zope): the follower's
 pieces, formatted, with ``guard.idle()`` between them, so the stream waits on
 inotify and the client's socket at once and sends heartbeats while idle.
 """
+
 import logging
 import weakref
 
 from collective.streamguard.follow import LogUnavailable
-
 
 logger = logging.getLogger("collective.streamguard")
 HEARTBEAT = b": keep-alive\n\n"
@@ -93,4 +93,7 @@ class LogStream:
             return b"id: %d\n\n" % piece.offset  # no data: only the offset moves
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        return b"id: %d\ndata: %s\n\n" % (piece.offset, data.replace(b"\n", b"\ndata: "))
+        return b"id: %d\ndata: %s\n\n" % (
+            piece.offset,
+            data.replace(b"\n", b"\ndata: "),
+        )

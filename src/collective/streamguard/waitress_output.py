@@ -29,6 +29,7 @@ no middleware in between could see or change the bytes), once the headers
 are out.  Written against waitress 3.0 (``SUPPORTED_SERIES``); with any
 other release ``for_caller`` answers None and chunks take the ordinary way.
 """
+
 import collections
 import threading
 from importlib.metadata import PackageNotFoundError
@@ -73,9 +74,19 @@ SMALL_PART = 64
 SMALL_PART_COMPANION = 64 * 1024
 
 _TASK_ATTRIBUTES = (
-    "channel", "wrote_header", "has_body", "chunked_response", "content_length",
+    "channel",
+    "wrote_header",
+    "has_body",
+    "chunked_response",
+    "content_length",
 )
-_CHANNEL_ATTRIBUTES = ("write_soon", "outbuf_lock", "total_outbufs_len", "connected", "server")
+_CHANNEL_ATTRIBUTES = (
+    "write_soon",
+    "outbuf_lock",
+    "total_outbufs_len",
+    "connected",
+    "server",
+)
 
 
 class ChunkBuffer(ReadOnlyFileBasedBuffer):
