@@ -18,6 +18,7 @@ Run from the repository root, after ``make test`` installed the venv::
 
     .venv/bin/python benchmarks/bench_abandon_storm.py [--streams 100] [--seconds 10]
 """
+
 import argparse
 import os
 import platform
@@ -37,7 +38,6 @@ from collective.streamguard.tests.servers import executable  # noqa: E402
 from collective.streamguard.tests.servers import free_port  # noqa: E402
 from collective.streamguard.tests.test_shutdown import wait_until_serving  # noqa: E402
 from collective.streamguard.tests.zopeinstance import ZopeInstance  # noqa: E402
-
 
 PATHS = {
     "guarded": "/@@streamguard-test-stream?mode=idle&tag=storm{n}",
@@ -64,9 +64,7 @@ def storm(port, path, count, seconds, outcome):
         try:
             # Short: a naive server with all threads held never answers.
             with socket.create_connection((HOST, port), timeout=0.5) as sock:
-                sock.sendall(
-                    f"GET {path.format(n=n)} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
-                )
+                sock.sendall(f"GET {path.format(n=n)} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
                 data = b""
                 while b"first line" not in data and b" 503 " not in data[:20]:
                     chunk = sock.recv(65536)
@@ -120,17 +118,23 @@ def main():
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"# runwsgi + waitress, 4 threads; {args.streams} streams abandoned over "
-          f"{args.seconds:.0f} s; normal page polled with a 2 s timeout")
-    header = (f"{'stream kind':<10} {'served':>7} {'refused':>8} {'not served':>11} "
-              f"{'pages ok':>9} {'pages failed':>13} {'median ms':>10} {'p99 ms':>8}")
+    print(
+        f"# runwsgi + waitress, 4 threads; {args.streams} streams abandoned over "
+        f"{args.seconds:.0f} s; normal page polled with a 2 s timeout"
+    )
+    header = (
+        f"{'stream kind':<10} {'served':>7} {'refused':>8} {'not served':>11} "
+        f"{'pages ok':>9} {'pages failed':>13} {'median ms':>10} {'p99 ms':>8}"
+    )
     print(header)
     print("-" * len(header))
     for kind in ("guarded", "naive"):
         outcome, latencies, failures = run(kind, args.streams, args.seconds)
-        print(f"{kind:<10} {outcome['served']:>7} {outcome['refused']:>8} "
-              f"{outcome['not served']:>11} {len(latencies):>9} {len(failures):>13} "
-              f"{ms(latencies, 50):>10} {ms(latencies, 99):>8}")
+        print(
+            f"{kind:<10} {outcome['served']:>7} {outcome['refused']:>8} "
+            f"{outcome['not served']:>11} {len(latencies):>9} {len(failures):>13} "
+            f"{ms(latencies, 50):>10} {ms(latencies, 99):>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -61,9 +61,7 @@ class Bench:
     def open_stream(self, mode, timeout):
         rid = uuid.uuid4().hex[:12]
         sock = servers.connect(self.server)
-        sock.sendall(
-            servers.request_bytes(f"/stream?id={rid}&mode={mode}&timeout={timeout}")
-        )
+        sock.sendall(servers.request_bytes(f"/stream?id={rid}&mode={mode}&timeout={timeout}"))
         servers.read_until(sock, b"ready\n")
         return rid, sock
 
@@ -118,13 +116,9 @@ class Bench:
             thread.start()
         latencies = {}
         deadline = time.monotonic() + 60 + count * 5
-        while (
-            len(latencies) < count or any(t.is_alive() for t in threads)
-        ) and not errors:
+        while (len(latencies) < count or any(t.is_alive() for t in threads)) and not errors:
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{mode}: only {len(latencies)} of {count} streams ended"
-                )
+                raise RuntimeError(f"{mode}: only {len(latencies)} of {count} streams ended")
             for found in self.sink.collect(event=event):
                 latencies[found["id"]] = found["t"]
             time.sleep(0.01)
@@ -157,9 +151,7 @@ def main():
     bench = Bench(lookahead=0)
     try:
         latencies = bench.streamguard(args.streams)
-        rows.append(
-            row("streamguard wait_closed(), lookahead 0", args.streams, latencies)
-        )
+        rows.append(row("streamguard wait_closed(), lookahead 0", args.streams, latencies))
         latencies = bench.concurrent(args.write_streams, "write", "end", drain=True)
         rows.append(
             row(
@@ -173,9 +165,7 @@ def main():
     bench = Bench(lookahead=1)
     try:
         latencies = bench.streamguard(args.streams)
-        rows.append(
-            row("streamguard wait_closed(), lookahead 1", args.streams, latencies)
-        )
+        rows.append(row("streamguard wait_closed(), lookahead 1", args.streams, latencies))
         latencies = bench.concurrent(args.flag_streams, "flag", "flagged")
         rows.append(
             row(

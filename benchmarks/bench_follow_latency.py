@@ -202,9 +202,7 @@ def main():
             ("poll", "LogFollower, poll() on fileno()"),
             ("guard", "LogFollower, StreamGuard.wait(readable=[fd])"),
         ):
-            ours, theirs = run_pass(
-                directory, mode, args.lines, args.min_gap, args.max_gap
-            )
+            ours, theirs = run_pass(directory, mode, args.lines, args.min_gap, args.max_gap)
             print(row(name, args.lines, ours))
             print(row("  GNU tail -F -n0, same file, same pass", args.lines, theirs))
 

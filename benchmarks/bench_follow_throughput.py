@@ -280,18 +280,13 @@ def measure(kind, size, runs, directory):
                     server_cpu = process_cpu(os.getpid())
                     elapsed, received = follower_alone(path), written
                 elif name.startswith("zope"):
-                    query = "log=event&offset=0" + (
-                        "&format=sse" if name == "zope-sse" else ""
-                    )
-                    elapsed, received = fetch(
-                        zope_port, f"/@@stream-log?{query}", auth=True
-                    )
+                    query = "log=event&offset=0" + ("&format=sse" if name == "zope-sse" else "")
+                    elapsed, received = fetch(zope_port, f"/@@stream-log?{query}", auth=True)
                 else:
                     elapsed, received = fetch(bare_port, f"/{name}")
                 client_cpu = time.process_time() - client_cpu
                 server_cpu = (
-                    process_cpu(os.getpid() if name == "alone" else server.pid)
-                    - server_cpu
+                    process_cpu(os.getpid() if name == "alone" else server.pid) - server_cpu
                 )
                 if received < written:
                     raise RuntimeError(f"{name}: {received} bytes for {written}")
@@ -309,9 +304,7 @@ def measure(kind, size, runs, directory):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--size", type=parse_size, default=2**30, help="e.g. 1GiB, 200MB"
-    )
+    parser.add_argument("--size", type=parse_size, default=2**30, help="e.g. 1GiB, 200MB")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()

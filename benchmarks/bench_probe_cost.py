@@ -105,9 +105,7 @@ class Connections:
         more = total - len(self.accepted)
         accepted = []
         acceptor = threading.Thread(
-            target=lambda: accepted.extend(
-                self.listener.accept()[0] for _ in range(more)
-            )
+            target=lambda: accepted.extend(self.listener.accept()[0] for _ in range(more))
         )
         acceptor.start()
         self.child.stdin.write(f"{more}\n")
@@ -154,9 +152,7 @@ def cases(connections):
     from collective.streamguard.probes import FdConnection
 
     channel, zchannel = connections.channels[-1]
-    waitress_environ = {
-        "waitress.client_disconnected": channel.check_client_disconnected
-    }
+    waitress_environ = {"waitress.client_disconnected": channel.check_client_disconnected}
     gunicorn_environ = {"gunicorn.socket": channel.socket}
     fd_environ = {ENVIRON_KEY: FdConnection(channel.socket.fileno(), "uwsgi")}
     zserver_environ = {
@@ -218,9 +214,7 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < SIZES[-1] + 200:
-        sys.exit(
-            f"RLIMIT_NOFILE hard limit {hard} is too low for {SIZES[-1]} connections"
-        )
+        sys.exit(f"RLIMIT_NOFILE hard limit {hard} is too low for {SIZES[-1]} connections")
     connections = Connections()
     table = {}
     try:
@@ -237,11 +231,7 @@ def main():
         f"RLIMIT_NOFILE {soft} -> {hard}"
     )
     print("Time per call, median of 7 repeats, with N other open connections:")
-    header = (
-        f"{'probe':34} "
-        + " ".join(f"{f'N={n:,}':>11}" for n in SIZES)
-        + f" {'ratio':>9}"
-    )
+    header = f"{'probe':34} " + " ".join(f"{f'N={n:,}':>11}" for n in SIZES) + f" {'ratio':>9}"
     print(header)
     print("-" * len(header))
     for name, cells in table.items():

@@ -4,13 +4,13 @@ Run by `make run` as ``zconsole run instance/etc/zope.conf scripts/create_site.p
 zconsole provides ``app``.  Idempotent: a second run reuses the site, makes sure
 the add-on is installed and the admin login matches the make variables.
 """
+
 import os
 
 import transaction
 from plone.base.utils import get_installer
 from Products.CMFPlone.factory import addPloneSite
 from zope.component.hooks import setSite
-
 
 site_id = os.environ.get("SITE_ID", "Plone")
 user = os.environ.get("ADMIN_USER", "admin")

@@ -7,10 +7,10 @@ Usage:
     python scripts/pins.py write < pip-freeze-output
     python scripts/pins.py check
 """
+
 import re
 import sys
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -59,9 +59,7 @@ def write(pins):
     names = sorted(pins, key=str.lower)
     comment = "".join(f"# {line}\n" for line in HEADER.splitlines())
     CONSTRAINTS.write_text(comment + "".join(f"{n}=={pins[n]}\n" for n in names))
-    VERSIONS.write_text(
-        comment + "[versions]\n" + "".join(f"{n} = {pins[n]}\n" for n in names)
-    )
+    VERSIONS.write_text(comment + "[versions]\n" + "".join(f"{n} = {pins[n]}\n" for n in names))
 
 
 def normalized(pins):
@@ -73,8 +71,7 @@ def check():
     if constraints != versions:
         only_c = sorted(set(constraints.items()) - set(versions.items()))
         only_v = sorted(set(versions.items()) - set(constraints.items()))
-        sys.exit(f"pins disagree:\n constraints.txt only: {only_c}\n"
-                 f" versions.cfg only: {only_v}")
+        sys.exit(f"pins disagree:\n constraints.txt only: {only_c}\n versions.cfg only: {only_v}")
     print(f"{len(constraints)} pins agree")
 
 

@@ -13,6 +13,7 @@ symbolic link or a non-regular file makes ``read()`` raise ``LogUnavailable``.
 Standard library only; Linux inotify through ctypes.  Elsewhere, or past the
 per-user inotify limit, ``fileno()`` is -1 and callers wait ``poll_interval``.
 """
+
 import codecs
 import ctypes
 import errno
@@ -20,7 +21,6 @@ import functools
 import os
 import stat
 import threading
-
 
 END_MARKER = "<<<<<EOFMARKER>>>>>"
 
@@ -284,9 +284,7 @@ class LogFollower:
                 self._pos = offset if offset <= size else 0
             else:
                 self._pos = size
-            self._at_line_start = (
-                self._pos == 0 or os.pread(self._fd, 1, self._pos - 1) == b"\n"
-            )
+            self._at_line_start = self._pos == 0 or os.pread(self._fd, 1, self._pos - 1) == b"\n"
         except BaseException:
             self.close()
             raise

@@ -22,6 +22,7 @@ The seed cases: a log loop that held a thread for nobody (000), an error path
 that crashed after the client left and skipped the application's own clean-up
 (001).  Plain Python: imports nothing from Zope.
 """
+
 import logging
 import os
 import select
@@ -35,7 +36,6 @@ from collective.streamguard.connection import RECHECK_INTERVAL
 from collective.streamguard.connection import ConnectionState
 from collective.streamguard.registry import EndReason
 from collective.streamguard.registry import streams
-
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -264,7 +264,11 @@ class GuardedStream:
         weakref.finalize(self, guard.registry.discard, self.record).atexit = False
         logger.info(
             "stream %d started: %s user=%s client=%s probe=%s",
-            self.record.id, label, user, client, guard.connection.probe,
+            self.record.id,
+            label,
+            user,
+            client,
+            guard.connection.probe,
         )
 
     def __iter__(self):

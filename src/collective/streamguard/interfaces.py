@@ -2,11 +2,11 @@
 
 The plain-Python core does not import this module.
 """
+
 from zope import schema
 from zope.i18nmessageid import MessageFactory
 from zope.interface import Interface
 from zope.publisher.interfaces.browser import IDefaultBrowserLayer
-
 
 _ = MessageFactory("collective.streamguard")
 

@@ -11,11 +11,11 @@ Two kinds of names:
 
 A request only ever names a log; the path comes from this mapping.
 """
+
 import logging
 import os
 import re
 import stat
-
 
 ZOPE_LOGS = {"event": ("root",), "access": ("wsgi",)}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -30,7 +30,9 @@ def zope_logs():
     found = {}
     for name, loggers in ZOPE_LOGS.items():
         for logger_name in loggers:
-            logger = logging.getLogger() if logger_name == "root" else logging.getLogger(logger_name)
+            logger = (
+                logging.getLogger() if logger_name == "root" else logging.getLogger(logger_name)
+            )
             for handler in logger.handlers:
                 if isinstance(handler, logging.FileHandler):
                     found.setdefault(name, handler.baseFilename)
@@ -76,9 +78,7 @@ def parse_log_entry(line):
     if not separator:
         raise InvalidLogEntry(f"{line!r}: write a name, '|' and an absolute path")
     if not NAME.match(name):
-        raise InvalidLogEntry(
-            f"{name!r}: a name is 1 to 64 letters, digits, '.', '_' or '-'"
-        )
+        raise InvalidLogEntry(f"{name!r}: a name is 1 to 64 letters, digits, '.', '_' or '-'")
     if name in ZOPE_LOGS:
         raise InvalidLogEntry(f"{name!r} is the name of Zope's own {name} log")
     check_log_path(path)

@@ -113,9 +113,7 @@ class FdConnection(ClientConnection):
 
     def _same_socket(self):
         try:
-            return (
-                self._identity is not None and self._inode(self._fd) == self._identity
-            )
+            return self._identity is not None and self._inode(self._fd) == self._identity
         except OSError:
             return False
 
@@ -241,11 +239,7 @@ def _zserver_channel(pipe):
     channel = getattr(pipe, "_channel", None)
     # ChannelPipe._channel is None once the response finished; a Zope 4+
     # WSGI response's stdout is a BytesIO and has no _channel at all.
-    if (
-        channel is not None
-        and hasattr(channel, "closed")
-        and hasattr(channel, "_fileno")
-    ):
+    if channel is not None and hasattr(channel, "closed") and hasattr(channel, "_fileno"):
         return channel
     return None
 
@@ -276,9 +270,7 @@ def _zserver_scan(environ):
     asyncore = sys.modules.get("asyncore")
     if asyncore is None:
         return UnknownConnection()
-    return ZServerScanConnection(
-        asyncore.socket_map, creation_time, environ.get("REMOTE_ADDR")
-    )
+    return ZServerScanConnection(asyncore.socket_map, creation_time, environ.get("REMOTE_ADDR"))
 
 
 def discover(environ, request=None):

@@ -9,8 +9,6 @@ are daemons: without this they would just vanish mid-transaction).
 
 Plain Python: imports nothing from Zope.
 """
-from dataclasses import dataclass
-from dataclasses import field
 
 import atexit
 import enum
@@ -18,7 +16,8 @@ import itertools
 import logging
 import threading
 import time
-
+from dataclasses import dataclass
+from dataclasses import field
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -26,7 +25,7 @@ logger = logging.getLogger("collective.streamguard")
 SHUTDOWN_TIMEOUT = 5.0
 
 
-class EndReason(str, enum.Enum):
+class EndReason(str, enum.Enum):  # noqa: UP042 (str() stays "EndReason.X")
     """Why a stream ended."""
 
     FINISHED = "finished"

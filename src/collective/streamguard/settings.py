@@ -1,11 +1,11 @@
 """Plone integration: the add-on's registry records as stream defaults."""
+
 from plone.registry.interfaces import IRegistry
 from zope.component import queryUtility
 from zope.interface import implementer
 
 from collective.streamguard.interfaces import IStreamDefaults
 from collective.streamguard.interfaces import IStreamGuardSettings
-
 
 PREFIX = "collective.streamguard"
 

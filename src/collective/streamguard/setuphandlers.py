@@ -1,4 +1,5 @@
 """GenericSetup handlers of the Plone integration."""
+
 from AccessControl.Permission import pname
 from Acquisition import aq_inner
 from Acquisition import aq_parent

@@ -15,12 +15,12 @@ threads, which an idle stream would otherwise fill for nothing.  Servers
 that handle these signals themselves (gunicorn's workers, uWSGI) have their
 own handlers installed and are left alone.
 """
+
 import logging
 import signal
 import threading
 
 from collective.streamguard.registry import streams
-
 
 logger = logging.getLogger("collective.streamguard")
 

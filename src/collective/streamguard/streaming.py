@@ -21,6 +21,7 @@ around a producer, with the guard of ``collective.streamguard.guard``:
   thread and freeze the whole server, so there the same view streams with
   ``response.write()`` from the worker thread instead.
 """
+
 from AccessControl.SecurityManagement import getSecurityManager
 from zope.component import queryUtility
 from zope.interface import implementer
@@ -32,7 +33,6 @@ from collective.streamguard.guard import StreamGuard
 from collective.streamguard.interfaces import IStreamDefaults
 from collective.streamguard.registry import streams
 from collective.streamguard.zodb import ZODBSession
-
 
 #: waitress' default; used where the server does not tell its thread count.
 DEFAULT_THREADS = 4

@@ -3,6 +3,7 @@
 Streams are tested over real sockets against a real waitress server (the
 in-process test browser drains the whole body and would hang on a stream).
 """
+
 from plone.app.testing import PLONE_FIXTURE
 from plone.app.testing import FunctionalTesting
 from plone.app.testing import IntegrationTesting

@@ -17,6 +17,7 @@ catalog's indexing queue does) and must join *this* transaction.  A
 ``register(session, transaction_manager=guard.zodb.transaction_manager)``
 and is then rolled back with it when the client leaves (seed 004).
 """
+
 import logging
 import threading
 
@@ -35,7 +36,6 @@ from zope.globalrequest import clearRequest
 from zope.globalrequest import setRequest
 
 from collective.streamguard.registry import EndReason
-
 
 logger = logging.getLogger("collective.streamguard")
 

@@ -1,4 +1,5 @@
 """The add-on's control panel: the registry settings, log paths checked when saved."""
+
 from plone.app.registry.browser.controlpanel import ControlPanelFormWrapper
 from plone.app.registry.browser.controlpanel import RegistryEditForm
 from plone.z3cform import layout
@@ -17,8 +18,7 @@ class StreamGuardSettingsForm(RegistryEditForm):
     schema_prefix = "collective.streamguard"
     label = _("Stream guard")
     description = _(
-        "Live streams and the logs site managers can follow in the browser "
-        "(@@stream-log-viewer)."
+        "Live streams and the logs site managers can follow in the browser (@@stream-log-viewer)."
     )
 
 

@@ -7,6 +7,7 @@ end) and ``format=sse`` (or ``Accept: text/event-stream``).  A reconnecting
 EventSource sends ``Last-Event-ID``: the byte offset after the last event it
 got, so it gets exactly what it missed.
 """
+
 import re
 
 from AccessControl import Unauthorized
@@ -17,15 +18,14 @@ from zope.component import queryUtility
 
 from collective.streamguard.follow import LogFollower
 from collective.streamguard.follow import LogUnavailable
-from collective.streamguard.logstream import HEARTBEAT
-from collective.streamguard.logstream import LogStream
-from collective.streamguard.logstream import piece_size
 from collective.streamguard.interfaces import END_MARKER
 from collective.streamguard.interfaces import IStreamDefaults
 from collective.streamguard.logs import configured_logs
+from collective.streamguard.logstream import HEARTBEAT
+from collective.streamguard.logstream import LogStream
+from collective.streamguard.logstream import piece_size
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.streaming import stream_response
-
 
 NUMBER = re.compile(r"^[0-9]{1,15}$")
 

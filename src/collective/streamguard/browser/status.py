@@ -1,7 +1,8 @@
 """``@@stream-status``: the live streams and how streams ended, for managers."""
+
 import json
+from datetime import UTC
 from datetime import datetime
-from datetime import timezone
 
 from Products.Five import BrowserView
 
@@ -21,7 +22,7 @@ def status():
                 "user": record.user,
                 "client": record.client,
                 "probe": record.probe,
-                "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(),
+                "started": datetime.fromtimestamp(record.started, UTC).isoformat(),
                 "bytes_sent": record.bytes_sent,
             }
             for record in sorted(streams.live(), key=lambda r: r.id)

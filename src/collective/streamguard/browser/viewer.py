@@ -1,4 +1,5 @@
 """``@@stream-log-viewer``: follow a log in the browser, in Plone's look."""
+
 import os
 
 from collective.streamguard.browser.logstream import LogAccessView

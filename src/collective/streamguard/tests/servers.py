@@ -56,8 +56,7 @@ def executable(name):
         return path
     if may_be_missing(name):
         raise unittest.SkipTest(
-            f"{name} is not installed next to {sys.executable} "
-            f"({SKIP_MISSING_ENV} allows it)"
+            f"{name} is not installed next to {sys.executable} ({SKIP_MISSING_ENV} allows it)"
         )
     raise NotInstalled(
         f"{name} is not installed next to {sys.executable}; run `make test`, "
@@ -139,8 +138,7 @@ class Server:
         if self.kind == "waitress":
             cmd = [executable("waitress-serve"), f"--listen={HOST}:{port}"]
             cmd += [
-                f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
-                for k, v in opts.items()
+                f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in opts.items()
             ]
             return cmd + [self.app]
         if self.kind == "gunicorn":
@@ -157,9 +155,7 @@ class Server:
         opts.setdefault("disable_logging", True)
         # --http-socket closes after every response; --http11-socket keeps
         # the connection alive.  Either way the app's fd is the client's.
-        socket_flag = (
-            "--http11-socket" if opts.pop("keepalive", False) else "--http-socket"
-        )
+        socket_flag = "--http11-socket" if opts.pop("keepalive", False) else "--http-socket"
         # The uwsgi binary embeds libpython; home points it at this venv.
         cmd = [
             executable("uwsgi"),
@@ -402,9 +398,7 @@ def read_until(sock, marker, timeout=10.0):
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
-            raise AssertionError(
-                f"no {marker!r} within {timeout} s; got {data!r}"
-            ) from None
+            raise AssertionError(f"no {marker!r} within {timeout} s; got {data!r}") from None
         if not chunk:
             raise AssertionError(f"server closed before {marker!r}; got {data!r}")
         data += chunk

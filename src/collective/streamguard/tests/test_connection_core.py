@@ -219,9 +219,7 @@ class ThreadTests(SocketTestCase):
         server, _ = self.pair()
         connection = client_connection({"gunicorn.socket": server})
         result = []
-        thread = threading.Thread(
-            target=lambda: result.append(connection.wait_closed(10))
-        )
+        thread = threading.Thread(target=lambda: result.append(connection.wait_closed(10)))
         thread.start()
         time.sleep(0.05)
         server.close()

@@ -83,9 +83,7 @@ class ServerContract:
         the socket and the app's "start" event once "ready" arrived."""
         sock = sock or self.connect()
         rid = self.rid()
-        query = "&".join(
-            f"{k}={v}" for k, v in dict(id=rid, mode=mode, **params).items()
-        )
+        query = "&".join(f"{k}={v}" for k, v in dict(id=rid, mode=mode, **params).items())
         sock.sendall(servers.request_bytes(f"/stream?{query}"))
         servers.read_until(sock, b"ready\n")
         start = self.sink.wait_for(event="start", id=rid)
@@ -266,9 +264,7 @@ WAITRESS_LOOKAHEAD_1 = layer(
     "WAITRESS_LOOKAHEAD_1", "waitress", threads=4, channel_request_lookahead=1
 )
 GUNICORN_SYNC = layer("GUNICORN_SYNC", "gunicorn", worker_class="sync")
-GUNICORN_GTHREAD = layer(
-    "GUNICORN_GTHREAD", "gunicorn", worker_class="gthread", threads=4
-)
+GUNICORN_GTHREAD = layer("GUNICORN_GTHREAD", "gunicorn", worker_class="gthread", threads=4)
 UWSGI_HTTP11 = layer("UWSGI_HTTP11", "uwsgi", threads=4, keepalive=True)
 UWSGI_HTTP = layer("UWSGI_HTTP", "uwsgi", threads=4)
 
@@ -289,9 +285,7 @@ class WaitressLookahead1Tests(ServerContract, KeepAliveContract, unittest.TestCa
     probe = "waitress"
 
 
-class GunicornSyncTests(
-    ServerContract, ConnectionPerRequestContract, unittest.TestCase
-):
+class GunicornSyncTests(ServerContract, ConnectionPerRequestContract, unittest.TestCase):
     """The sync worker forces ``Connection: close``."""
 
     layer = GUNICORN_SYNC
@@ -311,9 +305,7 @@ class UwsgiTests(ServerContract, KeepAliveContract, unittest.TestCase):
     probe = "uwsgi"
 
 
-class UwsgiHttpSocketTests(
-    ServerContract, ConnectionPerRequestContract, unittest.TestCase
-):
+class UwsgiHttpSocketTests(ServerContract, ConnectionPerRequestContract, unittest.TestCase):
     """uWSGI with plain --http-socket: a connection per request."""
 
     layer = UWSGI_HTTP

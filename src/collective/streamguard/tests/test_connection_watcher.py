@@ -155,9 +155,7 @@ class WatcherTests(SocketTestCase):
                 client_connection({"gunicorn.socket": server}).on_close(recorder)
                 client.close()
                 fired = recorder.event.wait(SOON)
-                code = (
-                    0 if fired and watcher._watcher._thread is not parent_thread else 2
-                )
+                code = 0 if fired and watcher._watcher._thread is not parent_thread else 2
             finally:
                 os._exit(code)
         deadline = time.monotonic() + 2 * SOON

@@ -112,9 +112,7 @@ class AsyncoreServerLayer:
         if self._users == 1:
             self.server = zhttp_server()
             self.stopping = False
-            self.thread = threading.Thread(
-                target=self._loop, args=(self.server,), daemon=True
-            )
+            self.thread = threading.Thread(target=self._loop, args=(self.server,), daemon=True)
             self.thread.start()
 
     def _loop(self, server):
@@ -130,10 +128,7 @@ class AsyncoreServerLayer:
         self.stopping = True
         self.thread.join(5)
         for dispatcher in list(asyncore.socket_map.values()):
-            if (
-                dispatcher is self.server
-                or getattr(dispatcher, "server", None) is self.server
-            ):
+            if dispatcher is self.server or getattr(dispatcher, "server", None) is self.server:
                 dispatcher.close()
         assert not self.thread.is_alive(), "asyncore loop thread did not stop"
 
@@ -202,9 +197,7 @@ class ExactChannelTests(ZServerContractTestCase):
         connection = client_connection(request)
         self.assertEqual(connection.probe, "zserver-channel")
         self.assertEqual(connection.state().state, ConnectionState.OPEN)
-        self.assertEqual(
-            connection.fileno(), request.response.stdout._channel.socket.fileno()
-        )
+        self.assertEqual(connection.fileno(), request.response.stdout._channel.socket.fileno())
 
     def test_stream_ends_when_asyncore_thread_reads_the_fin(self):
         sock, request = self.connect()
@@ -278,13 +271,9 @@ class ScanTests(ZServerContractTestCase):
         _, request = self.connect()
         environ = dict(request.environ)
         environ["channel.creation_time"] -= 3600
-        self.assertEqual(
-            client_connection(environ).state().state, ConnectionState.CLOSED
-        )
+        self.assertEqual(client_connection(environ).state().state, ConnectionState.CLOSED)
         environ = dict(request.environ, REMOTE_ADDR="127.0.0.2")
-        self.assertEqual(
-            client_connection(environ).state().state, ConnectionState.CLOSED
-        )
+        self.assertEqual(client_connection(environ).state().state, ConnectionState.CLOSED)
 
     def connect_twice_in_one_second(self):
         for _attempt in range(5):
@@ -318,8 +307,6 @@ class ScanTests(ZServerContractTestCase):
         # never in socket_map.
         environ = {"channel.creation_time": time.time(), "REMOTE_ADDR": "127.0.0.1"}
         verdict = client_connection(environ).state()
-        self.assertEqual(
-            (verdict.state, verdict.probe), (ConnectionState.UNKNOWN, "zserver-clock")
-        )
+        self.assertEqual((verdict.state, verdict.probe), (ConnectionState.UNKNOWN, "zserver-clock"))
         self.assertTrue(verdict)
         self.assertFalse(client_connection(environ).wait_closed(0))

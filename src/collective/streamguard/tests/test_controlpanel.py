@@ -1,4 +1,5 @@
 """The control panel saves good settings and refuses bad log paths with a reason."""
+
 import os
 import shutil
 import tempfile

@@ -1,5 +1,6 @@
 """README.rst's example views: the code there is this package's
 ``tests/examples.py``, and it works on a real Plone site and waitress."""
+
 import csv
 import io
 import os
@@ -8,12 +9,11 @@ import unittest
 
 import transaction
 
+from collective.streamguard.registry import streams
 from collective.streamguard.tests import examples
 from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.test_streaming import StreamingTestCase
 from collective.streamguard.tests.servers import wait_for
-from collective.streamguard.registry import streams
-
+from collective.streamguard.tests.test_streaming import StreamingTestCase
 
 README = os.path.join(os.path.dirname(__file__), *[os.pardir] * 4, "README.rst")
 
@@ -27,7 +27,7 @@ def readme_examples():
         code = "\n".join(line[4:] for line in match.group(1).splitlines()).strip()
         first = code.splitlines()[0]
         if first.startswith("# example: "):
-            blocks[first[len("# example: "):]] = code
+            blocks[first[len("# example: ") :]] = code
     return blocks
 
 
@@ -39,7 +39,7 @@ def dechunk(body):
         size = int(size_line, 16)
         if size == 0:
             return payload
-        payload, body = payload + body[:size], body[size + 2:]
+        payload, body = payload + body[:size], body[size + 2 :]
 
 
 def module_examples():
@@ -62,8 +62,8 @@ class TestExampleViews(StreamingTestCase):
     def setUp(self):
         super().setUp()
         portal = self.layer["portal"]
-        from plone.app.testing import setRoles
         from plone.app.testing import TEST_USER_ID
+        from plone.app.testing import setRoles
 
         setRoles(portal, TEST_USER_ID, ["Manager"])
         for n in range(40):

@@ -18,7 +18,6 @@ from collective.streamguard.follow import LogFollower
 from collective.streamguard.follow import LogUnavailable
 from collective.streamguard.follow import Piece
 
-
 MARKER = follow.END_MARKER
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(follow.__file__)))
 
@@ -219,7 +218,6 @@ class MarkerTests(FollowTestCase):
         self.assertEqual(text_of(follower.read()), "DONT\n")
         self.assertTrue(follower.ended)
 
-
     def test_marker_after_many_lines_starting_with_its_first_byte(self):
         # More than a few lines starting with "<": the search switches from
         # the marker's first byte to the whole "\n" + marker.
@@ -289,9 +287,17 @@ class DecodingTests(FollowTestCase):
     def test_resume_from_any_piece_offset_gives_exactly_the_rest(self):
         rng = random.Random(2583)
         parts = [
-            b"plain line\n", "größe € 😀\n".encode(), b"bad \xff\xfe bytes\n",
-            b"<<<<<EOF not quite\n", b"<<<", b"partial ", b"\xf0\x9f", b"\x98\x80\n",
-            b"\xe2\x82", b"x\n", b"tab\there\r\n",
+            b"plain line\n",
+            "größe € 😀\n".encode(),
+            b"bad \xff\xfe bytes\n",
+            b"<<<<<EOF not quite\n",
+            b"<<<",
+            b"partial ",
+            b"\xf0\x9f",
+            b"\x98\x80\n",
+            b"\xe2\x82",
+            b"x\n",
+            b"tab\there\r\n",
         ]
         content = b"".join(rng.choice(parts) for _ in range(400)) + b"end\n"
         whole = content.decode("utf-8", "replace")
@@ -300,7 +306,7 @@ class DecodingTests(FollowTestCase):
         position = 0
         while position < len(content):
             step = rng.randint(1, 40)  # splits lines and UTF-8 sequences
-            self.append(content[position:position + step])
+            self.append(content[position : position + step])
             position += step
             pieces.extend(follower.read(max_bytes=rng.randint(1, 100)))
         pieces.extend(read_all(follower))
@@ -310,9 +316,9 @@ class DecodingTests(FollowTestCase):
             self.assertTrue(piece.text)
             self.assertEqual(piece.data, piece.text.encode("utf-8"))
             before += piece.text
-            self.assertEqual(content[:piece.offset].decode("utf-8", "replace"), before)
+            self.assertEqual(content[: piece.offset].decode("utf-8", "replace"), before)
         for piece in rng.sample(pieces, 40):
-            before = content[:piece.offset].decode("utf-8", "replace")
+            before = content[: piece.offset].decode("utf-8", "replace")
             rest = text_of(read_all(self.follower(offset=piece.offset)))
             self.assertEqual(before + rest, whole)
 
@@ -489,8 +495,11 @@ class LifecycleTests(FollowTestCase):
             "print(json.dumps(sorted(sys.modules)))"
         )
         result = subprocess.run(
-            [sys.executable, "-S", "-c", script], env={"PYTHONPATH": SRC},
-            capture_output=True, timeout=30, check=True,
+            [sys.executable, "-S", "-c", script],
+            env={"PYTHONPATH": SRC},
+            capture_output=True,
+            timeout=30,
+            check=True,
         )
         roots = {name.split(".")[0] for name in json.loads(result.stdout)}
         self.assertFalse(roots & {"zope", "Products", "plone", "ZODB", "transaction"})

@@ -4,6 +4,7 @@ in order, whatever raises; a dropped body still gives its slot back.
 The connection is the "unknown server" one (treated as open); the tests
 with real clients leaving are in test_streaming and test_connection_*.
 """
+
 import gc
 import threading
 import time
@@ -105,7 +106,9 @@ class TestWaiting(unittest.TestCase):
 
     def test_idle_yields_heartbeats(self):
         guard = StreamGuard(
-            UnknownConnection(), heartbeat=b": hb\n\n", heartbeat_interval=0.05,
+            UnknownConnection(),
+            heartbeat=b": hb\n\n",
+            heartbeat_interval=0.05,
             registry=StreamRegistry(),
         )
         beats = []

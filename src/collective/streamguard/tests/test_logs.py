@@ -1,4 +1,5 @@
 """Which logs may be streamed: Zope's own, and configured lines checked with a reason."""
+
 import logging
 import os
 import shutil

@@ -1,9 +1,9 @@
 """The add-on installs into a Plone site and uninstalls without a trace."""
+
 import unittest
 
 from AccessControl import getSecurityManager
 from AccessControl.Permission import pname
-
 from plone.app.testing import TEST_USER_ID
 from plone.app.testing import setRoles
 from plone.base.utils import get_installer
@@ -15,7 +15,6 @@ from collective.streamguard.interfaces import IStreamGuardLayer
 from collective.streamguard.interfaces import IStreamGuardSettings
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.testing import STREAMGUARD_INTEGRATION_TESTING
-
 
 PREFIX = "collective.streamguard."
 
@@ -52,7 +51,9 @@ class TestInstall(unittest.TestCase):
         )
 
     def test_view_log_streams_is_given_to_manager_only(self):
-        roles = {r["name"] for r in self.portal.rolesOfPermission(VIEW_LOG_STREAMS) if r["selected"]}
+        roles = {
+            r["name"] for r in self.portal.rolesOfPermission(VIEW_LOG_STREAMS) if r["selected"]
+        }
         self.assertEqual(roles, {"Manager"})
 
     def test_manager_has_the_permission_and_a_member_has_not(self):

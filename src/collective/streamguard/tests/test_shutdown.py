@@ -4,6 +4,7 @@ Zope's own ``runwsgi`` (what ``make run`` starts) serves a throw-away Zope
 instance in a subprocess; a client keeps a stream open while the process is
 stopped with SIGTERM (process managers) or SIGINT (Ctrl-C).
 """
+
 import os
 import signal
 import subprocess

@@ -5,6 +5,7 @@ for nobody, and four of them stopped the site.  After the storm nothing may
 be left: no thread, no file descriptor, no ZODB connection, no open
 producer transaction; and normal pages answer all through it.
 """
+
 import http.client
 import os
 import socket
@@ -12,11 +13,10 @@ import threading
 
 from collective.streamguard.registry import streams
 from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.test_streaming import StreamingTestCase
 from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.tests.test_streaming import StreamingTestCase
 from collective.streamguard.tests.test_transactions import open_connections
 from collective.streamguard.zodb import open_sessions
-
 
 STREAMS = 200
 
@@ -80,7 +80,9 @@ class TestAbandonStorm(StreamingTestCase):
         poller.stop.set()
         poller.join(15)
 
-        self.assertEqual(streams.snapshot()["ended"]["client gone"] - ended_before, STREAMS - refused)
+        self.assertEqual(
+            streams.snapshot()["ended"]["client gone"] - ended_before, STREAMS - refused
+        )
         # At most 3 streams are live at once (4 threads - 1); a client that
         # leaves frees its slot within milliseconds, so few are refused.
         self.assertLess(refused, STREAMS // 10)

@@ -3,6 +3,7 @@
 The log is a real file in a temp dir, configured in the registry; the test
 appends to it, rotates it, swaps it, while raw-socket clients follow it.
 """
+
 import base64
 import http.client
 import json
@@ -22,11 +23,10 @@ from zope.component import getUtility
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.registry import streams
 from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.test_streaming import StreamingTestCase
 from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.tests.test_streaming import StreamingTestCase
 from collective.streamguard.tests.test_waitress_output import Recorder
 from collective.streamguard.tests.test_waitress_output import dechunk
-
 
 MARKER = "<<<<<EOFMARKER>>>>>"
 
@@ -91,12 +91,16 @@ class TestFollowing(LogTestCase):
 
     def test_last_lines(self):
         sock, head = self.follow("log=app&lines=1")
-        data = head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        data = (
+            head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        )
         self.assertNotIn(b"first old line", data)
 
     def test_byte_offset(self):
         sock, head = self.follow("log=app&offset=6")
-        data = head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        data = (
+            head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        )
         self.assertIn(b"old line\nsecond", data)
         self.assertNotIn(b"first old", data)
 
@@ -154,8 +158,10 @@ class TestFollowing(LogTestCase):
     def big_log(self):
         """About 6 MB of lines with UTF-8, CRLF and a few invalid bytes deep
         inside, then the end marker; the text a client must get."""
-        lines = [f"{n} größe € 😀 line\r\n".encode() if n % 7 else f"{n} plain\n".encode()
-                 for n in range(200_000)]
+        lines = [
+            f"{n} größe € 😀 line\r\n".encode() if n % 7 else f"{n} plain\n".encode()
+            for n in range(200_000)
+        ]
         lines[150_000] = b"bad \xff\xfe bytes\n"
         content = b"".join(lines)
         with open(self.path, "wb") as f:
@@ -189,7 +195,9 @@ class TestServerSentEvents(LogTestCase):
     def test_event_ids_are_byte_offsets_and_last_event_id_resumes_exactly(self):
         sock, head = self.follow("log=app&format=sse&lines=2")
         self.assertIn(b"Content-Type: text/event-stream; charset=utf-8", head)
-        data = head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        data = (
+            head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
+        )
         offset = os.path.getsize(self.path)
         self.assertIn(f"id: {offset}\n".encode(), data)
         sock.close()

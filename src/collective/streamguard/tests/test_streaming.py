@@ -3,6 +3,7 @@
 Clients are raw sockets: the tests need to read a response while it is
 still being produced, and to leave with a FIN or a reset.
 """
+
 import base64
 import http.client
 import socket
@@ -128,9 +129,7 @@ class TestEndReasons(StreamingTestCase):
 
     def test_finished_producer(self):
         tag = self.tag()
-        status, headers, body = self.get(
-            f"/plone/@@streamguard-test-stream?tag={tag}&mode=finish"
-        )
+        status, headers, body = self.get(f"/plone/@@streamguard-test-stream?tag={tag}&mode=finish")
         self.assertEqual(status, 200)
         self.assertEqual(body, f"first line of {tag}\nsecond\nthird\n".encode())
         self.assert_cleaned_up_once(tag, "finished")
@@ -182,7 +181,7 @@ class TestThreadPoolProtection(StreamingTestCase):
     def test_fourth_stream_is_refused_and_pages_still_answer(self):
         tags = [self.tag() for _ in range(3)]
         socks = [self.open(f"tag={tag}&mode=idle") for tag in tags]
-        for sock, tag in zip(socks, tags):
+        for sock, tag in zip(socks, tags, strict=True):
             read_until(sock, f"first line of {tag}".encode())
         status, headers, body = self.get(f"/plone/@@streamguard-test-stream?tag={self.tag()}")
         self.assertEqual(status, 503)

@@ -7,6 +7,7 @@ channel from the worker thread and silently drops data once the channel is
 closed, as ``ZServer.HTTPResponse`` does; its ``stdout`` is the
 ``ChannelPipe`` that lets the probe find the request's channel.
 """
+
 import threading
 
 from collective.streamguard.registry import streams
@@ -36,9 +37,7 @@ class ZServerResponse:
         if channel is None or channel.closed:
             return  # ZServer drops data for a closed channel, never raises
         if not self.written:
-            head = "HTTP/1.1 200 OK\r\n" + "".join(
-                f"{k}: {v}\r\n" for k, v in self.headers.items()
-            )
+            head = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
             self.server.calls.put(lambda: channel.push(head.encode() + b"\r\n"))
         self.written.append(data)
         self.server.calls.put(lambda: channel.push(data))

@@ -4,6 +4,7 @@ On a real Plone site served by a real waitress: what the producer writes is
 committed when it finishes and aborted when the client leaves, batch commits
 stay, the catalog follows, and no connection or transaction is left behind.
 """
+
 import os
 import sqlite3
 import tempfile
@@ -12,9 +13,8 @@ import transaction
 
 from collective.streamguard.tests import views
 from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.test_streaming import StreamingTestCase
 from collective.streamguard.tests.servers import wait_for
-
+from collective.streamguard.tests.test_streaming import StreamingTestCase
 
 PATH = "/plone/@@streamguard-test-zodb"
 

@@ -6,6 +6,7 @@ downloaded.  A manager logs in, opens the viewer, sees appended lines arrive
 (as text, whatever HTML they hold), filters them, and closes the tab; the
 server-side stream must have ended within a second, as @@stream-status says.
 """
+
 import base64
 import http.client
 import json
@@ -19,7 +20,6 @@ from plone.registry.interfaces import IRegistry
 from zope.component import getUtility
 
 from collective.streamguard.tests.test_streaming import StreamingTestCase
-
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -88,7 +88,8 @@ class TestViewerInChromium(StreamingTestCase):
         try:
             token = base64.b64encode(b"admin:secret").decode()
             connection.request(
-                "GET", "/plone/@@stream-status?format=json",
+                "GET",
+                "/plone/@@stream-status?format=json",
                 headers={"Authorization": f"Basic {token}"},
             )
             return json.loads(connection.getresponse().read())["live"]
@@ -102,8 +103,10 @@ class TestViewerInChromium(StreamingTestCase):
         self.driver.find_element(By.NAME, "__ac_name").send_keys("admin")
         self.driver.find_element(By.NAME, "__ac_password").send_keys("secret")
         self.driver.find_element(By.NAME, "buttons.login").click()
-        self.wait(lambda: "__ac" in {c["name"] for c in self.driver.get_cookies()},
-                  message="login did not set the auth cookie")
+        self.wait(
+            lambda: "__ac" in {c["name"] for c in self.driver.get_cookies()},
+            message="login did not set the auth cookie",
+        )
 
     def test_follow_filter_escape_and_close(self):
         from selenium.webdriver.common.by import By
@@ -112,12 +115,14 @@ class TestViewerInChromium(StreamingTestCase):
         self.driver.get(f"{self.base}/@@stream-log-viewer")
         viewer = self.driver.find_element(By.ID, "streamguard-viewer")
         output = self.driver.find_element(By.ID, "streamguard-output")
-        self.wait(lambda: viewer.get_attribute("data-state") == "Following.",
-                  message="the viewer did not start following")
+        self.wait(
+            lambda: viewer.get_attribute("data-state") == "Following.",
+            message="the viewer did not start following",
+        )
         self.assertEqual(self.driver.find_element(By.ID, "streamguard-name").text, "app")
         self.wait(lambda: "an old line" in output.text)
 
-        self.append('2026-11-21 INFO a line with <script>window.pwned=1</script> in it\n')
+        self.append("2026-11-21 INFO a line with <script>window.pwned=1</script> in it\n")
         self.append("2026-11-21 ERROR something broke\n")
         self.append("2026-11-21 WARNING something odd\n")
         self.wait(lambda: "something odd" in output.text, message="appended lines never showed")
@@ -133,8 +138,11 @@ class TestViewerInChromium(StreamingTestCase):
         self.assertEqual(levels["2026-11-21 WARNING something odd"], "warning")
 
         self.driver.find_element(By.ID, "streamguard-filter").send_keys("ERROR")
-        visible = [line.text for line in output.find_elements(By.CLASS_NAME, "streamguard-line")
-                   if line.is_displayed()]
+        visible = [
+            line.text
+            for line in output.find_elements(By.CLASS_NAME, "streamguard-line")
+            if line.is_displayed()
+        ]
         self.assertEqual(visible, ["2026-11-21 ERROR something broke"])
 
         # Pause stops the stream; follow resumes from where it stopped.

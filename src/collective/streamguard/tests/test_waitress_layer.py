@@ -1,4 +1,5 @@
 """The real-waitress test layer: a Plone site served over real sockets."""
+
 import http.client
 import unittest
 

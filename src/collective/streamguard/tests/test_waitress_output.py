@@ -25,9 +25,7 @@ from collective.streamguard.waitress_output import HELD_LIMIT
 from collective.streamguard.waitress_output import QUEUE_LIMIT
 
 MiB = 1 << 20
-ENDED = re.compile(
-    r"stream (\d+) ended \((.+)\): (\d+) bytes \((\d+) queued without a copy\)"
-)
+ENDED = re.compile(r"stream (\d+) ended \((.+)\): (\d+) bytes \((\d+) queued without a copy\)")
 
 
 def chunk(index, size):
@@ -81,9 +79,7 @@ class App:
 
     def __call__(self, environ, start_response):
         query = parse_qs(environ.get("QUERY_STRING", ""))
-        sizes = [int(s) for s in query["sizes"][0].split(",")] * int(
-            query.get("repeat", ["1"])[0]
-        )
+        sizes = [int(s) for s in query["sizes"][0].split(",")] * int(query.get("repeat", ["1"])[0])
         pause = float(query.get("pause", ["0"])[0])
         batch = "batch" in query
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
@@ -150,9 +146,7 @@ class DirectOutputTests(unittest.TestCase):
         sock = socket.create_connection(self.address, timeout=10)
         self.addCleanup(sock.close)
         close = "Connection: close\r\n" if version == "1.1" else ""
-        sock.sendall(
-            f"{method} {path} HTTP/{version}\r\nHost: test\r\n{close}\r\n".encode()
-        )
+        sock.sendall(f"{method} {path} HTTP/{version}\r\nHost: test\r\n{close}\r\n".encode())
         return sock
 
     def fetch(self, path, version="1.1", method="GET"):
@@ -177,18 +171,14 @@ class DirectOutputTests(unittest.TestCase):
                 self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
                 self.assertEqual(body, expected_body(sizes))
                 ended = self.ended()
-                self.assertEqual(
-                    (ended["reason"], ended["sent"]), ("finished", sum(sizes))
-                )
+                self.assertEqual((ended["reason"], ended["sent"]), ("finished", sum(sizes)))
                 # The first chunk is what sends the headers: it takes the
                 # ordinary way; so do chunks under 64 KiB.
                 self.assertEqual(ended["direct"], 6 * MiB + 7 + 65_536 + 200_000)
 
     def test_http_1_0_body_runs_to_the_close(self):
         sizes = [100, 2 * MiB, 80_000, 3]
-        raw = self.fetch(
-            f"/chunks?sizes={','.join(map(str, sizes))}&batch=1", version="1.0"
-        )
+        raw = self.fetch(f"/chunks?sizes={','.join(map(str, sizes))}&batch=1", version="1.0")
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertNotIn(b"chunked", head)
         self.assertEqual(body, expected_body(sizes))
@@ -202,9 +192,7 @@ class DirectOutputTests(unittest.TestCase):
 
     def test_nothing_is_held_back_while_the_producer_waits(self):
         sizes = [10] + [MiB] * 6
-        sock = self.connect(
-            f"/chunks?sizes={','.join(map(str, sizes))}&pause=5&batch=1"
-        )
+        sock = self.connect(f"/chunks?sizes={','.join(map(str, sizes))}&pause=5&batch=1")
         start = time.monotonic()
         raw = read_until(sock, chunk(6, MiB)[-100:] + b"\r\n", timeout=10)
         # All six chunks arrived while the producer still waits.
@@ -223,16 +211,12 @@ class DirectOutputTests(unittest.TestCase):
         time.sleep(1.0)
         produced = self.app.produced - before_produced
         time.sleep(0.5)
-        self.assertEqual(
-            self.app.produced - before_produced, produced, "the producer went on"
-        )
+        self.assertEqual(self.app.produced - before_produced, produced, "the producer went on")
         # Queued, held, and what the loopback socket buffers hold: 14 MiB
         # were produced in all when this was written.
         self.assertLess(produced, QUEUE_LIMIT + HELD_LIMIT + 12 * MiB)
         self.assertFalse(self.recorder.ended)
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-        )
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()  # reset: the client is gone
         ended = self.ended()
         self.assertEqual(ended["reason"], EndReason.CLIENT_GONE.value)
@@ -253,9 +237,7 @@ class DirectOutputTests(unittest.TestCase):
         # Every worker thread is free again: four streams at once finish.
         results = []
         threads = [
-            threading.Thread(
-                target=lambda: results.append(self.fetch("/chunks?sizes=10,100000"))
-            )
+            threading.Thread(target=lambda: results.append(self.fetch("/chunks?sizes=10,100000")))
             for _ in range(4)
         ]
         for thread in threads:

@@ -5,6 +5,7 @@ as its clients, all subprocesses on loopback.  A producer on instance A
 writes in its own connection and transaction; instance B sees the write
 when the producer finished, and never when the client left first.
 """
+
 import os
 import socket
 import subprocess
@@ -16,8 +17,8 @@ from collective.streamguard.tests.servers import HOST
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
 from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.test_shutdown import wait_until_serving
 from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.tests.test_shutdown import wait_until_serving
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 
@@ -46,9 +47,15 @@ class ZEOLayer:
         self.zeo_port = free_port()
         self.zeo_home = ZopeInstance(free_port())  # only for its temp dir
         zeo = subprocess.Popen(
-            [executable("runzeo"), "-a", f"{HOST}:{self.zeo_port}",
-             "-f", os.path.join(self.zeo_home.home, "var", "zeo.fs")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                executable("runzeo"),
+                "-a",
+                f"{HOST}:{self.zeo_port}",
+                "-f",
+                os.path.join(self.zeo_home.home, "var", "zeo.fs"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.processes.append(zeo)
         wait_for_port(self.zeo_port, zeo)
@@ -59,7 +66,8 @@ class ZEOLayer:
             process = subprocess.Popen(
                 [executable("runwsgi"), instance.zope_ini],
                 env={**os.environ, **instance.env},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             self.processes.append(process)
             instance.port = port

@@ -38,12 +38,8 @@ def import_path():
     """
     stdlib = os.path.realpath(sys.base_prefix)
     return [
-        p
-        for p in sys.path
-        if p and os.path.isdir(p) and not os.path.realpath(p).startswith(stdlib)
+        p for p in sys.path if p and os.path.isdir(p) and not os.path.realpath(p).startswith(stdlib)
     ]
-
-
 
 
 class ZopeServerLayer(servers.ServerLayer):
@@ -128,9 +124,7 @@ class ZopeServerContract:
         self.tags.append(tag)
         sock = servers.connect(self.server)
         self.addCleanup(sock.close)
-        sock.sendall(
-            servers.request_bytes(f"/@@streamguard-test-stream?tag={tag}&mode={mode}")
-        )
+        sock.sendall(servers.request_bytes(f"/@@streamguard-test-stream?tag={tag}&mode={mode}"))
         head = servers.read_until(sock, f"first line of {tag}\n".encode())
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head[:200])
         if mode == "idle":
@@ -142,9 +136,7 @@ class ZopeServerContract:
 
     def assert_ended_once(self, tag, reason):
         cleanups = wait_for(lambda: self.instance.events("cleanup", tag=tag))
-        self.assertEqual(
-            [c["reason"] for c in cleanups], [reason], self.server.log_tail()
-        )
+        self.assertEqual([c["reason"] for c in cleanups], [reason], self.server.log_tail())
         # The thread (the whole worker, on gunicorn sync) is free again: the
         # next request is served, and the stream did not end a second time.
         self.assertEqual(self.get("/@@streamguard-test-probe")[0], 200)
@@ -197,16 +189,12 @@ class ZopeServerContract:
         self.assertEqual(self.instance.events("idle-returned", tag=tag), [])
 
 
-ZOPE_GUNICORN_SYNC = ZopeServerLayer(
-    "ZOPE_GUNICORN_SYNC", "gunicorn", worker_class="sync"
-)
+ZOPE_GUNICORN_SYNC = ZopeServerLayer("ZOPE_GUNICORN_SYNC", "gunicorn", worker_class="sync")
 ZOPE_GUNICORN_GTHREAD = ZopeServerLayer(
     "ZOPE_GUNICORN_GTHREAD", "gunicorn", worker_class="gthread", threads=4
 )
 ZOPE_UWSGI_HTTP = ZopeServerLayer("ZOPE_UWSGI_HTTP", "uwsgi", threads=4)
-ZOPE_UWSGI_HTTP11 = ZopeServerLayer(
-    "ZOPE_UWSGI_HTTP11", "uwsgi", threads=4, keepalive=True
-)
+ZOPE_UWSGI_HTTP11 = ZopeServerLayer("ZOPE_UWSGI_HTTP11", "uwsgi", threads=4, keepalive=True)
 
 
 class ZopeOnGunicornSyncTests(ZopeServerContract, unittest.TestCase):

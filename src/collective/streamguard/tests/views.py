@@ -3,6 +3,7 @@
 The WSGI server layer runs waitress in a thread of the test process, so the
 producers report to ``EVENTS`` here and the tests read it directly.
 """
+
 import json
 import os
 import threading
@@ -11,7 +12,6 @@ import time
 from Products.Five import BrowserView
 
 from collective.streamguard.streaming import stream_response
-
 
 EVENTS = []
 _lock = threading.Lock()
@@ -36,8 +36,7 @@ def events(name=None, **match):
     return [
         e
         for e in found
-        if (name is None or e["event"] == name)
-        and all(e.get(k) == v for k, v in match.items())
+        if (name is None or e["event"] == name) and all(e.get(k) == v for k, v in match.items())
     ]
 
 
@@ -112,8 +111,9 @@ class ZODBStreamView(BrowserView):
     """``@@streamguard-test-zodb?tag=T&mode=M``: producers that write.
 
     ``write`` (mark the site, or the context where there is no site, then
-    idle until the client leaves or the gate opens; ``finish=1``: end at once), ``batch`` (create documents, commit every 10, then idle),
-    ``sql`` (insert rows through a zope.sqlalchemy session, then idle).
+    idle until the client leaves or the gate opens; ``finish=1``: end at
+    once), ``batch`` (create documents, commit every 10, then idle), ``sql``
+    (insert rows through a zope.sqlalchemy session, then idle).
     """
 
     def __call__(self):
@@ -200,8 +200,8 @@ class NaiveStreamView(BrowserView):
     """
 
     def __call__(self):
-        from ZPublisher.Iterators import IUnboundStreamIterator
         from zope.interface import implementer
+        from ZPublisher.Iterators import IUnboundStreamIterator
 
         @implementer(IUnboundStreamIterator)
         class Body:

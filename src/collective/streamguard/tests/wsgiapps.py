@@ -122,23 +122,16 @@ def _ensure_control():
 
 
 def _query(environ):
-    return {
-        key: values[-1]
-        for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()
-    }
+    return {key: values[-1] for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()}
 
 
 def app(environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path == "/ping":
-        start_response(
-            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")]
-        )
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")])
         return [b"pong"]
     if path not in ("/hold", "/stream"):
-        start_response(
-            "404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")]
-        )
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
         return [b""]
     query = _query(environ)
     rid = query.get("id", "")
@@ -157,14 +150,10 @@ def app(environ, start_response):
         connection.on_close(lambda: _called_back(rid))
     report("start", **start)
     if path == "/hold":
-        start_response(
-            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")]
-        )
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
         return [b"held\n"]
     # No Content-Length: an endless body, chunked under HTTP/1.1.
-    start_response(
-        "200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "no-store")]
-    )
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "no-store")])
     return Stream(environ, connection, rid, query)
 
 
@@ -282,16 +271,12 @@ class EventSink:
                     return event
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(
-                    f"no event {match} within {timeout} s; have {self.buffer}"
-                )
+                raise AssertionError(f"no event {match} within {timeout} s; have {self.buffer}")
             self._receive(left)
 
     def ask(self, ctl, op, rid, timeout=10.0):
         """Send ``op`` ("state", "release", "ping") about request ``rid`` to
         the server process listening on ``ctl``; return its reply."""
         token = uuid.uuid4().hex
-        self.sock.sendto(
-            json.dumps({"op": op, "id": rid, "token": token}).encode(), ctl
-        )
+        self.sock.sendto(json.dumps({"op": op, "id": rid, "token": token}).encode(), ctl)
         return self.wait_for(timeout, event="reply", token=token)

@@ -4,6 +4,7 @@ subprocesses: Zope's own ``runwsgi``, gunicorn and uWSGI.
 It loads the add-on and the test views (``test.zcml``); producers report to
 a JSON-lines file named by ``STREAMGUARD_TEST_EVENTS`` (``views.record``).
 """
+
 import json
 import os
 import shutil
@@ -11,7 +12,6 @@ import tempfile
 
 from collective.streamguard.tests.servers import HOST
 from collective.streamguard.tests.servers import SRC
-
 
 SITE_ZCML = """\
 <configure xmlns="http://namespaces.zope.org/zope">
@@ -114,8 +114,7 @@ class ZopeInstance:
         return [
             e
             for e in found
-            if (name is None or e["event"] == name)
-            and all(e.get(k) == v for k, v in match.items())
+            if (name is None or e["event"] == name) and all(e.get(k) == v for k, v in match.items())
         ]
 
     def remove(self):
