@@ -353,6 +353,7 @@ class GuardedStream:
             self._ended = True
         guard = self.guard
         guard.reason = reason
+        guard.before_wait = None  # no cycle guard -> stream once it ends
         try:
             close = getattr(self._iterator, "close", None)
             if close is not None:
