@@ -98,7 +98,11 @@ pins:
 	$(PYTHON) scripts/pins.py check
 	rm -rf $(CURDIR)/.pins-venv
 
-lint: $(VENV)/.installed-test
+$(VENV)/.installed-lint: $(BIN)/python constraints.txt
+	$(PIP) install -c constraints.txt ruff
+	@touch $@
+
+lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check src scripts benchmarks
 	$(BIN)/ruff format --check src scripts benchmarks
 
