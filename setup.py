@@ -1,12 +1,28 @@
+import os
 from pathlib import Path
-from setuptools import setup
 
+from setuptools import Extension
+from setuptools import find_namespace_packages
+from setuptools import setup
 
 version = "1.0.0a1.dev0"
 
 long_description = "\n\n".join(
     Path(name).read_text(encoding="utf-8") for name in ("README.rst", "CHANGES.rst")
 )
+
+# The C UTF-8 check is optional, as zope.interface's C optimizations are: a
+# machine without a compiler (or PURE_PYTHON=1) installs the add-on without
+# it, and LogFollower checks with CPython's decoder.
+ext_modules = []
+if not os.environ.get("PURE_PYTHON"):
+    ext_modules.append(
+        Extension(
+            "collective.streamguard._utf8",
+            ["src/collective/streamguard/_utf8.c"],
+            optional=True,
+        )
+    )
 
 setup(
     name="collective.streamguard",
@@ -38,9 +54,13 @@ setup(
     author_email="plone-developers@lists.sourceforge.net",
     url="https://github.com/collective/collective.streamguard",
     license="GPL version 2",
-    # src layout with a native (PEP 420) ``collective`` namespace: setuptools
-    # finds the packages itself, so no packages/package_dir/namespace_packages.
+    # src layout with a native (PEP 420) ``collective`` namespace (no
+    # namespace_packages).  Named here because setuptools' own discovery
+    # stops once ext_modules is given.
+    package_dir={"": "src"},
+    packages=find_namespace_packages("src", include=["collective.*"]),
     include_package_data=True,
+    ext_modules=ext_modules,
     zip_safe=False,
     python_requires=">=3.11",
     install_requires=[

@@ -22,6 +22,13 @@ import os
 import stat
 import threading
 
+try:  # the optional C check (_utf8.c); PURE_PYTHON=1 turns it off
+    from collective.streamguard._utf8 import check as _c_check_utf8
+except ImportError:
+    _c_check_utf8 = None
+if os.environ.get("PURE_PYTHON"):
+    _c_check_utf8 = None
+
 END_MARKER = "<<<<<EOFMARKER>>>>>"
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -429,8 +436,8 @@ class LogFollower:
                         end = start
         view = memoryview(data)[:end]
         try:
-            text, taken = _check_utf8(data, view, final)
-        except UnicodeDecodeError:
+            text, taken = check_utf8(data, view, final)
+        except InvalidUTF8:
             # Invalid bytes: U+FFFD for each, and the text re-encoded.
             text, taken = codecs.utf_8_decode(view, "replace", final)
             raw = None
@@ -465,30 +472,48 @@ class LogFollower:
         return -1
 
 
-def _check_utf8(data, view, final):
+class InvalidUTF8(ValueError):
+    """Raised by the UTF-8 checks: the bytes are not (all) valid UTF-8."""
+
+
+def check_utf8(data, view, final):
     """(text or None, bytes taken) for ``view``, the start of ``data``, when
-    it is valid UTF-8; raise ``UnicodeDecodeError`` when it is not.
+    it is valid UTF-8; raise ``InvalidUTF8`` when it is not.
 
     An incomplete sequence at the end is not taken unless ``final``.  The
-    text is returned when one decoder call made it; otherwise it is dropped
-    (``Piece.text`` decodes again if it is ever asked for).
+    text is returned when a decoder call made it anyway; otherwise it is
+    left to ``Piece.text`` to decode if it is ever asked for.
     """
     size = len(view)
     if size == len(data) and data.isascii():  # stops at the first byte >= 0x80
         return None, size
-    if size <= _CHECK_SLICE:
-        return codecs.utf_8_decode(view, "strict", final)
-    position = 0
-    while position < size:
-        stop = min(position + _CHECK_SLICE, size)
-        last = stop == size
-        # Not final inside the piece: a sequence cut by the slice's end is
-        # left for the next slice.
-        _text, used = codecs.utf_8_decode(view[position:stop], "strict", final and last)
-        position += used
-        if last or not used:
-            break
-    return None, position
+    if _c_check_utf8 is None:
+        return check_utf8_with_decoder(view, final)
+    taken, valid = _c_check_utf8(view, final)
+    if not valid:
+        raise InvalidUTF8(f"invalid UTF-8 at byte {taken}")
+    return None, taken
+
+
+def check_utf8_with_decoder(view, final):
+    """``check_utf8`` with CPython's decoder: where _utf8.c is not built."""
+    size = len(view)
+    try:
+        if size <= _CHECK_SLICE:
+            return codecs.utf_8_decode(view, "strict", final)
+        position = 0
+        while position < size:
+            stop = min(position + _CHECK_SLICE, size)
+            last = stop == size
+            # Not final inside the piece: a sequence cut by the slice's end
+            # is left for the next slice.
+            _text, used = codecs.utf_8_decode(view[position:stop], "strict", final and last)
+            position += used
+            if last or not used:
+                break
+        return None, position
+    except UnicodeDecodeError as error:
+        raise InvalidUTF8(str(error)) from None
 
 
 def _reason(error):
