@@ -323,6 +323,15 @@ class DecodingTests(FollowTestCase):
             self.assertEqual(before + rest, whole)
 
 
+class DecodingWithTheDecoderTests(DecodingTests):
+    """The same, where the C check (_utf8.c) is not built: CPython's decoder."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(setattr, follow, "_c_check_utf8", follow._c_check_utf8)
+        follow._c_check_utf8 = None
+
+
 class RotationTests(FollowTestCase):
     use_inotify = True
 
