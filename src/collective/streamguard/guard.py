@@ -304,10 +304,10 @@ class GuardedStream:
             raise
         if isinstance(chunk, str):
             chunk = chunk.encode(self._encoding)
-        elif not isinstance(chunk, bytes):
+        elif not isinstance(chunk, (bytes, bytearray)):
             chunk = bytes(chunk)
         if not chunk:
-            return chunk
+            return b""
         self.record.bytes_sent += len(chunk)
         self.guard.last_output = time.monotonic()
         if len(chunk) >= DIRECT_MIN and self._direct is not False:
@@ -322,7 +322,9 @@ class GuardedStream:
                 return b""
         # An ordinary chunk: what the direct output holds goes first.
         self._flush_direct(quiet=False)
-        return chunk
+        # A bytearray (a reused read buffer) goes out as bytes: WSGI servers
+        # want bytes, and keep them after this call returns.
+        return chunk if type(chunk) is bytes else bytes(chunk)
 
     def _stopping(self):
         return self.guard.stopping

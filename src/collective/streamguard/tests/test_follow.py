@@ -323,6 +323,26 @@ class DecodingTests(FollowTestCase):
             self.assertEqual(before + rest, whole)
 
 
+class ReadBufferTests(FollowTestCase):
+    def test_reused_read_buffers_never_change_a_live_piece(self):
+        size = 256 * 1024
+        blocks = [bytes([0x41 + n % 26]) * (size - 1) + b"\n" for n in range(40)]
+        self.append(b"".join(blocks))
+        follower = self.follower(offset=0, max_piece=size)
+        kept, buffers = [], set()
+        for n in range(40):
+            [piece] = follower.read(max_bytes=size)
+            buffers.add(id(piece.data))
+            if n % 3 == 0:
+                kept.append((n, piece))  # alive: its buffer must not be reused
+            del piece
+        for n, piece in kept:
+            self.assertEqual(bytes(piece.data), blocks[n], n)
+            self.assertEqual(piece.offset, (n + 1) * size)
+        # Buffers were reused (fewer than pieces), but never a kept one.
+        self.assertLess(len(buffers), 40 - len(kept))
+
+
 class DecodingWithTheDecoderTests(DecodingTests):
     """The same, where the C check (_utf8.c) is not built: CPython's decoder."""
 
