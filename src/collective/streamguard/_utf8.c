@@ -35,18 +35,23 @@ scan(const unsigned char *s, Py_ssize_t n, int final, int *valid)
 
     *valid = 1;
     while (i < n) {
-        while (i + 8 <= n) {
-            uint64_t word;
-            memcpy(&word, s + i, 8);
-            if (word & UINT64_C(0x8080808080808080))
-                break;
-            i += 8;
-        }
-        if (i >= n)
-            break;
         unsigned char c = s[i];
         if (c < 0x80) {
+            /* ASCII: eight bytes at a time, to the next byte >= 0x80. */
             i++;
+            while (i + 8 <= n) {
+                uint64_t word;
+                memcpy(&word, s + i, 8);
+                uint64_t top_bits = word & UINT64_C(0x8080808080808080);
+                if (top_bits) {
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+                    /* Straight to the word's first byte >= 0x80. */
+                    i += __builtin_ctzll(top_bits) >> 3;
+#endif
+                    break;
+                }
+                i += 8;
+            }
             continue;
         }
         int follow;
