@@ -214,5 +214,10 @@ count=$(grep -c "(collective\.streamguard\.tests\." check-logs/test-list.log || 
 [ "$count" -gt 0 ] || fail_log check-logs/test-list.log "bin/test found no tests"
 step "bin/test lists $count tests"
 
+# The develop egg's optional C extension (_utf8.c) is built by buildout too.
+step "bin/test -t test_utf8_check"
+bin/test -t test_utf8_check >check-logs/test-utf8.log 2>&1 ||
+    fail_log check-logs/test-utf8.log "bin/test -t test_utf8_check (the C UTF-8 check)"
+
 ok=1
 echo "check_buildout: OK: the buildout route works (${SECONDS}s)"
