@@ -518,20 +518,19 @@ def check_utf8(data, view, final):
     text is returned when a decoder call made it anyway; otherwise it is
     left to ``Piece.text`` to decode if it is ever asked for.
     """
-    size = len(view)
-    if size == len(data) and data.isascii():  # stops at the first byte >= 0x80
-        return None, size
     if _c_check_utf8 is None:
-        return check_utf8_with_decoder(view, final)
+        return check_utf8_with_decoder(data, view, final)
     taken, valid = _c_check_utf8(view, final)
     if not valid:
         raise InvalidUTF8(f"invalid UTF-8 at byte {taken}")
     return None, taken
 
 
-def check_utf8_with_decoder(view, final):
+def check_utf8_with_decoder(data, view, final):
     """``check_utf8`` with CPython's decoder: where _utf8.c is not built."""
     size = len(view)
+    if size == len(data) and data.isascii():  # stops at the first byte >= 0x80
+        return None, size
     try:
         if size <= _CHECK_SLICE:
             return codecs.utf_8_decode(view, "strict", final)

@@ -73,21 +73,6 @@ RECHECK = 0.5
 SMALL_PART = 64
 SMALL_PART_COMPANION = 64 * 1024
 
-_TASK_ATTRIBUTES = (
-    "channel",
-    "wrote_header",
-    "has_body",
-    "chunked_response",
-    "content_length",
-)
-_CHANNEL_ATTRIBUTES = (
-    "write_soon",
-    "outbuf_lock",
-    "total_outbufs_len",
-    "connected",
-    "server",
-)
-
 
 class ChunkBuffer(ReadOnlyFileBasedBuffer):
     """Bytes queued on a waitress channel as they are, sent by its I/O thread."""
@@ -99,9 +84,6 @@ class ChunkBuffer(ReadOnlyFileBasedBuffer):
         self._queued_by = threading.get_ident()
 
     def __len__(self):
-        return self.remain
-
-    def prepare(self, size=None):
         return self.remain
 
     def get(self, numbytes=-1, skip=False):
@@ -135,9 +117,6 @@ class ChunkBuffer(ReadOnlyFileBasedBuffer):
         self._parts.clear()
         self.remain = 0
 
-    def __iter__(self):
-        raise TypeError("a ChunkBuffer is queued on a channel, not iterated")
-
 
 class DirectOutput:
     """Writes body chunks of one response straight onto its waitress channel."""
@@ -157,13 +136,7 @@ class DirectOutput:
         if frame.f_code is not WSGITask.execute.__code__:
             return None
         task = frame.f_locals.get("self")
-        if not isinstance(task, WSGITask):
-            return None
-        if not all(hasattr(task, name) for name in _TASK_ATTRIBUTES):
-            return None
-        if not all(hasattr(task.channel, name) for name in _CHANNEL_ATTRIBUTES):
-            return None
-        return cls(task)
+        return cls(task) if isinstance(task, WSGITask) else None
 
     def ready(self):
         """True once the headers are out and the body is chunked or runs to
@@ -191,10 +164,10 @@ class DirectOutput:
     def flush(self, stopping=None, quiet=True):
         """Queue the held chunks.  Waits while more than QUEUE_LIMIT bytes are
         queued, until the I/O thread has sent some or ``stopping()`` says to
-        stop.  A gone client raises ``ClientDisconnected``, or with ``quiet``
-        drops the chunks and returns False."""
+        stop.  A gone client raises ``ClientDisconnected``; with ``quiet`` the
+        chunks are dropped instead."""
         if not self._held:
-            return True
+            return
         held, self._held, self._held_bytes = self._held, [], 0
         channel = self.channel
         if channel.total_outbufs_len > QUEUE_LIMIT:
@@ -218,7 +191,5 @@ class DirectOutput:
         try:
             channel.write_soon(ChunkBuffer(parts))
         except ClientDisconnected:
-            if quiet:
-                return False
-            raise
-        return True
+            if not quiet:
+                raise

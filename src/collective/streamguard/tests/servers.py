@@ -376,6 +376,26 @@ class ServerLayer:
 # keep-alive that no HTTP client library gives.
 
 
+class LayerTestCase:
+    """Mixin for test classes whose ``layer`` is a ``ServerLayer``: sets it
+    up under plain unittest too (see ``ServerLayer``), and skips the tests
+    when the layer's server may be and is missing."""
+
+    layer = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.layer.setUp()  # plain unittest; zope.testrunner uses the layer
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.layer.tearDown()
+
+    def setUp(self):
+        if self.layer.skip_reason:
+            self.skipTest(self.layer.skip_reason)
+
+
 def request_bytes(path, close=False):
     headers = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n"
     if close:

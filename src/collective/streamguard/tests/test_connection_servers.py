@@ -16,23 +16,14 @@ from collective.streamguard.tests import servers
 SOON = 5.0  # generous: a bound that only a broken probe misses
 
 
-class ServerContract:
+class ServerContract(servers.LayerTestCase):
     """The behaviour every supported server must show.  Subclasses set
     ``layer`` (a ``servers.ServerLayer``) and the ``probe`` name to expect,
     and add ``KeepAliveContract`` or ``ConnectionPerRequestContract``: what
     the server does with a connection after a response decides which tests
     apply, so a test that cannot apply is not there (rather than skipped)."""
 
-    layer = None
     probe = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.layer.setUp()  # plain unittest; zope.testrunner uses the layer
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.layer.tearDown()
 
     @property
     def server(self):
@@ -43,8 +34,7 @@ class ServerContract:
         return self.layer.sink
 
     def setUp(self):
-        if self.layer.skip_reason:
-            self.skipTest(self.layer.skip_reason)
+        super().setUp()
         self.clients = []
         self.streams = {}  # rid -> ctl path of the process serving it
         self.ended = {}  # rid -> "end" event

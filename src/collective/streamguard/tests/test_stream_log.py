@@ -32,12 +32,16 @@ MARKER = "<<<<<EOFMARKER>>>>>"
 
 
 class LogTestCase(StreamingTestCase):
+    """A log ``app`` in a temp dir, configured in the registry."""
+
+    old_lines = "first old line\nsecond old line\n"
+
     def setUp(self):
         super().setUp()
         self.directory = tempfile.mkdtemp(prefix="streamguard-log-")
         self.addCleanup(shutil.rmtree, self.directory, True)
         self.path = os.path.join(self.directory, "app.log")
-        self.write("first old line\nsecond old line\n")
+        self.write(self.old_lines)
         self.configure(log_files=[f"app|{self.path}"])
 
     def configure(self, **settings):

@@ -38,7 +38,7 @@ def expected(data, final):
 
 def with_decoder(data, final):
     try:
-        return check_utf8_with_decoder(memoryview(data), final)[1], True
+        return check_utf8_with_decoder(data, memoryview(data), final)[1], True
     except InvalidUTF8:
         return None, False
 

@@ -11,15 +11,9 @@ import base64
 import http.client
 import json
 import os
-import shutil
-import tempfile
 import time
 
-import transaction
-from plone.registry.interfaces import IRegistry
-from zope.component import getUtility
-
-from collective.streamguard.tests.test_streaming import StreamingTestCase
+from collective.streamguard.tests.test_stream_log import LogTestCase
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -55,17 +49,11 @@ def chromium_driver(profile):
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
-class TestViewerInChromium(StreamingTestCase):
+class TestViewerInChromium(LogTestCase):
+    old_lines = "an old line\n"
+
     def setUp(self):
         super().setUp()
-        self.directory = tempfile.mkdtemp(prefix="streamguard-viewer-")
-        self.addCleanup(shutil.rmtree, self.directory, True)
-        self.log = os.path.join(self.directory, "app.log")
-        with open(self.log, "w") as f:
-            f.write("an old line\n")
-        registry = getUtility(IRegistry, context=self.layer["portal"])
-        registry["collective.streamguard.log_files"] = [f"app|{self.log}"]
-        transaction.commit()
         self.driver = chromium_driver(os.path.join(self.directory, "profile"))
         self.base = f"http://{self.layer['host']}:{self.layer['port']}/plone"
 
@@ -73,10 +61,6 @@ class TestViewerInChromium(StreamingTestCase):
         # The browser goes first: the base class checks no stream is left.
         self.driver.quit()
         super().tearDown()
-
-    def append(self, text):
-        with open(self.log, "a") as f:
-            f.write(text)
 
     def wait(self, condition, timeout=10, message=""):
         from selenium.webdriver.support.ui import WebDriverWait
@@ -122,9 +106,9 @@ class TestViewerInChromium(StreamingTestCase):
         self.assertEqual(self.driver.find_element(By.ID, "streamguard-name").text, "app")
         self.wait(lambda: "an old line" in output.text)
 
-        self.append("2026-11-21 INFO a line with <script>window.pwned=1</script> in it\n")
-        self.append("2026-11-21 ERROR something broke\n")
-        self.append("2026-11-21 WARNING something odd\n")
+        self.write("2026-11-21 INFO a line with <script>window.pwned=1</script> in it\n")
+        self.write("2026-11-21 ERROR something broke\n")
+        self.write("2026-11-21 WARNING something odd\n")
         self.wait(lambda: "something odd" in output.text, message="appended lines never showed")
         # Shown as text, never run or parsed as HTML.
         self.assertIn("<script>window.pwned=1</script>", output.text)
@@ -148,7 +132,7 @@ class TestViewerInChromium(StreamingTestCase):
         # Pause stops the stream; follow resumes from where it stopped.
         self.driver.find_element(By.ID, "streamguard-pause").click()
         self.wait(lambda: not self.live_streams(), message="pause did not end the stream")
-        self.append("2026-11-21 ERROR while paused\n")
+        self.write("2026-11-21 ERROR while paused\n")
         self.driver.find_element(By.ID, "streamguard-follow").click()
         self.wait(lambda: "while paused" in output.text)
         self.assertEqual(output.text.count("something broke"), 1)

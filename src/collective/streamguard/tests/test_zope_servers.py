@@ -77,24 +77,14 @@ class ZopeServerLayer(servers.ServerLayer):
         self.instance = None
 
 
-class ZopeServerContract:
+class ZopeServerContract(servers.LayerTestCase):
     """What a Zope view sees on every supported server.  Subclasses set
     ``layer`` and the ``probe`` name the add-on must pick there."""
 
-    layer = None
     probe = None
 
-    @classmethod
-    def setUpClass(cls):
-        cls.layer.setUp()  # plain unittest; zope.testrunner uses the layer
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.layer.tearDown()
-
     def setUp(self):
-        if self.layer.skip_reason:
-            self.skipTest(self.layer.skip_reason)
+        super().setUp()
         self.server = self.layer.server
         self.instance = self.layer.instance
         self.tags = []
