@@ -1,10 +1,10 @@
-"""Normal pages during an abandon storm: guarded streams against the seed's loop.
+"""Normal pages during an abandon storm: guarded streams against a naive log loop.
 
 A real Zope (``runwsgi``, waitress with 4 threads, a throw-away FileStorage
 instance with the add-on and the test views) serves two kinds of stream:
 
 - guarded: ``stream_response`` with a producer that waits in ``guard.idle()``;
-- naive: the seed report's loop (000): a body iterator that yields a first
+- naive: a log loop that never asks for the client: a body iterator that yields a first
   line and then sleeps waiting for data that never comes, never asking
   whether the client is still there.
 

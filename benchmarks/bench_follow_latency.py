@@ -35,7 +35,7 @@ import time
 from collective.streamguard.connection import ClientConnection
 from collective.streamguard.follow import LogFollower
 from collective.streamguard.guard import StreamGuard
-from collective.streamguard.registry import StreamRegistry
+from collective.streamguard.streams import LiveStreams
 
 
 class StaysOpen(ClientConnection):
@@ -126,7 +126,7 @@ def run_pass(directory, mode, count, min_gap, max_gap):
     ours.expected = theirs.expected = count
     stop_r, stop_w = os.pipe()
     client = StaysOpen()
-    guard = StreamGuard(client, registry=StreamRegistry())
+    guard = StreamGuard(client, live_streams=LiveStreams())
     if mode == "poll":
         target, args = follow_with_poll, (follower, ours, stop_r)
     else:

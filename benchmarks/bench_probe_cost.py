@@ -58,7 +58,7 @@ CLIENT = textwrap.dedent("""
 
 
 class zhttp_channel(asyncore.dispatcher):
-    """ZServer's channel as far as the probes and the seed's scan see it."""
+    """ZServer's channel as far as the probes and the naive scan see it."""
 
     closed = 0
 
@@ -74,8 +74,8 @@ class Request:
         self.response = SimpleNamespace(stdout=SimpleNamespace(_channel=channel))
 
 
-def seed_is_browser_connection_open(request):
-    """The seed report's scan of asyncore.socket_map."""
+def naive_is_browser_connection_open(request):
+    """A naive scan of asyncore.socket_map (the recipe passed around for ZServer)."""
     creation_time = request.environ["channel.creation_time"]
     for cnxn in asyncore.socket_map.values():
         if isinstance(cnxn, zhttp_channel) and cnxn.creation_time == creation_time:
@@ -121,7 +121,7 @@ class Connections:
                 self.adj,
                 map=self.waitress_map,
             )
-            # Distinct creation seconds: the seed's scan meets no early match.
+            # Distinct creation seconds: the naive scan meets no early match.
             self.channels.append((channel, zhttp_channel(sock, start + index)))
         self.accepted += accepted
 
@@ -183,8 +183,8 @@ def cases(connections):
                 dict(zserver_environ),
             ),
             (
-                "seed: socket_map scan",
-                seed_is_browser_connection_open,
+                "naive: socket_map scan",
+                naive_is_browser_connection_open,
                 Request(zserver_environ),
             ),
         ]

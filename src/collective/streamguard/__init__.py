@@ -2,6 +2,32 @@
 
 This module re-exports the public API of the plain-Python core only; it
 imports nothing from Zope or Plone, so it is safe to import anywhere.
+
+The layers, module by module; imports point one way, Plone -> Zope -> core
+(``tests/test_layers.py`` checks it):
+
+core (standard library only; server modules imported lazily)
+    ``connection``  is the client still there: ``ClientConnection`` and the API
+    ``probes``      how each server (waitress, gunicorn, uWSGI, ZServer) is asked
+    ``watcher``     one thread that runs ``on_disconnect`` callbacks
+    ``guard``       ``StreamGuard`` and ``GuardedStream``: a producer under guard
+    ``streams``     ``LiveStreams``: the process' live streams, cap and counters
+    ``shutdown``    SIGTERM and SIGINT stop the live streams
+    ``waitress_output``  large chunks straight onto a waitress channel
+    ``follow``      ``LogFollower``: one log file followed like ``tail -F``
+    ``utf8``        the UTF-8 check of what a follower sends (``_utf8.c``)
+    ``logstream``   ``LogStream``: the producer of ``@@stream-log``
+    ``logs``        which logs may be streamed, by name
+Zope
+    ``interfaces``  the settings schema, its defaults, the browser layer
+    ``permissions`` the permission's name
+    ``streaming``   ``stream_response()``: what a view returns to stream
+    ``zodb``        a producer's own ZODB connection and transaction
+    ``browser.stream_log``, ``browser.status``: the views on a Zope root too
+Plone (``plone.zcml``: registered only where Plone is)
+    ``settings``    the registry records as the site's settings
+    ``setuphandlers``  the uninstall step, hidden profiles
+    ``browser.controlpanel``, ``browser.viewer``: the control panel, the viewer
 """
 
 from collective.streamguard.connection import ClientConnection

@@ -2,13 +2,13 @@
 
 A streaming view holds a server thread for as long as it streams.  No WSGI
 server tells the application, in a standard way, that the client has gone,
-so an abandoned stream holds its thread forever (the seed report: four
-abandoned log streams and a Plone site answers nothing).  This module asks
+so an abandoned stream holds its thread forever (four abandoned log
+streams on a 4-thread waitress, and a Plone site answers nothing).  This module asks
 the server's own connection object instead: exactly and in O(1) where the
 server lends us the client socket (waitress, gunicorn, uWSGI, ZServer's
-channel), by scanning ZServer's ``asyncore.socket_map`` as the seed did where
-only the environ is known, and not at all (UNKNOWN, treated as open) where
-there is nothing to ask.
+channel), by scanning ZServer's ``asyncore.socket_map`` for the request's
+``channel.creation_time`` where only the environ is known, and not at all
+(UNKNOWN, treated as open) where there is nothing to ask.
 
 This module imports nothing from Zope or Plone.  The server-specific parts
 live in ``probes``; on-close callbacks run in ``watcher``'s one thread.
@@ -196,8 +196,9 @@ def connection_state(request_or_environ):
 def is_browser_connection_open(request_or_environ):
     """False only when the client of this request is known to have left.
 
-    The name is the seed report's; unlike its ``socket_map`` scan this is
-    O(1) on every server that lends us the client socket.
+    The name is the one Zope developers have long asked for; unlike a scan
+    of ZServer's ``socket_map`` this is O(1) on every server that lends us
+    the client socket.
     """
     return client_connection(request_or_environ).is_open()
 

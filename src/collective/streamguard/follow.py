@@ -1,7 +1,7 @@
 """Follow one log file like ``tail -F``: the plain-Python core of ``@@stream-log``.
 
-The seed case (000) streamed a log until the writer put ``<<<<<EOFMARKER>>>>>``
-at the start of a line, reopening the file and sleeping on every turn.  Here
+A log is streamed until the writer puts ``<<<<<EOFMARKER>>>>>`` at the start
+of a line.  Instead of reopening the file and sleeping on every turn, here
 ``fileno()`` is an inotify fd for ``guard.wait(timeout, readable=[fd])`` and
 ``read()`` returns what is there now, as ``Piece`` objects whose exact byte
 offsets serve as SSE event ids.  Rotation (rename and create, copytruncate,
@@ -23,12 +23,8 @@ import stat
 import sys
 import threading
 
-try:  # the optional C check (_utf8.c); PURE_PYTHON=1 turns it off
-    from collective.streamguard._utf8 import check as _c_check_utf8
-except ImportError:
-    _c_check_utf8 = None
-if os.environ.get("PURE_PYTHON"):
-    _c_check_utf8 = None
+from collective.streamguard.utf8 import InvalidUTF8
+from collective.streamguard.utf8 import check_utf8
 
 END_MARKER = "<<<<<EOFMARKER>>>>>"
 
@@ -57,12 +53,6 @@ _SAME, _MISSING, _OTHER = "same", "missing", "other"
 # let go when a read reaches the end of the file: the catch-up is over.
 _POOLED_FROM = 256 * 1024
 _POOL_SIZE = 8
-
-# UTF-8 is checked in slices of this size: the decoder's output then stays in
-# the CPU's cache, and after a non-ASCII character it decodes the rest of
-# its slice the slow way.  On 256 MiB of a typical log (reading included):
-# 66 ms in 8 KiB slices, 73 in 16 KiB, 81 in 32 KiB, 308 in 1 MiB pieces.
-_CHECK_SLICE = 8192
 
 
 class LogUnavailable(Exception):
@@ -463,7 +453,7 @@ class LogFollower:
                 self._ended = True
             elif not final:
                 # A last line that could still grow into the marker waits
-                # until a byte decides it (the seed only ever saw whole lines).
+                # until a byte decides it (a writer may put it out in several writes).
                 start = data.rfind(b"\n") + 1
                 if (start or self._at_line_start) and end - start < len(marker):
                     if marker.startswith(data[start:]):
@@ -504,49 +494,6 @@ class LogFollower:
                 return found + 1 if found >= 0 else -1
             index = data.find(first, index + 1)
         return -1
-
-
-class InvalidUTF8(ValueError):
-    """Raised by the UTF-8 checks: the bytes are not (all) valid UTF-8."""
-
-
-def check_utf8(data, view, final):
-    """(text or None, bytes taken) for ``view``, the start of ``data``, when
-    it is valid UTF-8; raise ``InvalidUTF8`` when it is not.
-
-    An incomplete sequence at the end is not taken unless ``final``.  The
-    text is returned when a decoder call made it anyway; otherwise it is
-    left to ``Piece.text`` to decode if it is ever asked for.
-    """
-    if _c_check_utf8 is None:
-        return check_utf8_with_decoder(data, view, final)
-    taken, valid = _c_check_utf8(view, final)
-    if not valid:
-        raise InvalidUTF8(f"invalid UTF-8 at byte {taken}")
-    return None, taken
-
-
-def check_utf8_with_decoder(data, view, final):
-    """``check_utf8`` with CPython's decoder: where _utf8.c is not built."""
-    size = len(view)
-    if size == len(data) and data.isascii():  # stops at the first byte >= 0x80
-        return None, size
-    try:
-        if size <= _CHECK_SLICE:
-            return codecs.utf_8_decode(view, "strict", final)
-        position = 0
-        while position < size:
-            stop = min(position + _CHECK_SLICE, size)
-            last = stop == size
-            # Not final inside the piece: a sequence cut by the slice's end
-            # is left for the next slice.
-            _text, used = codecs.utf_8_decode(view[position:stop], "strict", final and last)
-            position += used
-            if last or not used:
-                break
-        return None, position
-    except UnicodeDecodeError as error:
-        raise InvalidUTF8(str(error)) from None
 
 
 def _reason(error):

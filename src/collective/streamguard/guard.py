@@ -16,11 +16,11 @@ turns it into a WSGI body iterable that
   ``close()``), or shutdown.  A cleanup that raises is logged and the others
   still run;
 - logs the start and the end (reason, bytes, duration) and keeps the process
-  registry (live streams, counters) up to date.
+  process's ``live_streams`` (the streams, counters) up to date.
 
-The seed cases: a log loop that held a thread for nobody (000), an error path
-that crashed after the client left and skipped the application's own clean-up
-(001).  Plain Python: imports nothing from Zope.
+What it guards against: a log loop that held a worker thread for a client
+long gone, and an error path that crashed after the client left and skipped
+the application's own clean-up.  Plain Python: imports nothing from Zope.
 """
 
 import logging
@@ -34,8 +34,8 @@ import weakref
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import RECHECK_INTERVAL
 from collective.streamguard.connection import ConnectionState
-from collective.streamguard.registry import EndReason
-from collective.streamguard.registry import streams
+from collective.streamguard.streams import EndReason
+from collective.streamguard.streams import live_streams
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -63,13 +63,13 @@ class StreamGuard:
         max_duration=None,
         heartbeat=None,
         heartbeat_interval=None,
-        registry=streams,
+        live_streams=live_streams,
     ):
         self.connection = connection
         self.max_duration = max_duration or None
         self.heartbeat = heartbeat if heartbeat_interval else None
         self.heartbeat_interval = heartbeat_interval or None
-        self.registry = registry
+        self.live_streams = live_streams
         self.reason = None
         #: A producer that yields large chunks and blocks nowhere but in
         #: wait()/idle() may set this: under waitress its large chunks are
@@ -94,7 +94,7 @@ class StreamGuard:
         """Return the reason the stream must stop now, or None to go on."""
         if self.reason is not None:
             return self.reason
-        if self.registry.shutting_down.is_set():
+        if self.live_streams.shutting_down.is_set():
             return EndReason.SHUTDOWN
         if self.connection.state().state is ConnectionState.CLOSED:
             return EndReason.CLIENT_GONE
@@ -200,7 +200,7 @@ class StreamGuard:
         resources that cleanups close (an SQL session) are still open."""
         self._endings.append((function, args, kwargs))
 
-    def _run_cleanups(self):
+    def run_cleanups(self):
         for calls in (self._endings, self._cleanups):
             while calls:
                 function, args, kwargs = calls.pop()
@@ -227,9 +227,9 @@ class GuardedStream:
 
     ``setup(guard)``, if given, runs in the serving thread just before the
     producer's first step (under Zope: after the request's transaction is
-    over) and may add cleanups.  ``label``, ``user`` and ``client`` are
+    over) and may add cleanups.  ``label``, ``user``, ``client`` and ``log`` are
     shown by status views and logged.  ``reserved``: the caller already
-    took a stream slot with ``registry.reserve``.
+    took a stream slot with ``live_streams.reserve``.
     """
 
     def __init__(
@@ -240,6 +240,7 @@ class GuardedStream:
         label="",
         user="",
         client="",
+        log="",
         encoding="utf-8",
         reserved=False,
     ):
@@ -251,17 +252,18 @@ class GuardedStream:
         self._encoding = encoding
         self._lock = threading.Lock()
         self._ended = False
-        self.record = guard.registry.start(
+        self.record = guard.live_streams.start(
             guard,
             label=label,
             user=user,
             client=client,
+            log=log,
             probe=guard.connection.probe,
             reserved=reserved,
         )
         # Only for garbage collection (a body the publisher dropped): at
-        # interpreter exit the registry's own shutdown ends live streams.
-        weakref.finalize(self, guard.registry.discard, self.record).atexit = False
+        # interpreter exit live_streams.shutdown() ends live streams.
+        weakref.finalize(self, guard.live_streams.discard, self.record).atexit = False
         logger.info(
             "stream %d started: %s user=%s client=%s probe=%s",
             self.record.id,
@@ -367,8 +369,8 @@ class GuardedStream:
         except Exception:
             logger.exception("stream %d: the producer failed while stopping", self.record.id)
         finally:
-            guard._run_cleanups()
-            guard.registry.end(self.record, reason)
+            guard.run_cleanups()
+            guard.live_streams.end(self.record, reason)
             logger.info(
                 "stream %d ended (%s): %d bytes (%d queued without a copy) in %.1f s",
                 self.record.id,

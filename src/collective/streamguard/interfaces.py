@@ -8,9 +8,13 @@ from zope.i18nmessageid import MessageFactory
 from zope.interface import Interface
 from zope.publisher.interfaces.browser import IDefaultBrowserLayer
 
+from collective.streamguard.follow import END_MARKER
+
 _ = MessageFactory("collective.streamguard")
 
-END_MARKER = "<<<<<EOFMARKER>>>>>"
+#: The defaults of the settings, also where a Zope without Plone has none.
+DEFAULT_MAX_DURATION = 3600
+DEFAULT_HEARTBEAT_INTERVAL = 15
 
 
 class IStreamGuardLayer(IDefaultBrowserLayer):
@@ -21,13 +25,13 @@ class IStreamGuardLayer(IDefaultBrowserLayer):
     """
 
 
-class IStreamDefaults(Interface):
-    """A utility that tells ``stream_response`` the defaults of this site.
+class IStreamSettingsProvider(Interface):
+    """A utility that gives the settings of the current site.
 
-    Calling it returns an object with ``max_streams``, ``max_duration`` and
-    ``heartbeat_interval`` attributes (``IStreamGuardSettings`` has them),
-    or None where there are no settings.  In Plone the add-on's registry
-    records provide them.
+    Calling it returns an object with the fields of ``IStreamGuardSettings``
+    as attributes (``stream_response`` reads the stream limits,
+    ``@@stream-log`` the log list and the end marker), or None where there
+    are no settings.  In Plone the add-on's registry records provide them.
     """
 
     def __call__():
@@ -56,7 +60,7 @@ class IStreamGuardSettings(Interface):
     max_duration = schema.Int(
         title=_("Maximum stream duration (seconds)"),
         description=_("A stream that runs longer is ended. 0 means no limit."),
-        default=3600,
+        default=DEFAULT_MAX_DURATION,
         min=0,
         required=True,
     )
@@ -68,7 +72,7 @@ class IStreamGuardSettings(Interface):
             "proxies keep the connection and a client that vanished without "
             "closing its connection is found. 0 turns heartbeats off."
         ),
-        default=15,
+        default=DEFAULT_HEARTBEAT_INTERVAL,
         min=0,
         required=True,
     )

@@ -161,7 +161,7 @@ _warned_ambiguous = False
 
 
 class ZServerScanConnection(ClientConnection):
-    """Classic ZServer when only the environ is at hand: the seed's scan.
+    """Classic ZServer when only the environ is at hand: a scan of ``socket_map``.
 
     ``channel.creation_time`` is the int second the TCP connection was made
     and the environ has no client port, so channels are matched on that

@@ -4,14 +4,14 @@ from plone.registry.interfaces import IRegistry
 from zope.component import queryUtility
 from zope.interface import implementer
 
-from collective.streamguard.interfaces import IStreamDefaults
 from collective.streamguard.interfaces import IStreamGuardSettings
+from collective.streamguard.interfaces import IStreamSettingsProvider
 
 PREFIX = "collective.streamguard"
 
 
-@implementer(IStreamDefaults)
-class RegistryDefaults:
+@implementer(IStreamSettingsProvider)
+class RegistrySettingsProvider:
     """Reads ``IStreamGuardSettings`` from the current site's registry."""
 
     def __call__(self):

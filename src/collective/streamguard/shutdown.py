@@ -5,7 +5,7 @@ SIGTERM, whose default action kills Python outright: no ``finally`` block,
 no ``atexit`` handler, so live streams would vanish in the middle of their
 transactions without their cleanups.  waitress (and Zope's ``runwsgi``)
 already shut down cleanly on ``SystemExit``/``KeyboardInterrupt``; after
-that ``collective.streamguard.registry`` stops the live streams at exit.
+that ``collective.streamguard.streams`` stops the live streams at exit.
 So at process start, where SIGTERM still has its default action, it is
 turned into ``SystemExit`` in the main thread.
 
@@ -20,18 +20,18 @@ import logging
 import signal
 import threading
 
-from collective.streamguard.registry import streams
+from collective.streamguard.streams import live_streams
 
 logger = logging.getLogger("collective.streamguard")
 
 
 def _exit_on_sigterm(signum, frame):
-    streams.begin_shutdown()
+    live_streams.begin_shutdown()
     raise SystemExit(128 + signum)
 
 
 def _interrupt(signum, frame):
-    streams.begin_shutdown()
+    live_streams.begin_shutdown()
     raise KeyboardInterrupt
 
 

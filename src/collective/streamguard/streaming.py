@@ -30,15 +30,16 @@ from ZPublisher.Iterators import IUnboundStreamIterator
 from collective.streamguard.connection import client_connection
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
-from collective.streamguard.interfaces import IStreamDefaults
-from collective.streamguard.registry import streams
+from collective.streamguard.interfaces import DEFAULT_HEARTBEAT_INTERVAL
+from collective.streamguard.interfaces import DEFAULT_MAX_DURATION
+from collective.streamguard.interfaces import IStreamSettingsProvider
+from collective.streamguard.streams import live_streams
 from collective.streamguard.zodb import ZODBSession
 
 #: waitress' default; used where the server does not tell its thread count.
 DEFAULT_THREADS = 4
 RETRY_AFTER = 10
-DEFAULT_MAX_DURATION = 3600
-DEFAULT_HEARTBEAT_INTERVAL = 15
+#: The environ key that tells plone.transformchain to leave a body alone.
 TRANSFORMCHAIN_DISABLE = "plone.transformchain.disable"
 TOO_MANY = "Too many live streams on this server; try again in a few seconds.\n"
 
@@ -67,6 +68,12 @@ def default_max_streams(environ):
     return max(1, server_threads(environ) - 1)
 
 
+def site_settings():
+    """The current site's settings (``IStreamSettingsProvider``), or None."""
+    provider = queryUtility(IStreamSettingsProvider)
+    return provider() if provider is not None else None
+
+
 def _setting(explicit, defaults, name, fallback):
     if explicit is not None:
         return explicit
@@ -92,6 +99,7 @@ def stream_response(
     heartbeat=None,
     heartbeat_interval=None,
     label=None,
+    log=None,
 ):
     """Return what a view returns to stream ``producer`` to the client.
 
@@ -102,10 +110,12 @@ def stream_response(
     transaction, user and site; committed when the producer finishes,
     aborted otherwise).
 
-    Settings not given here come from the ``IStreamDefaults`` utility (the
-    Plone registry in a Plone site), else: ``max_streams`` = server threads
-    minus one, ``max_duration`` = 3600 s, heartbeats every 15 s when
-    ``heartbeat`` bytes are given (0 turns a setting off).
+    Settings not given here come from the ``IStreamSettingsProvider``
+    utility (the Plone registry in a Plone site), else: ``max_streams`` =
+    server threads minus one, ``max_duration`` = 3600 s, heartbeats every
+    15 s when ``heartbeat`` bytes are given (0 turns a setting off).
+    ``label`` (default: the URL) and ``log`` (the name of a followed log)
+    are what status views show of the stream.
     """
     if producer is None or not (callable(producer) or hasattr(producer, "__iter__")):
         raise TypeError(
@@ -115,12 +125,11 @@ def stream_response(
     if zodb and context is None:
         raise TypeError("stream_response(zodb=True) needs the view's context")
     response = request.response
-    defaults_provider = queryUtility(IStreamDefaults)
-    defaults = defaults_provider() if defaults_provider is not None else None
+    defaults = site_settings()
     limit = _setting(max_streams, defaults, "max_streams", 0) or default_max_streams(
         request.environ
     )
-    if not streams.reserve(limit):
+    if not live_streams.reserve(limit):
         response.setStatus(503)
         response.setHeader("Retry-After", str(RETRY_AFTER))
         response.setHeader("Content-Type", "text/plain; charset=utf-8")
@@ -145,10 +154,11 @@ def stream_response(
             label=label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", ""),
             user=user.getUserName() if user is not None else "",
             client=request.environ.get("REMOTE_ADDR", ""),
+            log=log or "",
             reserved=True,
         )
     except BaseException:
-        streams.release()
+        live_streams.release()
         raise
 
     request.environ[TRANSFORMCHAIN_DISABLE] = True

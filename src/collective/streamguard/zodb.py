@@ -2,7 +2,8 @@
 
 Under Zope's WSGI publisher a body iterator runs after the request's
 transaction has been committed and its ZODB connection closed, and after
-``request.close()`` has cleared the site (ZOPE-STREAMING.md): no persistent
+``request.close()`` has cleared the site (``ZPublisher.WSGIPublisher``'s
+``publish_module`` does both before it returns the body): no persistent
 object of the request may be touched any more.  ``ZODBSession`` captures
 plain values in the view (paths, the user's id, the DB) and, in the serving
 thread, opens a connection of its own with a transaction manager of its
@@ -15,7 +16,8 @@ the stream's life, because Plone code joins ``transaction.get()`` (the
 catalog's indexing queue does) and must join *this* transaction.  A
 ``zope.sqlalchemy`` session is joined to it with
 ``register(session, transaction_manager=guard.zodb.transaction_manager)``
-and is then rolled back with it when the client leaves (seed 004).
+and is then rolled back with it when the client leaves, rather than left
+half used mid-query.
 """
 
 import logging
@@ -35,7 +37,7 @@ from zope.component.hooks import setSite
 from zope.globalrequest import clearRequest
 from zope.globalrequest import setRequest
 
-from collective.streamguard.registry import EndReason
+from collective.streamguard.streams import EndReason
 
 logger = logging.getLogger("collective.streamguard")
 

@@ -11,11 +11,12 @@ from collective.streamguard.interfaces import IStreamGuardSettings
 from collective.streamguard.interfaces import _
 from collective.streamguard.logs import InvalidLogEntry
 from collective.streamguard.logs import parse_log_files
+from collective.streamguard.settings import PREFIX
 
 
 class StreamGuardSettingsForm(RegistryEditForm):
     schema = IStreamGuardSettings
-    schema_prefix = "collective.streamguard"
+    schema_prefix = PREFIX
     label = _("Stream guard")
     description = _(
         "Live streams and the logs site managers can follow in the browser (@@stream-log-viewer)."

@@ -6,18 +6,18 @@ from datetime import datetime
 
 from Products.Five import BrowserView
 
-from collective.streamguard.registry import streams
+from collective.streamguard.streams import live_streams
 from collective.streamguard.zodb import open_sessions
 
 
 def status():
     """The process's streams as plain data."""
-    snapshot = streams.snapshot()
+    snapshot = live_streams.snapshot()
     return {
         "live": [
             {
                 "id": record.id,
-                "log": record.label[4:] if record.label.startswith("log ") else "",
+                "log": record.log,
                 "label": record.label,
                 "user": record.user,
                 "client": record.client,
@@ -25,7 +25,7 @@ def status():
                 "started": datetime.fromtimestamp(record.started, UTC).isoformat(),
                 "bytes_sent": record.bytes_sent,
             }
-            for record in sorted(streams.live(), key=lambda r: r.id)
+            for record in sorted(live_streams.live(), key=lambda r: r.id)
         ],
         "ended": snapshot["ended"],
         "refused": snapshot["refused"],

@@ -2,7 +2,7 @@
 
 import os
 
-from collective.streamguard.browser.logstream import LogAccessView
+from collective.streamguard.browser.stream_log import LogAccessView
 
 
 class LogViewerView(LogAccessView):

@@ -179,8 +179,8 @@ class ZServerContractTestCase(unittest.TestCase):
         self.assertIs(connection.state().state, state)
 
 
-def seed_is_browser_connection_open(request):
-    """The seed report's scan, for comparison."""
+def naive_is_browser_connection_open(request):
+    """A naive scan of socket_map (the recipe passed around for ZServer), for comparison."""
     creation_time = request.environ["channel.creation_time"]
     for cnxn in asyncore.socket_map.values():
         if isinstance(cnxn, zhttp_channel) and cnxn.creation_time == creation_time:
@@ -211,7 +211,7 @@ class ExactChannelTests(ZServerContractTestCase):
         self.assertTrue(channel.closed)
 
     def test_stream_ends_on_a_fin_nobody_has_read(self):
-        # The channel stays in socket_map, not closed, so the seed's scan
+        # The channel stays in socket_map, not closed, so the naive scan
         # still says open; the socket itself knows better.
         sock, request = self.connect()
         channel = request.response.stdout._channel
@@ -221,7 +221,7 @@ class ExactChannelTests(ZServerContractTestCase):
         sock.shutdown(socket.SHUT_WR)
         self.assert_becomes(connection, ConnectionState.CLOSED)
         self.assertFalse(channel.closed)
-        self.assertTrue(seed_is_browser_connection_open(request))
+        self.assertTrue(naive_is_browser_connection_open(request))
 
     def test_stream_ends_when_server_closes_the_channel(self):
         # kill_zombies, or a server shutdown: channel.close() in the
@@ -256,7 +256,7 @@ class ExactChannelTests(ZServerContractTestCase):
 
 
 class ScanTests(ZServerContractTestCase):
-    """Given only the environ, the probe scans ``socket_map`` like the seed,
+    """Given only the environ, the probe scans ``socket_map`` by creation time,
     matching creation second and REMOTE_ADDR."""
 
     def test_one_match_reads_open_until_client_leaves(self):

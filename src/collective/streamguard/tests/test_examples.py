@@ -9,7 +9,7 @@ import unittest
 
 import transaction
 
-from collective.streamguard.registry import streams
+from collective.streamguard.streams import live_streams
 from collective.streamguard.tests import examples
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.servers import wait_for
@@ -101,7 +101,7 @@ class TestExampleViews(StreamingTestCase):
         sock = self.open("", auth=True, path="/plone/@@retitle-documents")
         read_until(sock, b"20 /plone/doc-19\n")
         sock.close()
-        self.assertTrue(wait_for(lambda: not streams.live()))
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
         titles = [self.site()[f"doc-{n:02d}"].title for n in range(40)]
         self.assertEqual(titles[:20], [f"DOCUMENT {n:02d}" for n in range(20)])
         self.assertEqual(titles[30:], [f"document {n:02d}" for n in range(30, 40)])
@@ -113,6 +113,6 @@ class TestExampleViews(StreamingTestCase):
     def test_batch_job_that_finishes_commits_everything(self):
         sock = self.open("", auth=True, path="/plone/@@retitle-documents")
         read_until(sock, b"done: 40 documents\n")
-        self.assertTrue(wait_for(lambda: not streams.live()))
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
         titles = {self.site()[f"doc-{n:02d}"].title for n in range(40)}
         self.assertEqual(titles, {f"DOCUMENT {n:02d}" for n in range(40)})

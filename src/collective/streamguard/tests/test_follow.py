@@ -14,6 +14,7 @@ import unittest
 from unittest import mock
 
 from collective.streamguard import follow
+from collective.streamguard import utf8
 from collective.streamguard.follow import LogFollower
 from collective.streamguard.follow import LogUnavailable
 from collective.streamguard.follow import Piece
@@ -348,8 +349,8 @@ class DecodingWithTheDecoderTests(DecodingTests):
 
     def setUp(self):
         super().setUp()
-        self.addCleanup(setattr, follow, "_c_check_utf8", follow._c_check_utf8)
-        follow._c_check_utf8 = None
+        self.addCleanup(setattr, utf8, "_c_check_utf8", utf8._c_check_utf8)
+        utf8._c_check_utf8 = None
 
 
 class RotationTests(FollowTestCase):

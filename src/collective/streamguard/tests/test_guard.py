@@ -13,14 +13,14 @@ import unittest
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
 from collective.streamguard.probes import UnknownConnection
-from collective.streamguard.registry import EndReason
-from collective.streamguard.registry import StreamRegistry
+from collective.streamguard.streams import EndReason
+from collective.streamguard.streams import LiveStreams
 
 
 class TestCleanups(unittest.TestCase):
     def setUp(self):
-        self.registry = StreamRegistry()
-        self.guard = StreamGuard(UnknownConnection(), registry=self.registry)
+        self.live_streams = LiveStreams()
+        self.guard = StreamGuard(UnknownConnection(), live_streams=self.live_streams)
         self.calls = []
 
     def stream(self, producer):
@@ -43,7 +43,7 @@ class TestCleanups(unittest.TestCase):
         self.assertEqual(self.calls, ["ending", "last added", "failing", "first added"])
         self.assertIn("cleanup failed on purpose", "\n".join(logged.output))
         self.assertEqual(self.guard.reason, EndReason.FINISHED)
-        self.assertEqual(self.registry.snapshot()["ended"]["finished"], 1)
+        self.assertEqual(self.live_streams.snapshot()["ended"]["finished"], 1)
 
     def test_producer_error_ends_with_error_and_reraises(self):
         def producer():
@@ -74,16 +74,16 @@ class TestCleanups(unittest.TestCase):
         self.assertEqual(self.guard.reason, EndReason.CLIENT_GONE)
 
     def test_a_dropped_body_gives_its_slot_back_and_runs_its_cleanups(self):
-        self.assertTrue(self.registry.reserve(1))
-        self.assertFalse(self.registry.reserve(1))
+        self.assertTrue(self.live_streams.reserve(1))
+        self.assertFalse(self.live_streams.reserve(1))
         self.guard.add_cleanup(self.calls.append, "cleaned")
         stream = GuardedStream(iter([b"x"]), self.guard, reserved=True)
         with self.assertLogs("collective.streamguard", "WARNING"):
             del stream
             gc.collect()
         self.assertEqual(self.calls, ["cleaned"])
-        self.assertTrue(self.registry.reserve(1))
-        self.assertEqual(self.registry.snapshot()["ended"]["error"], 1)
+        self.assertTrue(self.live_streams.reserve(1))
+        self.assertEqual(self.live_streams.snapshot()["ended"]["error"], 1)
 
     def test_strings_are_encoded(self):
         self.assertEqual(list(self.stream(iter(["é"]))), ["é".encode()])
@@ -91,7 +91,7 @@ class TestCleanups(unittest.TestCase):
 
 class TestWaiting(unittest.TestCase):
     def test_wake_interrupts_a_wait_at_once(self):
-        guard = StreamGuard(UnknownConnection(), registry=StreamRegistry())
+        guard = StreamGuard(UnknownConnection(), live_streams=LiveStreams())
         timer = threading.Timer(0.1, guard.wake)
         timer.start()
         self.addCleanup(timer.join)
@@ -100,7 +100,7 @@ class TestWaiting(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 10)
 
     def test_maximum_duration_ends_a_wait(self):
-        guard = StreamGuard(UnknownConnection(), max_duration=0.2, registry=StreamRegistry())
+        guard = StreamGuard(UnknownConnection(), max_duration=0.2, live_streams=LiveStreams())
         self.assertTrue(guard.wait(30))
         self.assertEqual(guard.check(), EndReason.TIMEOUT)
 
@@ -109,7 +109,7 @@ class TestWaiting(unittest.TestCase):
             UnknownConnection(),
             heartbeat=b": hb\n\n",
             heartbeat_interval=0.05,
-            registry=StreamRegistry(),
+            live_streams=LiveStreams(),
         )
         beats = []
         idle = guard.idle(timeout=0.3)
@@ -123,9 +123,9 @@ class TestWaiting(unittest.TestCase):
         self.assertEqual(set(beats), {b": hb\n\n"})
 
     def test_shutdown_stops_a_wait(self):
-        registry = StreamRegistry()
-        guard = StreamGuard(UnknownConnection(), registry=registry)
-        timer = threading.Timer(0.1, registry.begin_shutdown)
+        live_streams = LiveStreams()
+        guard = StreamGuard(UnknownConnection(), live_streams=live_streams)
+        timer = threading.Timer(0.1, live_streams.begin_shutdown)
         timer.start()
         self.addCleanup(timer.join)
         # begin_shutdown wakes only registered streams; a bare guard sees

@@ -1,9 +1,9 @@
 """An abandon storm: 200 streams opened and left, on a 4-thread waitress.
 
-The seed case (000): every abandoned stream used to hold a worker thread
-for nobody, and four of them stopped the site.  After the storm nothing may
-be left: no thread, no file descriptor, no ZODB connection, no open
-producer transaction; and normal pages answer all through it.
+Every abandoned stream used to hold a worker thread for nobody, and four of
+them stopped the site.  After the storm nothing may be left: no thread, no
+file descriptor, no ZODB connection, no open producer transaction; and
+normal pages answer all through it.
 """
 
 import http.client
@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 
-from collective.streamguard.registry import streams
+from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.tests.test_streaming import StreamingTestCase
@@ -56,10 +56,10 @@ class TestAbandonStorm(StreamingTestCase):
         sock = self.open("tag=warm&mode=write", auth=True, path="/plone/@@streamguard-test-zodb")
         read_until(sock, b"marked")
         sock.close()
-        self.assertTrue(wait_for(lambda: not streams.live()))
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
         threads, fds = threading.active_count(), fd_count()
         connections = len(open_connections(db))
-        ended_before = streams.snapshot()["ended"]["client gone"]
+        ended_before = live_streams.snapshot()["ended"]["client gone"]
 
         poller = PagePoller(self.layer["host"], self.layer["port"])
         poller.start()
@@ -76,12 +76,12 @@ class TestAbandonStorm(StreamingTestCase):
             elif b"marked" not in head:
                 read_until(sock, b"marked")
             sock.close()
-        self.assertTrue(wait_for(lambda: not streams.live(), 20), streams.live())
+        self.assertTrue(wait_for(lambda: not live_streams.live(), 20), live_streams.live())
         poller.stop.set()
         poller.join(15)
 
         self.assertEqual(
-            streams.snapshot()["ended"]["client gone"] - ended_before, STREAMS - refused
+            live_streams.snapshot()["ended"]["client gone"] - ended_before, STREAMS - refused
         )
         # At most 3 streams are live at once (4 threads - 1); a client that
         # leaves frees its slot within milliseconds, so few are refused.

@@ -21,7 +21,7 @@ from plone.registry.interfaces import IRegistry
 from zope.component import getUtility
 
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
-from collective.streamguard.registry import streams
+from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.tests.test_streaming import StreamingTestCase
@@ -62,7 +62,7 @@ class LogTestCase(StreamingTestCase):
         """
         sock = self.open(query, auth=auth, path="/plone/@@stream-log")
         if "format=sse" not in query and "lines=" not in query and "offset=" not in query:
-            self.assertTrue(wait_for(lambda: streams.live()), "the stream did not start")
+            self.assertTrue(wait_for(lambda: live_streams.live()), "the stream did not start")
             self.write("-- following --\n")
         head = read_until(sock, b"\r\n\r\n")
         return sock, head
@@ -115,7 +115,7 @@ class TestFollowing(LogTestCase):
         self.assertIn(b"last words\n", data)
         self.assertNotIn(MARKER.encode(), data)
         self.assertNotIn(b"after the marker", data)
-        self.assertTrue(wait_for(lambda: not streams.live()))
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
         self.assertGreaterEqual(self.status_json()["ended"]["finished"], 1)
 
     def test_client_leaving_frees_the_thread(self):
@@ -123,14 +123,14 @@ class TestFollowing(LogTestCase):
         sock, _ = self.follow()
         self.assertEqual(len(self.status_json()["live"]), 1)
         sock.close()
-        self.assertTrue(wait_for(lambda: not streams.live(), 5))
+        self.assertTrue(wait_for(lambda: not live_streams.live(), 5))
         self.assertEqual(self.status_json()["ended"]["client gone"], before + 1)
 
     def test_maximum_duration(self):
         self.configure(max_duration=1)
         sock, _ = self.follow()
         read_until(sock, b"\r\n0\r\n\r\n", timeout=10)
-        self.assertTrue(wait_for(lambda: not streams.live()))
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
         self.assertGreaterEqual(self.status_json()["ended"]["timeout"], 1)
 
     def test_rotation_by_rename(self):

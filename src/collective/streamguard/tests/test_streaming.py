@@ -14,7 +14,7 @@ import uuid
 from plone.app.testing import SITE_OWNER_NAME
 from plone.app.testing import SITE_OWNER_PASSWORD
 
-from collective.streamguard.registry import streams
+from collective.streamguard.streams import live_streams
 from collective.streamguard.testing import STREAMGUARD_WAITRESS_TESTING
 from collective.streamguard.tests import views
 from collective.streamguard.tests.servers import read_until
@@ -33,7 +33,7 @@ class StreamingTestCase(unittest.TestCase):
         for sock in self.sockets:
             sock.close()
         # No test may leave a stream behind for the next one.
-        self.assertTrue(wait_for(lambda: not streams.live(), 10), streams.live())
+        self.assertTrue(wait_for(lambda: not live_streams.live(), 10), live_streams.live())
 
     def open(self, query, auth=False, path="/plone/@@streamguard-test-stream"):
         sock = socket.create_connection((self.layer["host"], self.layer["port"]), timeout=10)
@@ -155,15 +155,17 @@ class TestEndReasons(StreamingTestCase):
         sock = self.open(f"tag={tag}&mode=idle")
         read_until(sock, f"first line of {tag}".encode())
         try:
-            self.assertEqual(streams.shutdown(timeout=5), 0)
+            self.assertEqual(live_streams.shutdown(timeout=5), 0)
         finally:
-            streams.shutting_down.clear()
+            live_streams.shutting_down.clear()
         self.assert_cleaned_up_once(tag, "shutdown")
 
     def test_end_reasons_are_counted(self):
-        before = streams.snapshot()["ended"]["finished"]
+        before = live_streams.snapshot()["ended"]["finished"]
         self.get(f"/plone/@@streamguard-test-stream?tag={self.tag()}&mode=finish")
-        self.assertTrue(wait_for(lambda: streams.snapshot()["ended"]["finished"] == before + 1))
+        self.assertTrue(
+            wait_for(lambda: live_streams.snapshot()["ended"]["finished"] == before + 1)
+        )
 
 
 class TestHeartbeat(StreamingTestCase):

@@ -10,8 +10,8 @@ closed, as ``ZServer.HTTPResponse`` does; its ``stdout`` is the
 
 import threading
 
-from collective.streamguard.registry import streams
 from collective.streamguard.streaming import stream_response
+from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.test_connection_zserver import ZServerContractTestCase
 
@@ -111,4 +111,4 @@ class WriteModeTests(ZServerContractTestCase):
         self.assertFalse(worker.is_alive(), "the worker thread is still streaming")
         self.assertEqual(cleanups, ["client gone"])
         self.assertEqual(finally_ran, [True])
-        self.assertEqual(streams.live(), [])
+        self.assertEqual(live_streams.live(), [])

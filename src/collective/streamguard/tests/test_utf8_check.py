@@ -14,12 +14,12 @@ import subprocess
 import sys
 import unittest
 
-from collective.streamguard import follow
-from collective.streamguard.follow import InvalidUTF8
-from collective.streamguard.follow import check_utf8
-from collective.streamguard.follow import check_utf8_with_decoder
+from collective.streamguard import utf8
+from collective.streamguard.utf8 import InvalidUTF8
+from collective.streamguard.utf8 import check_utf8
+from collective.streamguard.utf8 import check_utf8_with_decoder
 
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(follow.__file__)))
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(utf8.__file__)))
 # The edges of UTF-8: ASCII, continuation bytes at both ends, every kind of
 # lead byte and the bytes that are never valid.
 EDGES = [
@@ -63,7 +63,7 @@ class CheckTests(unittest.TestCase):
         # PURE_PYTHON=1 (set by nobody in the suite) would turn it off.
         from collective.streamguard import _utf8  # noqa: F401
 
-        self.assertIsNotNone(follow._c_check_utf8)
+        self.assertIsNotNone(utf8._c_check_utf8)
 
     def test_c_check_answers_as_the_decoder(self):
         from collective.streamguard._utf8 import check
@@ -99,7 +99,7 @@ class CheckTests(unittest.TestCase):
         self.assertEqual(check(cut, True), (len(data), False))
 
     def test_pure_python_turns_the_c_check_off(self):
-        script = "from collective.streamguard import follow; print(follow._c_check_utf8)"
+        script = "from collective.streamguard import utf8; print(utf8._c_check_utf8)"
         result = subprocess.run(
             [sys.executable, "-c", script],
             env=dict(os.environ, PYTHONPATH=SRC, PURE_PYTHON="1"),

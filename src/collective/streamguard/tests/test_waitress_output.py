@@ -18,7 +18,7 @@ from webtest.http import StopableWSGIServer
 from collective.streamguard.connection import client_connection
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
-from collective.streamguard.registry import EndReason
+from collective.streamguard.streams import EndReason
 from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.servers import wait_for
 from collective.streamguard.waitress_output import HELD_LIMIT

@@ -191,10 +191,10 @@ class MarkView(BrowserView):
 
 
 class NaiveStreamView(BrowserView):
-    """``@@streamguard-test-naive``: the seed's loop, without the guard.
+    """``@@streamguard-test-naive``: a log loop without the guard.
 
     It yields a first line, then waits for more log data that never comes,
-    sleeping like the seed's ``while True`` loop; it never asks whether the
+    sleeping in a ``while True`` loop; it never asks whether the
     client is still there, so an abandoned one holds its thread forever.
     For the benchmark only.
     """

@@ -41,6 +41,8 @@ class StreamRecord:
 
     id: int
     label: str
+    #: The name of the log it follows (``@@stream-log``), else "".
+    log: str
     user: str
     client: str
     probe: str
@@ -51,7 +53,7 @@ class StreamRecord:
     guard: object = field(default=None, repr=False, compare=False)
 
 
-class StreamRegistry:
+class LiveStreams:
     """Live streams, per-reason counters and the per-process stream cap."""
 
     def __init__(self):
@@ -85,7 +87,7 @@ class StreamRegistry:
             self._reserved -= 1
             self._ended.notify_all()
 
-    def start(self, guard, label="", user="", client="", probe="", reserved=False):
+    def start(self, guard, label="", user="", client="", probe="", log="", reserved=False):
         """Record a new stream; returns its ``StreamRecord``.
 
         ``reserved``: the caller took a slot with ``reserve``; otherwise one
@@ -97,6 +99,7 @@ class StreamRegistry:
             record = StreamRecord(
                 id=next(self._ids),
                 label=label,
+                log=log,
                 user=user,
                 client=client,
                 probe=probe,
@@ -132,7 +135,7 @@ class StreamRegistry:
         logger.warning("stream %d was dropped before it ran: %s", record.id, record.label)
         if record.guard is not None:
             record.guard.reason = EndReason.ERROR
-            record.guard._run_cleanups()
+            record.guard.run_cleanups()
 
     def live(self):
         """A snapshot (list of ``StreamRecord``) of the live streams."""
@@ -178,7 +181,7 @@ class StreamRegistry:
 
 
 #: The registry of this process.
-streams = StreamRegistry()
+live_streams = LiveStreams()
 
 
 @atexit.register
@@ -186,5 +189,5 @@ def _stop_streams_at_exit():
     # atexit runs in the main thread while the server's daemon worker threads
     # still exist: wake the streams so they abort their transactions and
     # close their connections instead of vanishing at finalization.
-    if streams.live():
-        streams.shutdown()
+    if live_streams.live():
+        live_streams.shutdown()

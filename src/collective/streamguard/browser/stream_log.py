@@ -14,26 +14,20 @@ from AccessControl import Unauthorized
 from AccessControl import getSecurityManager
 from AccessControl.SpecialUsers import nobody
 from Products.Five import BrowserView
-from zope.component import queryUtility
 
+from collective.streamguard.follow import END_MARKER
 from collective.streamguard.follow import LogFollower
 from collective.streamguard.follow import LogUnavailable
-from collective.streamguard.interfaces import END_MARKER
-from collective.streamguard.interfaces import IStreamDefaults
 from collective.streamguard.logs import configured_logs
 from collective.streamguard.logstream import HEARTBEAT
 from collective.streamguard.logstream import LogStream
 from collective.streamguard.logstream import piece_size
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
+from collective.streamguard.streaming import TRANSFORMCHAIN_DISABLE
+from collective.streamguard.streaming import site_settings
 from collective.streamguard.streaming import stream_response
 
 NUMBER = re.compile(r"^[0-9]{1,15}$")
-
-
-def site_settings():
-    """The site's settings (Plone's registry), or None in a bare Zope."""
-    provider = queryUtility(IStreamDefaults)
-    return provider() if provider is not None else None
 
 
 class LogAccessView(BrowserView):
@@ -62,7 +56,7 @@ class LogAccessView(BrowserView):
         response.setHeader("Cache-Control", "no-store")
         response.setHeader("X-Content-Type-Options", "nosniff")
         # Plone's transforms (theming) would wrap the message in a page.
-        self.request.environ["plone.transformchain.disable"] = True
+        self.request.environ[TRANSFORMCHAIN_DISABLE] = True
         return message + "\n"
 
     def logs(self):
@@ -108,6 +102,7 @@ class StreamLogView(LogAccessView):
             "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
             heartbeat=HEARTBEAT if sse else None,
             label=f"log {name}",
+            log=name,
         )
 
     def start(self, form):
