@@ -8,22 +8,21 @@ one a test fixture, with the ``wsgiapps.EventSink`` its app reports to.
 Later tests reuse both for the Zope WSGI app.
 """
 
-import errno
 import http.client
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import unittest
 
+from collective.streamguard.tests.helpers import HOST
+from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.wsgiapps import EventSink
 
-HOST = "127.0.0.1"
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 TEST_APP = "collective.streamguard.tests.wsgiapps:app"
 
@@ -63,17 +62,6 @@ def executable(name):
         f"which installs the test extra (where {name} cannot be installed, "
         f"{SKIP_MISSING_ENV}={name} skips the tests that need it)"
     )
-
-
-def wait_for(predicate, timeout=10.0, interval=0.01):
-    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def free_port():
@@ -404,45 +392,4 @@ def request_bytes(path, close=False):
 
 
 def connect(server, timeout=10.0):
-    sock = socket.create_connection(server.address, timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def read_until(sock, marker, timeout=10.0):
-    """Read from ``sock`` until ``marker`` arrived; return all bytes read."""
-    data = b""
-    deadline = time.monotonic() + timeout
-    while marker not in data:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError(f"no {marker!r} within {timeout} s; got {data!r}") from None
-        if not chunk:
-            raise AssertionError(f"server closed before {marker!r}; got {data!r}")
-        data += chunk
-    return data
-
-
-def reset(sock):
-    """Close with an RST instead of a FIN (SO_LINGER on, timeout 0)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def wait_gone(sock, timeout=10.0):
-    """Wait until the server closed its end of ``sock`` (EOF or reset)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            if not sock.recv(65536):
-                return True
-        except TimeoutError:
-            break
-        except OSError as exc:
-            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-                return True
-            raise
-    return False
+    return HTTPClient(server.address, timeout=timeout)

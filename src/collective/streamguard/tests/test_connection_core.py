@@ -21,6 +21,7 @@ from collective.streamguard import wait_for_disconnect
 from collective.streamguard.connection import ENVIRON_KEY
 from collective.streamguard.probes import FdConnection
 from collective.streamguard.probes import socket_is_open
+from collective.streamguard.tests.helpers import SocketTestCase
 
 
 class Request:
@@ -29,23 +30,6 @@ class Request:
 
     def __init__(self, environ):
         self.environ = environ
-
-
-class SocketTestCase(unittest.TestCase):
-    def setUp(self):
-        self.sockets = []
-
-    def tearDown(self):
-        for sock in self.sockets:
-            sock.close()
-
-    def pair(self):
-        """A connected loopback TCP pair: (server side, client side)."""
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            client = socket.create_connection(listener.getsockname())
-            server, _ = listener.accept()
-        self.sockets += [server, client]
-        return server, client
 
 
 class InputTests(unittest.TestCase):

@@ -11,6 +11,7 @@ import time
 import unittest
 import uuid
 
+from collective.streamguard.tests import helpers
 from collective.streamguard.tests import servers
 
 SOON = 5.0  # generous: a bound that only a broken probe misses
@@ -54,7 +55,7 @@ class ServerContract(servers.LayerTestCase):
             self.wait_end(rid)
         for sock in self.clients:
             if sock.fileno() >= 0:
-                servers.wait_gone(sock)
+                helpers.wait_gone(sock)
             sock.close()
         self.sink.collect()
 
@@ -75,7 +76,7 @@ class ServerContract(servers.LayerTestCase):
         rid = self.rid()
         query = "&".join(f"{k}={v}" for k, v in dict(id=rid, mode=mode, **params).items())
         sock.sendall(servers.request_bytes(f"/stream?{query}"))
-        servers.read_until(sock, b"ready\n")
+        helpers.read_until(sock, b"ready\n")
         start = self.sink.wait_for(event="start", id=rid)
         self.streams[rid] = start["ctl"]
         return sock, start
@@ -126,7 +127,7 @@ class ServerContract(servers.LayerTestCase):
 
     def test_idle_stream_ends_when_client_resets(self):
         sock, start = self.open_stream()
-        servers.reset(sock)
+        helpers.reset(sock)
         self.assert_becomes(start, "closed")
 
     def test_idle_stream_ends_when_client_closes_after_pipelined_bytes(self):
@@ -179,12 +180,12 @@ class ServerContract(servers.LayerTestCase):
         sock = self.connect()
         rid = self.rid()
         sock.sendall(servers.request_bytes(f"/hold?id={rid}", close=True))
-        servers.read_until(sock, b"held\n")
+        helpers.read_until(sock, b"held\n")
         held = self.sink.wait_for(event="start", id=rid)
         # uWSGI's --http11-socket ignores the client's Connection: close and
         # keeps the socket until its 4 s timeout; a FIN ends it at once.
         sock.shutdown(socket.SHUT_WR)
-        self.assertTrue(servers.wait_gone(sock), "server did not close")
+        self.assertTrue(helpers.wait_gone(sock), "server did not close")
         self.assert_becomes(held, "closed")
 
     def test_new_connection_on_reused_fd_does_not_inherit(self):
@@ -196,7 +197,7 @@ class ServerContract(servers.LayerTestCase):
             sock, old = self.open_stream(mode="wait", timeout=30)
             sock.shutdown(socket.SHUT_WR)
             self.wait_end(old["id"])
-            self.assertTrue(servers.wait_gone(sock), "server did not close")
+            self.assertTrue(helpers.wait_gone(sock), "server did not close")
             time.sleep(0.05)  # gunicorn half-closes first, then closes
             _, new = self.open_stream(compare=old["id"])
             if new["fd"] == old["fd"]:
@@ -217,7 +218,7 @@ class KeepAliveContract:
         sock = self.connect()
         first = self.rid()
         sock.sendall(servers.request_bytes(f"/hold?id={first}"))
-        servers.read_until(sock, b"held\n")
+        helpers.read_until(sock, b"held\n")
         held = self.sink.wait_for(event="start", id=first)
         _, start = self.open_stream(sock, compare=first)
         # Same TCP connection: the held object of the finished first request
@@ -238,9 +239,9 @@ class ConnectionPerRequestContract:
     def test_server_closes_the_connection_after_a_response(self):
         sock = self.connect()
         sock.sendall(servers.request_bytes("/ping"))
-        self.assertIn(b"pong", servers.read_until(sock, b"pong"))
+        self.assertIn(b"pong", helpers.read_until(sock, b"pong"))
         # At once: keep-alive servers hold an idle connection for seconds.
-        self.assertTrue(servers.wait_gone(sock, timeout=1.0), "connection kept")
+        self.assertTrue(helpers.wait_gone(sock, timeout=1.0), "connection kept")
 
 
 def layer(name, kind, **options):

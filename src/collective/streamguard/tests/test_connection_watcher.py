@@ -9,7 +9,7 @@ import unittest
 from collective.streamguard import client_connection
 from collective.streamguard import watcher
 from collective.streamguard.probes import FdConnection
-from collective.streamguard.tests.test_connection_core import SocketTestCase
+from collective.streamguard.tests.helpers import SocketTestCase
 
 SOON = 5.0
 

@@ -11,9 +11,9 @@ import transaction
 
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests import examples
-from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.servers import wait_for
-from collective.streamguard.tests.test_streaming import StreamingTestCase
+from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.streamcases import StreamingTestCase
 
 README = os.path.join(os.path.dirname(__file__), *[os.pardir] * 4, "README.rst")
 
@@ -80,12 +80,10 @@ class TestExampleViews(StreamingTestCase):
 
     def test_csv_export_streams_every_document(self):
         sock = self.open("", auth=True, path="/plone/@@documents-csv")
-        # The last chunk's CRLF, then the empty chunk that ends the body.
-        data = read_until(sock, b"\r\n0\r\n\r\n")
-        head, body = data.split(b"\r\n\r\n", 1)
-        self.assertIn(b"Content-Type: text/csv; charset=utf-8", head)
-        self.assertIn(b'attachment; filename="documents.csv"', head)
-        text = dechunk(body).decode()
+        text = sock.body().decode()
+        _, headers = sock.head()
+        self.assertEqual(headers["content-type"], "text/csv; charset=utf-8")
+        self.assertEqual(headers["content-disposition"], 'attachment; filename="documents.csv"')
         rows = list(csv.reader(io.StringIO(text)))
         self.assertEqual(rows[0], ["path", "title", "modified"])
         self.assertEqual(len(rows), 41)

@@ -14,10 +14,11 @@ import unittest
 import urllib.error
 import urllib.request
 
-from collective.streamguard.tests.servers import HOST
+from collective.streamguard.tests.helpers import HOST
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
-from collective.streamguard.tests.servers import read_until
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 
@@ -58,13 +59,10 @@ class TestProcessShutdown(unittest.TestCase):
             self.process.wait(10)
 
     def stream_then_stop(self, signum):
-        import socket
-
-        with socket.create_connection((HOST, self.port), timeout=10) as sock:
-            sock.sendall(
-                b"GET /@@streamguard-test-stream?tag=live&mode=idle HTTP/1.1\r\n"
-                b"Host: localhost\r\n\r\n"
-            )
+        sock = HTTPClient((HOST, self.port)).request(
+            "/@@streamguard-test-stream?tag=live&mode=idle"
+        )
+        with sock:
             read_until(sock, b"first line of live")
             self.process.send_signal(signum)
             try:

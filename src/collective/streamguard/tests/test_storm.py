@@ -8,14 +8,14 @@ normal pages answer all through it.
 
 import http.client
 import os
-import socket
 import threading
 
 from collective.streamguard.streams import live_streams
-from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.servers import wait_for
-from collective.streamguard.tests.test_streaming import StreamingTestCase
-from collective.streamguard.tests.test_transactions import open_connections
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import open_connections
+from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.streamcases import StreamingTestCase
 from collective.streamguard.zodb import open_sessions
 
 STREAMS = 200
@@ -65,10 +65,8 @@ class TestAbandonStorm(StreamingTestCase):
         poller.start()
         refused = 0
         for n in range(STREAMS):
-            sock = socket.create_connection((self.layer["host"], self.layer["port"]), timeout=10)
-            sock.sendall(
-                f"GET /plone/@@streamguard-test-zodb?tag=storm{n}&mode=write HTTP/1.1\r\n"
-                "Host: localhost\r\nAuthorization: Basic YWRtaW46c2VjcmV0\r\n\r\n".encode()
+            sock = HTTPClient((self.layer["host"], self.layer["port"])).request(
+                f"/plone/@@streamguard-test-zodb?tag=storm{n}&mode=write", auth=("admin", "secret")
             )
             head = read_until(sock, b"\r\n\r\n")
             if head.startswith(b"HTTP/1.1 503"):

@@ -6,81 +6,22 @@ appends to it, rotates it, swaps it, while raw-socket clients follow it.
 
 import base64
 import http.client
-import json
 import os
 import re
 import shutil
-import socket
-import tempfile
 import time
 
 import transaction
 from plone.app.testing import TEST_USER_NAME
 from plone.app.testing import TEST_USER_PASSWORD
-from plone.registry.interfaces import IRegistry
-from zope.component import getUtility
 
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.streams import live_streams
-from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.servers import wait_for
-from collective.streamguard.tests.test_streaming import StreamingTestCase
-from collective.streamguard.tests.test_waitress_output import Recorder
-from collective.streamguard.tests.test_waitress_output import dechunk
-
-MARKER = "<<<<<EOFMARKER>>>>>"
-
-
-class LogTestCase(StreamingTestCase):
-    """A log ``app`` in a temp dir, configured in the registry."""
-
-    old_lines = "first old line\nsecond old line\n"
-
-    def setUp(self):
-        super().setUp()
-        self.directory = tempfile.mkdtemp(prefix="streamguard-log-")
-        self.addCleanup(shutil.rmtree, self.directory, True)
-        self.path = os.path.join(self.directory, "app.log")
-        self.write(self.old_lines)
-        self.configure(log_files=[f"app|{self.path}"])
-
-    def configure(self, **settings):
-        registry = getUtility(IRegistry, context=self.layer["portal"])
-        for name, value in settings.items():
-            registry[f"collective.streamguard.{name}"] = value
-        transaction.commit()
-
-    def write(self, text, path=None, mode="a"):
-        with open(path or self.path, mode, encoding="utf-8") as f:
-            f.write(text)
-
-    def follow(self, query="log=app", auth=True):
-        """Start following; return the socket and the response head.
-
-        waitress sends the head with the first body bytes: a text stream
-        that starts at the end of an idle log gets a line written first.
-        """
-        sock = self.open(query, auth=auth, path="/plone/@@stream-log")
-        if "format=sse" not in query and "lines=" not in query and "offset=" not in query:
-            self.assertTrue(wait_for(lambda: live_streams.live()), "the stream did not start")
-            self.write("-- following --\n")
-        head = read_until(sock, b"\r\n\r\n")
-        return sock, head
-
-    def status_json(self):
-        status, _, body = self.get_as_manager("/plone/@@stream-status?format=json")
-        self.assertEqual(status, 200)
-        return json.loads(body)
-
-    def get_as_manager(self, path):
-        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
-        try:
-            token = base64.b64encode(b"admin:secret").decode()
-            connection.request("GET", path, headers={"Authorization": f"Basic {token}"})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
+from collective.streamguard.tests.helpers import Recorder
+from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.streamcases import MARKER
+from collective.streamguard.tests.streamcases import LogTestCase
 
 
 class TestFollowing(LogTestCase):
@@ -111,7 +52,7 @@ class TestFollowing(LogTestCase):
     def test_end_marker_ends_the_stream_and_is_not_sent(self):
         sock, _ = self.follow()
         self.write(f"last words\n{MARKER}\nafter the marker\n")
-        data = read_until(sock, b"\r\n0\r\n\r\n")
+        data = sock.body()
         self.assertIn(b"last words\n", data)
         self.assertNotIn(MARKER.encode(), data)
         self.assertNotIn(b"after the marker", data)
@@ -129,7 +70,7 @@ class TestFollowing(LogTestCase):
     def test_maximum_duration(self):
         self.configure(max_duration=1)
         sock, _ = self.follow()
-        read_until(sock, b"\r\n0\r\n\r\n", timeout=10)
+        sock.body(timeout=10)
         self.assertTrue(wait_for(lambda: not live_streams.live()))
         self.assertGreaterEqual(self.status_json()["ended"]["timeout"], 1)
 
@@ -175,9 +116,9 @@ class TestFollowing(LogTestCase):
     def read_to_the_end(self, query):
         recorder = Recorder.attach(self)
         sock = self.open(query, auth=True, path="/plone/@@stream-log")
-        raw = read_until(sock, b"\r\n0\r\n\r\n", timeout=30)
+        body = sock.body(timeout=30)
         self.assertTrue(wait_for(lambda: recorder.ended))
-        return dechunk(raw)[1], recorder.ended[0]
+        return body, recorder.ended[0]
 
     def test_catch_up_of_a_large_log_is_exact(self):
         text, _size = self.big_log()
@@ -208,14 +149,10 @@ class TestServerSentEvents(LogTestCase):
         # Written while no client follows; a reconnecting EventSource sends
         # the last id it got.
         self.write("missed one\nmissed two\n")
-        sock = socket.create_connection((self.layer["host"], self.layer["port"]), timeout=10)
-        self.sockets.append(sock)
-        token = base64.b64encode(b"admin:secret").decode()
-        sock.sendall(
-            (
-                "GET /plone/@@stream-log?log=app&format=sse HTTP/1.1\r\nHost: localhost\r\n"
-                f"Authorization: Basic {token}\r\nLast-Event-ID: {offset}\r\n\r\n"
-            ).encode()
+        sock = self.connect().request(
+            "/plone/@@stream-log?log=app&format=sse",
+            auth=("admin", "secret"),
+            headers={"Last-Event-ID": offset},
         )
         data = read_until(sock, b"missed two\n")
         text = data.decode()
@@ -244,7 +181,7 @@ class TestServerSentEvents(LogTestCase):
     def test_end_marker_sends_an_end_event(self):
         sock, _ = self.follow("log=app&format=sse")
         self.write(f"{MARKER}\n")
-        data = read_until(sock, b"\r\n0\r\n\r\n")
+        data = sock.body()
         self.assertIn(b"event: end\n", data)
 
     def test_heartbeat_comments_while_idle(self):
@@ -301,12 +238,8 @@ class TestSecurity(LogTestCase):
         portal = self.layer["portal"]
         portal.manage_permission(VIEW_LOG_STREAMS, roles=["Manager", "Member"], acquire=False)
         transaction.commit()
-        sock = socket.create_connection((self.layer["host"], self.layer["port"]), timeout=10)
-        self.sockets.append(sock)
-        token = base64.b64encode(f"{TEST_USER_NAME}:{TEST_USER_PASSWORD}".encode()).decode()
-        sock.sendall(
-            "GET /plone/@@stream-log?log=app&lines=1 HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Basic {token}\r\n\r\n".encode()
+        sock = self.connect().request(
+            "/plone/@@stream-log?log=app&lines=1", auth=(TEST_USER_NAME, TEST_USER_PASSWORD)
         )
         data = read_until(sock, b"second old line\n")
         self.assertTrue(data.startswith(b"HTTP/1.1 200 "))

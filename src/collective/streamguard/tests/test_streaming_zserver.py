@@ -2,7 +2,7 @@
 
 ZServer itself only runs on Python 2.7, which cannot be had here.  These
 tests reproduce its contract with real asyncore sockets (the fixture of
-``test_connection_zserver``) plus a response whose ``write()`` pushes to the
+``zserver_standin``) plus a response whose ``write()`` pushes to the
 channel from the worker thread and silently drops data once the channel is
 closed, as ``ZServer.HTTPResponse`` does; its ``stdout`` is the
 ``ChannelPipe`` that lets the probe find the request's channel.
@@ -12,8 +12,8 @@ import threading
 
 from collective.streamguard.streaming import stream_response
 from collective.streamguard.streams import live_streams
-from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.test_connection_zserver import ZServerContractTestCase
+from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.zserver_standin import ZServerContractTestCase
 
 
 class ZServerResponse:

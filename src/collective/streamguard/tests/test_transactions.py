@@ -12,9 +12,9 @@ import tempfile
 import transaction
 
 from collective.streamguard.tests import views
-from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.servers import wait_for
-from collective.streamguard.tests.test_streaming import StreamingTestCase
+from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.streamcases import StreamingTestCase
 
 PATH = "/plone/@@streamguard-test-zodb"
 
@@ -55,7 +55,7 @@ class TestOwnZODBConnection(StreamingTestCase):
         self.assertTrue(context["jar_is_own"])
         self.assertEqual(context["context_path"], "/plone")
         views.gate(tag).set()
-        read_until(sock, b"0\r\n\r\n")
+        sock.body()
         self.assert_cleaned_up_once(tag, "finished")
 
     def test_finished_producer_commits(self):
@@ -63,7 +63,7 @@ class TestOwnZODBConnection(StreamingTestCase):
         sock = self.open(f"tag={tag}&mode=write", auth=True, path=PATH)
         read_until(sock, b"marked")
         views.gate(tag).set()
-        read_until(sock, b"0\r\n\r\n")
+        sock.body()
         self.assert_cleaned_up_once(tag, "finished")
         self.assertEqual(getattr(self.site(), "_streamguard_mark", None), tag)
 
@@ -122,6 +122,6 @@ class TestSQLAlchemySession(StreamingTestCase):
         sock = self.open(f"tag={tag}&mode=sql", auth=True, path=PATH)
         read_until(sock, b"inserted")
         views.gate(tag).set()
-        read_until(sock, b"0\r\n\r\n")
+        sock.body()
         self.assert_cleaned_up_once(tag, "finished")
         self.assertEqual(self.rows(tag), [(0,), (1,), (2,)])

@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from collective.streamguard.tests.test_stream_log import LogTestCase
+from collective.streamguard.tests.streamcases import LogTestCase
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -5,8 +5,6 @@ in this process and is read over real sockets, so the test can read the
 stream's end line from the log: how many bytes took the direct way.
 """
 
-import logging
-import re
 import socket
 import threading
 import time
@@ -19,13 +17,15 @@ from collective.streamguard.connection import client_connection
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
 from collective.streamguard.streams import EndReason
-from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import Recorder
+from collective.streamguard.tests.helpers import dechunk
+from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.waitress_output import HELD_LIMIT
 from collective.streamguard.waitress_output import QUEUE_LIMIT
 
 MiB = 1 << 20
-ENDED = re.compile(r"stream (\d+) ended \((.+)\): (\d+) bytes \((\d+) queued without a copy\)")
 
 
 def chunk(index, size):
@@ -36,35 +36,6 @@ def chunk(index, size):
 
 def expected_body(sizes):
     return b"".join(chunk(i, size) for i, size in enumerate(sizes))
-
-
-class Recorder(logging.Handler):
-    """The "stream N ended" lines of collective.streamguard's log."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.ended = []
-
-    @classmethod
-    def attach(cls, testcase):
-        recorder = cls()
-        logger = logging.getLogger("collective.streamguard")
-        testcase.addCleanup(logger.setLevel, logger.level)
-        testcase.addCleanup(logger.removeHandler, recorder)
-        logger.addHandler(recorder)
-        logger.setLevel(logging.INFO)
-        return recorder
-
-    def emit(self, record):
-        match = ENDED.match(record.getMessage())
-        if match:
-            self.ended.append(
-                dict(
-                    reason=match.group(2),
-                    sent=int(match.group(3)),
-                    direct=int(match.group(4)),
-                )
-            )
 
 
 class App:
@@ -116,22 +87,6 @@ class App:
         self.cleanups += 1
 
 
-def dechunk(raw):
-    """The body of a chunked HTTP/1.1 response, checking its framing."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    assert b"Transfer-Encoding: chunked" in head, head
-    body = bytearray()
-    while True:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            assert rest == b"\r\n", rest[:40]
-            return head, bytes(body)
-        body += rest[:size]
-        assert rest[size : size + 2] == b"\r\n"
-        rest = rest[size + 2 :]
-
-
 class DirectOutputTests(unittest.TestCase):
     def setUp(self):
         self.recorder = Recorder.attach(self)
@@ -143,18 +98,13 @@ class DirectOutputTests(unittest.TestCase):
         self.assertTrue(server.wait())
 
     def connect(self, path, version="1.1", method="GET"):
-        sock = socket.create_connection(self.address, timeout=10)
+        sock = HTTPClient(self.address)
         self.addCleanup(sock.close)
-        close = "Connection: close\r\n" if version == "1.1" else ""
-        sock.sendall(f"{method} {path} HTTP/{version}\r\nHost: test\r\n{close}\r\n".encode())
-        return sock
+        close = {"Connection": "close"} if version == "1.1" else {}
+        return sock.request(path, method=method, version=version, headers=close)
 
     def fetch(self, path, version="1.1", method="GET"):
-        sock = self.connect(path, version, method)
-        parts = []
-        while data := sock.recv(MiB):
-            parts.append(data)
-        return b"".join(parts)
+        return self.connect(path, version, method).read_all(timeout=60)
 
     def ended(self):
         self.assertTrue(wait_for(lambda: self.recorder.ended), "the stream did not end")
@@ -199,7 +149,7 @@ class DirectOutputTests(unittest.TestCase):
         self.assertLess(time.monotonic() - start, 4)
         self.assertFalse(self.recorder.ended)
         self.assertIn(chunk(1, MiB)[:100], raw)
-        read_until(sock, b"end\r\n0\r\n\r\n", timeout=10)
+        self.assertTrue(sock.body(timeout=10).endswith(b"end"))
         self.assertEqual(self.ended()["reason"], "finished")
 
     def test_a_client_that_stops_reading_holds_the_producer_back(self):
@@ -227,7 +177,7 @@ class DirectOutputTests(unittest.TestCase):
         sock = self.connect("/chunks?sizes=1048576&repeat=500&batch=1")
         received = 0
         while received < 5 * MiB:
-            received += len(sock.recv(MiB))
+            received += len(sock.read_exactly(MiB))
         sock.close()
         ended = self.ended()
         self.assertEqual(ended["reason"], EndReason.CLIENT_GONE.value)

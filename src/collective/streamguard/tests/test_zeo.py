@@ -13,12 +13,13 @@ import time
 import unittest
 import urllib.request
 
-from collective.streamguard.tests.servers import HOST
+from collective.streamguard.tests.helpers import HOST
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
-from collective.streamguard.tests.servers import read_until
-from collective.streamguard.tests.servers import wait_for
-from collective.streamguard.tests.test_shutdown import wait_until_serving
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 
@@ -99,17 +100,14 @@ class TestStreamsOnZEO(unittest.TestCase):
             return response.read().decode()
 
     def stream(self, instance, query):
-        sock = socket.create_connection((HOST, instance.port), timeout=10)
+        sock = HTTPClient((HOST, instance.port))
         self.addCleanup(sock.close)
-        sock.sendall(
-            f"GET /@@streamguard-test-zodb?{query} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
-        )
-        return sock
+        return sock.request(f"/@@streamguard-test-zodb?{query}")
 
     def test_finished_stream_commits_and_the_other_instance_sees_it(self):
         a, b = self.layer.instances
         sock = self.stream(a, "tag=committed&mode=write&finish=1")
-        read_until(sock, b"0\r\n\r\n")
+        sock.body()
         self.assertTrue(wait_for(lambda: a.events("cleanup", tag="committed")))
         self.assertEqual(a.events("cleanup", tag="committed")[0]["reason"], "finished")
         # B's connection catches ZEO's invalidation at its next transaction.

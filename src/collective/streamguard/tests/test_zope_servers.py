@@ -21,8 +21,9 @@ import time
 import unittest
 import uuid
 
+from collective.streamguard.tests import helpers
 from collective.streamguard.tests import servers
-from collective.streamguard.tests.servers import wait_for
+from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 APP = "collective.streamguard.tests.zopeapp:application"
@@ -115,7 +116,7 @@ class ZopeServerContract(servers.LayerTestCase):
         sock = servers.connect(self.server)
         self.addCleanup(sock.close)
         sock.sendall(servers.request_bytes(f"/@@streamguard-test-stream?tag={tag}&mode={mode}"))
-        head = servers.read_until(sock, f"first line of {tag}\n".encode())
+        head = helpers.read_until(sock, f"first line of {tag}\n".encode())
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head[:200])
         if mode == "idle":
             # Let the producer reach guard.idle(): a client leaving before
@@ -161,14 +162,14 @@ class ZopeServerContract(servers.LayerTestCase):
 
     def test_idle_stream_ends_when_client_resets(self):
         sock, tag, _ = self.open_stream("idle")
-        servers.reset(sock)
+        helpers.reset(sock)
         self.assert_ended_once(tag, "client gone")
         self.assert_stopped_by_guard(tag)
 
     def test_stream_that_finishes_ends_finished(self):
         sock, tag, head = self.open_stream("finish")
         if b"third\n" not in head:
-            servers.read_until(sock, b"third\n")
+            helpers.read_until(sock, b"third\n")
         # Leave only once the stream has ended: a client leaving before the
         # server asks for the end of the body would make it "client gone".
         # (gunicorn's sync worker lingers up to 2 s for a client that stays.)

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 
-from collective.streamguard.tests.servers import HOST
+from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.servers import SRC
 
 SITE_ZCML = """\

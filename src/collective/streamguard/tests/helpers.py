@@ -1,0 +1,320 @@
+"""What the tests share: one buffered HTTP client, waits, and test bases.
+
+``HTTPClient`` is the only way a test reads a stream: bytes that arrive
+together with the ones a test waits for (the first body bytes with the
+headers, the terminating chunk with the last line) stay in its buffer for
+the next read instead of being dropped.  Every read waits for what it needs
+(a marker, the end of the headers, the terminating chunk, the close) with a
+deadline, never for a fixed time.
+"""
+
+import base64
+import errno
+import logging
+import re
+import socket
+import struct
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+HOST = "127.0.0.1"
+#: The end line GuardedStream logs for every stream.
+ENDED = re.compile(r"stream (\d+) ended \((.+)\): (\d+) bytes \((\d+) queued without a copy\)")
+
+
+def wait_for(predicate, timeout=10.0, interval=0.01):
+    """Wait until ``predicate()`` is true; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class HTTPClient:
+    """A raw HTTP/1.x client over a real socket, with a read buffer.
+
+    ``read_until(marker)`` returns the bytes up to and including ``marker``
+    and keeps what came after it; ``head()`` the status line and headers;
+    ``body()`` the rest of the response, dechunked; ``closed()`` tells
+    whether the server closed the connection.  Anything else (``sendall``,
+    ``shutdown``, ``setsockopt``, ...) goes to the socket.
+    """
+
+    def __init__(self, address, timeout=10.0):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray()
+        #: Every byte received, for ``body()``.
+        self.transcript = bytearray()
+        self.eof = False
+        self.status = None
+        self.headers = None
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.sock.close()
+
+    def request(self, path, method="GET", headers=None, version="1.1", auth=None):
+        """Send one request; ``auth`` is (user, password) for basic auth."""
+        lines = [f"{method} {path} HTTP/{version}", "Host: localhost"]
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            lines.append(f"Authorization: Basic {token}")
+        lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return self
+
+    def _receive(self, deadline):
+        """Read what the socket has into the buffer; False at EOF."""
+        if self.eof:
+            return False
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            data = self.sock.recv(1 << 20)
+        except TimeoutError:
+            raise
+        except OSError as error:
+            if error.errno not in (errno.ECONNRESET, errno.EPIPE):
+                raise
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buffer += data
+        self.transcript += data
+        return True
+
+    def read_until(self, marker, timeout=10.0):
+        """The bytes up to and including ``marker``; the rest stays buffered."""
+        deadline = time.monotonic() + timeout
+        while (index := self.buffer.find(marker)) < 0:
+            try:
+                more = self._receive(deadline)
+            except TimeoutError:
+                raise AssertionError(
+                    f"no {marker!r} within {timeout} s; got {bytes(self.buffer)!r:.2000}"
+                ) from None
+            if not more:
+                raise AssertionError(
+                    f"server closed before {marker!r}; got {bytes(self.buffer)!r:.2000}"
+                )
+        end = index + len(marker)
+        data = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return data
+
+    def head(self, timeout=10.0):
+        """(status, {lower-case name: value}) of the response; reads the head once."""
+        if self.status is None:
+            if b"\r\n\r\n" in self.transcript and not self.buffer.startswith(b"HTTP/"):
+                # body() or read_all() took it out of the buffer already.
+                raw = bytes(self.transcript).partition(b"\r\n\r\n")[0].decode("latin-1")
+            else:
+                raw = self.read_until(b"\r\n\r\n", timeout)[:-4].decode("latin-1")
+            status_line, *lines = raw.split("\r\n")
+            self.status = int(status_line.split()[1])
+            self.headers = {}
+            for line in lines:
+                name, _, value = line.partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+        return self.status, self.headers
+
+    def read_all(self, timeout=10.0):
+        """Everything until the server closes the connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self._receive(deadline):
+                    break
+            except TimeoutError:
+                raise AssertionError(
+                    f"the server did not close within {timeout} s; got {bytes(self.buffer)!r:.2000}"
+                ) from None
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    def body(self, timeout=10.0):
+        """The whole body of the response (dechunked), once it is complete.
+
+        Parsed from everything the connection received, whatever earlier
+        reads took out of the buffer; a chunked body ends with its
+        terminating chunk, any other with the server's close.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            head, _, rest = bytes(self.transcript).partition(b"\r\n\r\n")
+            if _ and b"transfer-encoding: chunked" in head.lower():
+                body = _dechunk_complete(rest)
+                if body is not None:
+                    self.buffer.clear()
+                    return body
+            try:
+                more = self._receive(deadline)
+            except TimeoutError:
+                raise AssertionError(
+                    f"the body did not end within {timeout} s; got {bytes(self.transcript)!r:.2000}"
+                ) from None
+            if not more:
+                if _ and b"transfer-encoding: chunked" not in head.lower():
+                    self.buffer.clear()
+                    return rest
+                raise AssertionError(
+                    f"server closed before the body ended; got {bytes(self.transcript)!r:.2000}"
+                )
+
+    def read_exactly(self, count, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while len(self.buffer) < count:
+            try:
+                more = self._receive(deadline)
+            except TimeoutError:
+                raise AssertionError(f"{count} bytes not there within {timeout} s") from None
+            if not more:
+                raise AssertionError(f"server closed before {count} bytes arrived")
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return data
+
+    def closed(self, timeout=10.0):
+        """True once the server closed its end (EOF or reset) within ``timeout``;
+        what it sent before stays buffered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not self._receive(deadline):
+                    return True
+            except TimeoutError:
+                return False
+        return self.eof
+
+    def reset(self):
+        """Close with an RST instead of a FIN."""
+        reset(self.sock)
+
+    def close(self):
+        self.sock.close()
+
+
+def _dechunk_complete(rest):
+    """The body in chunked ``rest`` if its terminating chunk is there, else None."""
+    body = bytearray()
+    position = 0
+    while True:
+        line_end = rest.find(b"\r\n", position)
+        if line_end < 0:
+            return None
+        size = int(rest[position:line_end].split(b";")[0], 16)
+        start = line_end + 2
+        if len(rest) < start + size + 2:
+            return None
+        assert rest[start + size : start + size + 2] == b"\r\n", rest[start + size :][:40]
+        if size == 0:
+            return bytes(body)
+        body += rest[start : start + size]
+        position = start + size + 2
+
+
+def dechunk(raw):
+    """(head, body) of a whole chunked HTTP/1.1 response, checking its framing."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    body = bytearray()
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n", rest[:40]
+            return head, bytes(body)
+        body += rest[:size]
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+
+
+def read_until(client, marker, timeout=10.0):
+    """``client.read_until(marker)``: for the tests' existing call sites."""
+    return client.read_until(marker, timeout)
+
+
+def reset(sock):
+    """Close with an RST instead of a FIN (SO_LINGER on, timeout 0)."""
+    sock = getattr(sock, "sock", sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def wait_gone(client, timeout=10.0):
+    """Wait until the server closed its end of ``client`` (EOF or reset)."""
+    return client.closed(timeout)
+
+
+class SocketTestCase(unittest.TestCase):
+    def setUp(self):
+        self.sockets = []
+
+    def tearDown(self):
+        for sock in self.sockets:
+            sock.close()
+
+    def pair(self):
+        """A connected loopback TCP pair: (server side, client side)."""
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+        self.sockets += [server, client]
+        return server, client
+
+
+class Recorder(logging.Handler):
+    """The "stream N ended" lines of collective.streamguard's log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.ended = []
+
+    @classmethod
+    def attach(cls, testcase):
+        recorder = cls()
+        logger = logging.getLogger("collective.streamguard")
+        testcase.addCleanup(logger.setLevel, logger.level)
+        testcase.addCleanup(logger.removeHandler, recorder)
+        logger.addHandler(recorder)
+        logger.setLevel(logging.INFO)
+        return recorder
+
+    def emit(self, record):
+        match = ENDED.match(record.getMessage())
+        if match:
+            self.ended.append(
+                dict(reason=match.group(2), sent=int(match.group(3)), direct=int(match.group(4)))
+            )
+
+
+def open_connections(db):
+    """The ZODB connections of ``db`` that are open now."""
+    return [info for info in db.connectionDebugInfo() if info["opened"]]
+
+
+def wait_until_serving(port, process, timeout=60.0):
+    """Wait until the Zope in ``process`` answers HTTP on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"runwsgi exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # Zope answered
+        except OSError:
+            time.sleep(0.2)  # not listening yet: nothing to wait on but the port
+    raise AssertionError(f"runwsgi did not answer within {timeout} s")

@@ -1,0 +1,132 @@
+"""Test bases for streams on a real Plone site served by a real waitress.
+
+Clients are ``helpers.HTTPClient``: the tests read a response while it is
+still being produced, and leave with a FIN or a reset.
+"""
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import tempfile
+import unittest
+import uuid
+
+import transaction
+from plone.app.testing import SITE_OWNER_NAME
+from plone.app.testing import SITE_OWNER_PASSWORD
+from plone.registry.interfaces import IRegistry
+from zope.component import getUtility
+
+from collective.streamguard.streams import live_streams
+from collective.streamguard.testing import STREAMGUARD_WAITRESS_TESTING
+from collective.streamguard.tests import views
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import wait_for
+
+MARKER = "<<<<<EOFMARKER>>>>>"
+
+
+def ending_streams():
+    """Live streams whose end has begun (their cleanups run now)."""
+    return [record for record in live_streams.live() if record.guard.reason is not None]
+
+
+class StreamingTestCase(unittest.TestCase):
+    layer = STREAMGUARD_WAITRESS_TESTING
+
+    def setUp(self):
+        self.sockets = []
+
+    def tearDown(self):
+        for sock in self.sockets:
+            sock.close()
+        # No test may leave a stream behind for the next one.
+        self.assertTrue(wait_for(lambda: not live_streams.live(), 10), live_streams.live())
+
+    def connect(self):
+        """A buffered client connected to the layer's waitress."""
+        client = HTTPClient((self.layer["host"], self.layer["port"]))
+        self.sockets.append(client)
+        return client
+
+    def open(self, query, auth=False, path="/plone/@@streamguard-test-stream", headers=None):
+        """A client that has sent ``GET path?query`` (as the site owner with ``auth``)."""
+        credentials = (SITE_OWNER_NAME, SITE_OWNER_PASSWORD) if auth else None
+        return self.connect().request(f"{path}?{query}", headers=headers, auth=credentials)
+
+    def tag(self):
+        return uuid.uuid4().hex[:12]
+
+    def get(self, path):
+        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def cleanups(self, tag):
+        return views.events("cleanup", tag=tag)
+
+    def assert_cleaned_up_once(self, tag, reason, timeout=10.0):
+        self.assertTrue(wait_for(lambda: self.cleanups(tag), timeout), f"no cleanup for {tag}")
+        # A second cleanup would come while the stream is still ending:
+        # wait until no stream is between its end and its removal.
+        self.assertTrue(wait_for(lambda: not ending_streams()), ending_streams())
+        found = self.cleanups(tag)
+        self.assertEqual([c["reason"] for c in found], [reason])
+
+
+class LogTestCase(StreamingTestCase):
+    """A log ``app`` in a temp dir, configured in the registry."""
+
+    old_lines = "first old line\nsecond old line\n"
+
+    def setUp(self):
+        super().setUp()
+        self.directory = tempfile.mkdtemp(prefix="streamguard-log-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.path = os.path.join(self.directory, "app.log")
+        self.write(self.old_lines)
+        self.configure(log_files=[f"app|{self.path}"])
+
+    def configure(self, **settings):
+        registry = getUtility(IRegistry, context=self.layer["portal"])
+        for name, value in settings.items():
+            registry[f"collective.streamguard.{name}"] = value
+        transaction.commit()
+
+    def write(self, text, path=None, mode="a"):
+        with open(path or self.path, mode, encoding="utf-8") as f:
+            f.write(text)
+
+    def follow(self, query="log=app", auth=True):
+        """Start following; return the socket and the response head.
+
+        waitress sends the head with the first body bytes: a text stream
+        that starts at the end of an idle log gets a line written first.
+        """
+        sock = self.open(query, auth=auth, path="/plone/@@stream-log")
+        if "format=sse" not in query and "lines=" not in query and "offset=" not in query:
+            self.assertTrue(wait_for(lambda: live_streams.live()), "the stream did not start")
+            self.write("-- following --\n")
+        head = sock.read_until(b"\r\n\r\n")
+        return sock, head
+
+    def status_json(self):
+        status, _, body = self.get_as_manager("/plone/@@stream-status?format=json")
+        self.assertEqual(status, 200)
+        return json.loads(body)
+
+    def get_as_manager(self, path):
+        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
+        try:
+            token = base64.b64encode(b"admin:secret").decode()
+            connection.request("GET", path, headers={"Authorization": f"Basic {token}"})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
