@@ -23,6 +23,7 @@ Zope
     ``permissions`` the permission's name
     ``streaming``   ``stream_response()``: what a view returns to stream
     ``zodb``        a producer's own ZODB connection and transaction
+    ``deployment``  what zope.conf allows: the directories logs may be in
     ``browser.stream_log``, ``browser.status``: the views on a Zope root too
 Plone (``plone.zcml``: registered only where Plone is)
     ``settings``    the registry records as the site's settings

@@ -118,22 +118,37 @@ def _inotify():
     return init, add, rm
 
 
-def _start_of_last_lines(fd, size, count):
+#: The backward scan for the last N lines reads at most this much: a huge
+#: ``lines=`` on a large log costs no more than this (then it starts at the
+#: first line that begins within it).
+MAX_SCAN_BYTES = 8 << 20
+#: Bytes remembered just before the read position, to tell a file that was
+#: truncated and grew again past that position (copytruncate) from one that
+#: only grew.
+_TAIL_CHECK = 32
+
+
+def _start_of_last_lines(fd, size, count, max_bytes=MAX_SCAN_BYTES):
     """Offset where the last ``count`` complete lines (those ending in a
     newline) begin; a partial line after them is kept.  Reads backwards in
-    blocks, so memory stays bounded whatever the line length."""
+    blocks, so memory stays bounded whatever the line length, and no more
+    than ``max_bytes``: then the first line that starts within them."""
     needed = count + 1  # the newline that ends the line before them
     end = size
-    while end > 0:
-        start = max(0, end - 65536)
+    floor = max(0, size - max_bytes)
+    while end > floor:
+        start = max(floor, end - 65536)
         block = os.pread(fd, end - start, start)
         index = len(block)
         while (index := block.rfind(b"\n", 0, index)) >= 0:
             needed -= 1
             if needed == 0:
                 return start + index + 1
+            last_newline = start + index + 1
         end = start
-    return 0
+    if floor == 0 or needed == count + 1:
+        return floor
+    return last_newline
 
 
 class LogFollower:
@@ -176,6 +191,8 @@ class LogFollower:
         self._file_wd = -1
         self._ident = None
         self._pos = 0
+        self._scan_lines = None  # last_lines, scanned at the first read()
+        self._tail = b""  # the bytes just before _pos, see _rewritten()
         self._at_line_start = True
         self._ended = False
         self._error = None
@@ -213,6 +230,16 @@ class LogFollower:
             if self._error is not None:
                 raise LogUnavailable(self._error)
             self._drain()
+            if self._scan_lines is not None and self._fd is not None:
+                # Here, in the stream, not at open(): the request thread
+                # that opened the follower may not even get a stream slot.
+                count, self._scan_lines = self._scan_lines, None
+                try:
+                    size = os.fstat(self._fd).st_size
+                    self._pos = _start_of_last_lines(self._fd, size, count)
+                    self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
+                except OSError as error:
+                    self._fail(_reason(error))
             pieces = []
             try:
                 self._follow(pieces, max_bytes)
@@ -286,12 +313,16 @@ class LogFollower:
             offset, last_lines = self._start
             size = os.fstat(self._fd).st_size
             if last_lines is not None:
-                self._pos = _start_of_last_lines(self._fd, size, last_lines)
+                self._scan_lines = last_lines
+                self._pos = size
             elif offset is not None:
                 self._pos = offset if offset <= size else 0
             else:
                 self._pos = size
-            self._at_line_start = self._pos == 0 or os.pread(self._fd, 1, self._pos - 1) == b"\n"
+            self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
+        except OSError as error:
+            self.close()
+            raise LogUnavailable(f"{self.path} {_reason(error)}") from None
         except BaseException:
             self.close()
             raise
@@ -309,9 +340,22 @@ class LogFollower:
         except OSError as error:
             self._fail(_reason(error))
         info = os.fstat(fd)
+        problem = None
         if not stat.S_ISREG(info.st_mode):  # swapped between lstat and open
+            problem = "is not a regular file"
+        elif info.st_nlink > 1:
+            problem = f"has {info.st_nlink} hard links"
+        elif info.st_size == 0:
+            # A procfs or sysfs file reads data while its size says 0: it
+            # would be sent again from its start at every change.
+            try:
+                if os.pread(fd, 1, 0):
+                    problem = "reads data while its size is 0 (a pseudo-file)"
+            except OSError as error:
+                problem = _reason(error)
+        if problem is not None:
             os.close(fd)
-            self._fail("is not a regular file")
+            self._fail(problem)
         self._fd, self._ident = fd, (info.st_dev, info.st_ino)
         self._watch_file()
         return True
@@ -328,6 +372,10 @@ class LogFollower:
             self._fail("is a symbolic link")
         if not stat.S_ISREG(info.st_mode):
             self._fail("is not a regular file")
+        if info.st_nlink > 1:
+            # A hard link to another file moved in place of the log: never
+            # followed like a rotation.
+            self._fail(f"has {info.st_nlink} hard links")
         if self._fd is not None and (info.st_dev, info.st_ino) == self._ident:
             return _SAME
         return _OTHER
@@ -389,12 +437,13 @@ class LogFollower:
             if self._fd is None:
                 if where is _MISSING or not self._open_file():
                     return
-                self._pos, self._at_line_start = 0, True
+                self._pos, self._at_line_start, self._tail = 0, True, b""
                 where = _SAME
-            elif os.fstat(self._fd).st_size < self._pos:
-                # copytruncate: the file shrank under us; its new content
+            elif os.fstat(self._fd).st_size < self._pos or self._rewritten():
+                # copytruncate: the file shrank under us (or shrank and grew
+                # past our position before we looked); its new content
                 # starts at 0.
-                self._pos, self._at_line_start = 0, True
+                self._pos, self._at_line_start, self._tail = 0, True, b""
             # Once the name points elsewhere, this file only gets what the
             # writer still had buffered: read it to its end, hold nothing back.
             used, at_end = self._read_into(pieces, budget, final=where is _OTHER)
@@ -403,6 +452,15 @@ class LogFollower:
                 return
             self._close_file()
 
+    def _byte_before(self):
+        return os.pread(self._fd, 1, self._pos - 1)
+
+    def _rewritten(self):
+        """True when the bytes before the read position are not the ones we
+        read there: the file was truncated and written again."""
+        tail = self._tail
+        return bool(tail) and os.pread(self._fd, len(tail), self._pos - len(tail)) != tail
+
     def _read_into(self, pieces, budget, final):
         """Read from ``self._pos`` up to about ``budget`` bytes or the end of
         the file; return (bytes read, whether the end was reached)."""
@@ -410,11 +468,14 @@ class LogFollower:
         while used < budget:
             want = min(self.max_piece, max(budget - used, self._min_chunk))
             buffer = self._pooled_buffer() if want == self.max_piece >= _POOLED_FROM else None
-            if buffer is None:
-                data = os.pread(self._fd, want, self._pos)
-            else:
-                count = os.preadv(self._fd, [buffer], self._pos)
-                data = buffer if count == want else bytes(memoryview(buffer)[:count])
+            try:
+                if buffer is None:
+                    data = os.pread(self._fd, want, self._pos)
+                else:
+                    count = os.preadv(self._fd, [buffer], self._pos)
+                    data = buffer if count == want else bytes(memoryview(buffer)[:count])
+            except OSError as error:
+                self._fail(f"cannot be read: {_reason(error)}")
             used += len(data)
             at_end = len(data) < want  # a regular file reads short only at its end
             if at_end:
@@ -470,6 +531,7 @@ class LogFollower:
         if taken:
             self._pos += taken
             self._at_line_start = data[taken - 1] == 0x0A
+            self._tail = bytes(data[max(0, taken - _TAIL_CHECK) : taken])
             pieces.append(Piece(text, self._pos, raw))
         return taken
 

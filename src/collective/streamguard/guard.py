@@ -102,6 +102,12 @@ class StreamGuard:
             return EndReason.TIMEOUT
         return None
 
+    def stop(self, reason):
+        """End the stream with ``reason`` (an ``EndReason``) at its next step:
+        for a producer that knows better than "finished" why it returns."""
+        if self.reason is None:
+            self.reason = reason
+
     @property
     def stopping(self):
         """True once the stream must stop (client gone, timeout, shutdown)."""
@@ -241,6 +247,7 @@ class GuardedStream:
         user="",
         client="",
         log="",
+        user_key=None,
         encoding="utf-8",
         reserved=False,
     ):
@@ -258,6 +265,7 @@ class GuardedStream:
             user=user,
             client=client,
             log=log,
+            user_key=user if user_key is None else user_key,
             probe=guard.connection.probe,
             reserved=reserved,
         )

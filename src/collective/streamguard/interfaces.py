@@ -14,6 +14,7 @@ _ = MessageFactory("collective.streamguard")
 
 #: The defaults of the settings, also where a Zope without Plone has none.
 DEFAULT_MAX_DURATION = 3600
+DEFAULT_MAX_STREAMS_PER_USER = 2
 DEFAULT_HEARTBEAT_INTERVAL = 15
 
 
@@ -53,6 +54,18 @@ class IStreamGuardSettings(Interface):
             "always serves normal pages."
         ),
         default=0,
+        min=0,
+        required=True,
+    )
+
+    max_streams_per_user = schema.Int(
+        title=_("Maximum live streams per user"),
+        description=_(
+            "So that one user cannot hold every stream of the process; beyond "
+            "it a stream is refused with 429 Too Many Requests. 0 means no "
+            "per-user limit."
+        ),
+        default=DEFAULT_MAX_STREAMS_PER_USER,
         min=0,
         required=True,
     )

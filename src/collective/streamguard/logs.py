@@ -7,9 +7,19 @@ Two kinds of names:
   logger's, which Paste's translogger writes to, is the access log), as set
   up by ``zope.ini``/``wsgi.ini`` (``make run``, plone.recipe.zope2instance);
 - names a site manager adds in the control panel, one ``name|/absolute/path``
-  per line, checked by ``parse_log_entry`` when saved.
+  per line, checked by ``parse_log_entry`` when saved and again at every use.
 
-A request only ever names a log; the path comes from this mapping.
+A request only ever names a log; the path comes from this mapping.  A Plone
+site manager is not a system administrator, so what the control panel may
+name is bounded by the deployment (``LogRules``): a configured log must lie
+in one of the allowed directories, which only the deployment's
+configuration sets (zope.conf's ``<product-config collective.streamguard>``
+``log-directories``; by default the directories of Zope's own event and
+access logs), and whatever is allowed, these are refused: anything under
+``/proc``, ``/sys`` or ``/dev``, the ZODB's files (``*.fs`` and its index,
+lock and temporary files, anything in a blob directory), the instance's
+configuration (``*.conf``, ``*.ini``, ``*.zcml``, ``*.cfg``), a file with
+more than one hard link, and anything but a regular file.
 """
 
 import logging
@@ -18,7 +28,18 @@ import re
 import stat
 
 ZOPE_LOGS = {"event": ("root",), "access": ("wsgi",)}
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Never a log, whatever the deployment allows: the kernel's pseudo-files
+#: (``/proc/self/environ`` holds the process' secrets, their size reads 0
+#: while they return data) and device nodes.
+REFUSED_TREES = ("/proc", "/sys", "/dev")
+#: The ZODB's files (Data.fs holds the Zope root user's password hash) and
+#: the instance's configuration, by name.
+REFUSED_NAME = re.compile(
+    r".*\.(fs|fs\.index|fs\.lock|fs\.tmp|fs\.old|fs\.pack|conf|ini|zcml|cfg)", re.IGNORECASE
+)
+#: A blob directory (ZODB.blob) holds this file at its top.
+BLOB_LAYOUT_MARKER = ".layout"
 
 
 class InvalidLogEntry(ValueError):
@@ -39,12 +60,58 @@ def zope_logs():
     return found
 
 
-def check_log_path(path):
+class LogRules:
+    """Where configured logs may live: ``directories`` (absolute paths; the
+    deployment's, never the site's), and the refusals that hold whatever
+    they allow (see the module docstring)."""
+
+    def __init__(self, directories, refused=()):
+        self.directories = tuple(
+            os.path.realpath(directory) for directory in directories if os.path.isabs(directory)
+        )
+        #: Refused like REFUSED_TREES: the instance's own etc/, for one.
+        self.refused = REFUSED_TREES + tuple(
+            os.path.realpath(directory) for directory in refused if os.path.isabs(directory)
+        )
+
+    def check_directory(self, directory):
+        """Raise ``InvalidLogEntry`` unless files in ``directory`` may be logs."""
+        real = os.path.realpath(directory)
+        for tree in self.refused:
+            if real == tree or real.startswith(tree + "/"):
+                raise InvalidLogEntry(f"{directory} is under {tree}: never a log")
+        if not any(
+            real == allowed or real.startswith(allowed.rstrip("/") + "/")
+            for allowed in self.directories
+        ):
+            allowed = ", ".join(self.directories) or "none"
+            raise InvalidLogEntry(
+                f"{directory} is not in a log directory of this deployment ({allowed}); "
+                "the directories are set in zope.conf, <product-config "
+                "collective.streamguard> log-directories"
+            )
+        parent = real
+        while True:
+            if os.path.exists(os.path.join(parent, BLOB_LAYOUT_MARKER)):
+                raise InvalidLogEntry(f"{directory} is in a ZODB blob directory")
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent)
+
+    def check_name(self, path):
+        if REFUSED_NAME.fullmatch(os.path.basename(path)):
+            raise InvalidLogEntry(
+                f"{path} is a ZODB or configuration file by its name: never a log"
+            )
+
+
+def check_log_path(path, rules):
     """Raise ``InvalidLogEntry`` unless ``path`` may be configured as a log.
 
-    Acceptable: an absolute, normalized path to an existing readable regular
-    file (not a symlink), or to a file not there yet in an existing
-    directory, which a writer will create.
+    Acceptable: an absolute, normalized path, in a directory ``rules``
+    allow, to an existing readable regular file with one link (not a
+    symlink), or to a file not there yet in an existing directory, which a
+    writer will create.
     """
     if not path:
         raise InvalidLogEntry("the path is empty")
@@ -54,6 +121,10 @@ def check_log_path(path):
         raise InvalidLogEntry(f"{path} is not an absolute path")
     if os.path.normpath(path) != path or path.startswith("//"):
         raise InvalidLogEntry(f"{path} is not normalized (no '..', '.', '//' or trailing '/')")
+    rules.check_name(path)
+    directory = os.path.dirname(path)
+    if os.path.isdir(directory):
+        rules.check_directory(directory)
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -67,52 +138,68 @@ def check_log_path(path):
         raise InvalidLogEntry(f"{path} is a symbolic link; name the file itself")
     if not stat.S_ISREG(info.st_mode):
         raise InvalidLogEntry(f"{path} is not a regular file")
+    if info.st_nlink > 1:
+        # A hard link to another file moved in place of a log would be
+        # followed like a rotation.
+        raise InvalidLogEntry(f"{path} has {info.st_nlink} hard links; a log has one")
     if not os.access(path, os.R_OK):
         raise InvalidLogEntry(f"{path} is not readable by the Zope process")
 
 
-def parse_log_entry(line):
+def parse_log_entry(line, rules):
     """``"name|/path"`` -> ``(name, path)``; raises ``InvalidLogEntry``."""
     name, separator, path = line.partition("|")
     name, path = name.strip(), path.strip()
     if not separator:
         raise InvalidLogEntry(f"{line!r}: write a name, '|' and an absolute path")
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise InvalidLogEntry(f"{name!r}: a name is 1 to 64 letters, digits, '.', '_' or '-'")
     if name in ZOPE_LOGS:
         raise InvalidLogEntry(f"{name!r} is the name of Zope's own {name} log")
-    check_log_path(path)
+    check_log_path(path, rules)
     return name, path
 
 
-def parse_log_files(lines):
+def parse_log_files(lines, rules):
     """All configured lines -> ``{name: path}``; raises on the first bad one."""
     logs = {}
     for line in lines or ():
         if not line.strip():
             continue
-        name, path = parse_log_entry(line)
+        name, path = parse_log_entry(line, rules)
         if name in logs:
             raise InvalidLogEntry(f"{name!r} is configured twice")
         logs[name] = path
     return logs
 
 
-def configured_logs(lines):
-    """The logs a site can stream: Zope's own, then the configured ones.
+def default_log_directories():
+    """The directories of Zope's own event and access logs."""
+    return sorted({os.path.dirname(path) for path in zope_logs().values()})
 
-    Lines that are no longer acceptable (the file was replaced by a symlink,
-    its directory removed) are left out and logged, not raised: the
-    streaming view answers 404 for them.
+
+def configured_logs(lines, rules):
+    """``(logs, unavailable)``: the logs a site can stream (``{name: path}``,
+    Zope's own, then the configured ones) and the configured names it
+    cannot (``{name: reason}``).
+
+    A line that is no longer acceptable (the file was replaced by a
+    symlink, its directory is no longer allowed) is logged and reported,
+    not raised: the streaming view answers that the log is configured but
+    unavailable, and why.
     """
     logs = zope_logs()
+    unavailable = {}
     for line in lines or ():
         if not line.strip():
             continue
+        name = line.partition("|")[0].strip()
         try:
-            name, path = parse_log_entry(line)
+            name, path = parse_log_entry(line, rules)
         except InvalidLogEntry as error:
             logging.getLogger("collective.streamguard").warning("log entry left out: %s", error)
+            if NAME.fullmatch(name) and name not in logs:
+                unavailable[name] = str(error)
             continue
         logs.setdefault(name, path)
-    return logs
+    return logs, unavailable

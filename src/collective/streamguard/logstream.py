@@ -9,10 +9,14 @@ import logging
 import weakref
 
 from collective.streamguard.follow import LogUnavailable
+from collective.streamguard.streams import EndReason
 
 logger = logging.getLogger("collective.streamguard")
 HEARTBEAT = b": keep-alive\n\n"
 END_EVENT = b"event: end\ndata: \n\n"
+#: Sent when the log can no longer be read; the reason (with its path) goes
+#: to the server's log only.
+UNAVAILABLE_EVENT = b"event: error\ndata: The log cannot be read any more.\n\n"
 RETRY = b"retry: 3000\n\n"
 #: Bytes of the file per piece.  As text, a log caught up from its start
 #: goes in 1 MiB chunks, which waitress sends without copying them
@@ -57,9 +61,13 @@ class LogStream:
             try:
                 pieces = follower.read()
             except LogUnavailable as error:
-                # The file became something we must not read (a symlink):
-                # stop here, having sent nothing of it.
+                # The file became something we must not read (a symlink, a
+                # hard link) or cannot be read: stop here, having sent
+                # nothing of it, and say so.
                 logger.warning("log stream stopped: %s", error)
+                if self.sse:
+                    yield UNAVAILABLE_EVENT
+                guard.stop(EndReason.LOG_UNAVAILABLE)
                 return
             for piece in pieces:
                 yield self.format(piece)

@@ -32,7 +32,9 @@ from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
 from collective.streamguard.interfaces import DEFAULT_HEARTBEAT_INTERVAL
 from collective.streamguard.interfaces import DEFAULT_MAX_DURATION
+from collective.streamguard.interfaces import DEFAULT_MAX_STREAMS_PER_USER
 from collective.streamguard.interfaces import IStreamSettingsProvider
+from collective.streamguard.streams import Refused
 from collective.streamguard.streams import live_streams
 from collective.streamguard.zodb import ZODBSession
 
@@ -42,6 +44,9 @@ RETRY_AFTER = 10
 #: The environ key that tells plone.transformchain to leave a body alone.
 TRANSFORMCHAIN_DISABLE = "plone.transformchain.disable"
 TOO_MANY = "Too many live streams on this server; try again in a few seconds.\n"
+TOO_MANY_FOR_USER = (
+    "You have as many live streams open as one user may; close one, or try again later.\n"
+)
 
 
 @implementer(IUnboundStreamIterator)
@@ -95,6 +100,7 @@ def stream_response(
     context=None,
     zodb=False,
     max_streams=None,
+    max_streams_per_user=None,
     max_duration=None,
     heartbeat=None,
     heartbeat_interval=None,
@@ -110,6 +116,7 @@ def stream_response(
     transaction, user and site; committed when the producer finishes,
     aborted otherwise).
 
+    ``max_streams_per_user`` caps one user's live streams (429 beyond it).
     Settings not given here come from the ``IStreamSettingsProvider``
     utility (the Plone registry in a Plone site), else: ``max_streams`` =
     server threads minus one, ``max_duration`` = 3600 s, heartbeats every
@@ -125,17 +132,31 @@ def stream_response(
     if zodb and context is None:
         raise TypeError("stream_response(zodb=True) needs the view's context")
     response = request.response
+    if request.get("REQUEST_METHOD", "GET") == "HEAD":
+        # The headers of the stream, no stream: nothing runs, nothing is
+        # counted, no slot is taken.
+        _streaming_headers(request, content_type)
+        _close_producer(producer)
+        return ""
     defaults = site_settings()
     limit = _setting(max_streams, defaults, "max_streams", 0) or default_max_streams(
         request.environ
     )
-    if not live_streams.reserve(limit):
-        response.setStatus(503)
+    user_limit = _setting(
+        max_streams_per_user, defaults, "max_streams_per_user", DEFAULT_MAX_STREAMS_PER_USER
+    )
+    user = getSecurityManager().getUser()
+    user_name = user.getUserName() if user is not None else ""
+    refused = live_streams.reserve(limit, _user_key(request, user), user_limit)
+    if refused is not None:
+        _close_producer(producer)
+        response.setStatus(429 if refused is Refused.USER_LIMIT else 503)
         response.setHeader("Retry-After", str(RETRY_AFTER))
         response.setHeader("Content-Type", "text/plain; charset=utf-8")
         response.setHeader("Cache-Control", "no-store")
+        response.setHeader("X-Content-Type-Options", "nosniff")
         request.environ[TRANSFORMCHAIN_DISABLE] = True
-        return TOO_MANY
+        return TOO_MANY_FOR_USER if refused is Refused.USER_LIMIT else TOO_MANY
     try:
         guard = StreamGuard(
             client_connection(request),
@@ -146,32 +167,50 @@ def stream_response(
             ),
         )
         session = ZODBSession(context, request) if zodb else None
-        user = getSecurityManager().getUser()
         stream = StreamIterator(
             producer,
             guard,
             setup=session.open if session is not None else None,
             label=label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", ""),
-            user=user.getUserName() if user is not None else "",
+            user=user_name,
+            user_key=_user_key(request, user),
             client=request.environ.get("REMOTE_ADDR", ""),
             log=log or "",
             reserved=True,
         )
     except BaseException:
-        live_streams.release()
+        live_streams.release(_user_key(request, user))
         raise
 
+    _streaming_headers(request, content_type)
+    if _zserver_response(response):
+        return write_in_this_thread(response, stream)
+    return stream
+
+
+def _user_key(request, user):
+    """Whose slots a stream counts against: the user, or for anonymous
+    streams the client's address (all anonymous users share one name)."""
+    if user is None or user.getUserName() == "Anonymous User":
+        return "anonymous@" + request.environ.get("REMOTE_ADDR", "")
+    return user.getUserName()
+
+
+def _streaming_headers(request, content_type):
     request.environ[TRANSFORMCHAIN_DISABLE] = True
+    response = request.response
     response.setHeader("Content-Type", content_type)
     response.setHeader("Cache-Control", "no-store")
     response.setHeader("X-Accel-Buffering", "no")
     response.setHeader("X-Content-Type-Options", "nosniff")
-    if request.get("REQUEST_METHOD", "GET") == "HEAD":
-        stream.close()
-        return ""
-    if _zserver_response(response):
-        return write_in_this_thread(response, stream)
-    return stream
+
+
+def _close_producer(producer):
+    # A producer that holds resources (a LogStream's open file) lets them
+    # go at once when it will never run.
+    close = getattr(producer, "close", None)
+    if close is not None:
+        close()
 
 
 def write_in_this_thread(response, stream):

@@ -11,6 +11,7 @@ Plain Python: imports nothing from Zope.
 """
 
 import atexit
+import collections
 import enum
 import itertools
 import logging
@@ -33,6 +34,17 @@ class EndReason(str, enum.Enum):  # noqa: UP042 (str() stays "EndReason.X")
     TIMEOUT = "timeout"
     ERROR = "error"
     SHUTDOWN = "shutdown"
+    #: The followed log became something that must not be read (a symbolic
+    #: link, a hard link, unreadable) or could not be read.
+    LOG_UNAVAILABLE = "log unavailable"
+
+
+class Refused(str, enum.Enum):  # noqa: UP042
+    """Why ``LiveStreams.reserve`` gave no slot."""
+
+    BUSY = "busy"  # the process' cap
+    USER_LIMIT = "user limit"  # the user's own cap
+    SHUTDOWN = "shutdown"
 
 
 @dataclass
@@ -43,6 +55,8 @@ class StreamRecord:
     label: str
     #: The name of the log it follows (``@@stream-log``), else "".
     log: str
+    #: Whom the stream's slot counts against (``reserve``'s ``user``).
+    user_key: str
     user: str
     client: str
     probe: str
@@ -61,46 +75,66 @@ class LiveStreams:
         self._ids = itertools.count(1)
         self._live = {}
         self._reserved = 0
+        self._by_user = collections.Counter()  # slots held per user name
         self._ended = threading.Condition(self._lock)
         self.counters = {reason: 0 for reason in EndReason}
         self.refused = 0
         self.shutting_down = threading.Event()
 
-    def reserve(self, limit):
-        """Take a stream slot if fewer than ``limit`` are taken; else False.
+    def reserve(self, limit, user="", user_limit=None):
+        """Take a stream slot for ``user``; None when taken, else a ``Refused``.
 
-        ``limit`` None or below 1 means no cap.  A reserved slot is given back
-        by ``end`` or ``release``.
+        A slot is refused when ``limit`` slots are taken, or ``user_limit``
+        by this user (None or below 1: no cap).  A reserved slot is given
+        back by ``end`` or ``release``.
         """
         with self._lock:
-            if self.shutting_down.is_set() or (
-                limit is not None and limit >= 1 and self._reserved >= limit
-            ):
+            refusal = None
+            if self.shutting_down.is_set():
+                refusal = Refused.SHUTDOWN
+            elif limit is not None and limit >= 1 and self._reserved >= limit:
+                refusal = Refused.BUSY
+            elif user_limit is not None and user_limit >= 1 and self._by_user[user] >= user_limit:
+                refusal = Refused.USER_LIMIT
+            if refusal is not None:
                 self.refused += 1
-                return False
+                return refusal
             self._reserved += 1
-            return True
+            self._by_user[user] += 1
+            return None
 
-    def release(self):
+    def _give_back(self, user):
+        self._reserved -= 1
+        self._by_user[user] -= 1
+        if self._by_user[user] <= 0:
+            del self._by_user[user]
+        self._ended.notify_all()
+
+    def release(self, user=""):
         """Give back a slot that was reserved but never started."""
         with self._lock:
-            self._reserved -= 1
-            self._ended.notify_all()
+            self._give_back(user)
 
-    def start(self, guard, label="", user="", client="", probe="", log="", reserved=False):
+    def start(
+        self, guard, label="", user="", client="", probe="", log="", user_key=None, reserved=False
+    ):
         """Record a new stream; returns its ``StreamRecord``.
 
+        ``user_key``: whom the slot counts against (default: ``user``).
         ``reserved``: the caller took a slot with ``reserve``; otherwise one
         is taken here, whatever the cap.
         """
+        user_key = user if user_key is None else user_key
         with self._lock:
             if not reserved:
                 self._reserved += 1
+                self._by_user[user_key] += 1
             record = StreamRecord(
                 id=next(self._ids),
                 label=label,
                 log=log,
                 user=user,
+                user_key=user_key,
                 client=client,
                 probe=probe,
                 guard=guard,
@@ -114,8 +148,7 @@ class LiveStreams:
             if self._live.pop(record.id, None) is None:
                 return
             self.counters[reason] += 1
-            self._reserved -= 1
-            self._ended.notify_all()
+            self._give_back(record.user_key)
 
     def discard(self, record):
         """Forget a stream that was dropped without being run or closed.
@@ -130,8 +163,7 @@ class LiveStreams:
                 return
             # Publishing failed after the view returned the stream.
             self.counters[EndReason.ERROR] += 1
-            self._reserved -= 1
-            self._ended.notify_all()
+            self._give_back(record.user_key)
         logger.warning("stream %d was dropped before it ran: %s", record.id, record.label)
         if record.guard is not None:
             record.guard.reason = EndReason.ERROR

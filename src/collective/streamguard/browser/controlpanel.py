@@ -7,6 +7,7 @@ from z3c.form import validator
 from zope.interface import Invalid
 from zope.schema.interfaces import IList
 
+from collective.streamguard.deployment import log_rules
 from collective.streamguard.interfaces import IStreamGuardSettings
 from collective.streamguard.interfaces import _
 from collective.streamguard.logs import InvalidLogEntry
@@ -33,7 +34,7 @@ class LogFilesValidator(validator.SimpleFieldValidator):
         super().validate(value)
         if self.field.__name__ == "log_files":
             try:
-                parse_log_files(value)
+                parse_log_files(value, log_rules())
             except InvalidLogEntry as error:
                 raise Invalid(str(error)) from None
 

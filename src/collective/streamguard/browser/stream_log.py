@@ -15,6 +15,7 @@ from AccessControl import getSecurityManager
 from AccessControl.SpecialUsers import nobody
 from Products.Five import BrowserView
 
+from collective.streamguard.deployment import log_rules
 from collective.streamguard.follow import END_MARKER
 from collective.streamguard.follow import LogFollower
 from collective.streamguard.follow import LogUnavailable
@@ -27,7 +28,10 @@ from collective.streamguard.streaming import TRANSFORMCHAIN_DISABLE
 from collective.streamguard.streaming import site_settings
 from collective.streamguard.streaming import stream_response
 
-NUMBER = re.compile(r"^[0-9]{1,15}$")
+NUMBER = re.compile(r"[0-9]{1,15}")
+#: ``lines=`` beyond this is refused (400); the scan for them is bounded in
+#: bytes too (follow.MAX_SCAN_BYTES).
+MAX_LINES = 100_000
 
 
 class LogAccessView(BrowserView):
@@ -60,8 +64,13 @@ class LogAccessView(BrowserView):
         return message + "\n"
 
     def logs(self):
+        """``{name: path}`` of the logs this site can stream."""
+        return self.all_logs()[0]
+
+    def all_logs(self):
+        """``(logs, unavailable)``: see ``logs.configured_logs``."""
         settings = site_settings()
-        return configured_logs(getattr(settings, "log_files", None))
+        return configured_logs(getattr(settings, "log_files", None), log_rules())
 
     def end_marker(self):
         return getattr(site_settings(), "end_marker", None) or END_MARKER
@@ -73,8 +82,12 @@ class StreamLogView(LogAccessView):
         if denied is not None:
             return denied
         form = self.request.form
-        logs = self.logs()
+        logs, unavailable = self.all_logs()
         name = form.get("log")
+        if isinstance(name, str) and name in unavailable:
+            return self.error(
+                404, f"The log {name} is configured but cannot be streamed: {unavailable[name]}"
+            )
         if not isinstance(name, str) or name not in logs:
             known = ", ".join(sorted(logs)) or "none"
             return self.error(404, f"Unknown log. The logs here are: {known}.")
@@ -109,14 +122,16 @@ class StreamLogView(LogAccessView):
         """(offset, last_lines) from Last-Event-ID, ``offset`` or ``lines``."""
         last_event_id = self.request.getHeader("Last-Event-ID")
         if last_event_id is not None:
-            if not NUMBER.match(last_event_id):
+            if not NUMBER.fullmatch(last_event_id):
                 raise ValueError("Last-Event-ID must be a byte offset.")
             return int(last_event_id), None
         for key in ("offset", "lines"):
             value = form.get(key)
             if value is None or value == "":
                 continue
-            if not isinstance(value, str) or not NUMBER.match(value):
+            if not isinstance(value, str) or not NUMBER.fullmatch(value):
                 raise ValueError(f"{key} must be a whole number of at most 15 digits.")
+            if key == "lines" and int(value) > MAX_LINES:
+                raise ValueError(f"lines must be at most {MAX_LINES}.")
             return (int(value), None) if key == "offset" else (None, int(value))
         return None, None

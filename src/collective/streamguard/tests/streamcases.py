@@ -14,6 +14,7 @@ import unittest
 import uuid
 
 import transaction
+from App.config import getConfiguration
 from plone.app.testing import SITE_OWNER_NAME
 from plone.app.testing import SITE_OWNER_PASSWORD
 from plone.registry.interfaces import IRegistry
@@ -26,6 +27,17 @@ from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import wait_for
 
 MARKER = "<<<<<EOFMARKER>>>>>"
+
+
+def allow_log_directories(testcase, *directories):
+    """As zope.conf's ``<product-config collective.streamguard>
+    log-directories``, for the rest of ``testcase``."""
+    config = getConfiguration()
+    before = getattr(config, "product_config", None)
+    product_config = dict(before or {})
+    product_config["collective.streamguard"] = {"log-directories": " ".join(directories)}
+    config.product_config = product_config
+    testcase.addCleanup(setattr, config, "product_config", before)
 
 
 def ending_streams():
@@ -91,6 +103,7 @@ class LogTestCase(StreamingTestCase):
         self.addCleanup(shutil.rmtree, self.directory, True)
         self.path = os.path.join(self.directory, "app.log")
         self.write(self.old_lines)
+        allow_log_directories(self, self.directory)
         self.configure(log_files=[f"app|{self.path}"])
 
     def configure(self, **settings):

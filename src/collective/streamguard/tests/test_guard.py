@@ -15,6 +15,7 @@ from collective.streamguard.guard import StreamGuard
 from collective.streamguard.probes import UnknownConnection
 from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import LiveStreams
+from collective.streamguard.streams import Refused
 
 
 class TestCleanups(unittest.TestCase):
@@ -74,15 +75,15 @@ class TestCleanups(unittest.TestCase):
         self.assertEqual(self.guard.reason, EndReason.CLIENT_GONE)
 
     def test_a_dropped_body_gives_its_slot_back_and_runs_its_cleanups(self):
-        self.assertTrue(self.live_streams.reserve(1))
-        self.assertFalse(self.live_streams.reserve(1))
+        self.assertIsNone(self.live_streams.reserve(1))
+        self.assertIs(self.live_streams.reserve(1), Refused.BUSY)
         self.guard.add_cleanup(self.calls.append, "cleaned")
         stream = GuardedStream(iter([b"x"]), self.guard, reserved=True)
         with self.assertLogs("collective.streamguard", "WARNING"):
             del stream
             gc.collect()
         self.assertEqual(self.calls, ["cleaned"])
-        self.assertTrue(self.live_streams.reserve(1))
+        self.assertIsNone(self.live_streams.reserve(1))
         self.assertEqual(self.live_streams.snapshot()["ended"]["error"], 1)
 
     def test_strings_are_encoded(self):

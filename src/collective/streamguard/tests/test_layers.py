@@ -26,7 +26,15 @@ CORE = (
     "logstream",
     "logs",
 )
-ZOPE = ("interfaces", "permissions", "streaming", "zodb", "browser.stream_log", "browser.status")
+ZOPE = (
+    "interfaces",
+    "permissions",
+    "streaming",
+    "zodb",
+    "deployment",
+    "browser.stream_log",
+    "browser.status",
+)
 PLONE = ("settings", "setuphandlers", "browser.controlpanel", "browser.viewer")
 #: Core modules that import their server's own modules (guarded).
 GENERIC_CORE = tuple(name for name in CORE if name != "waitress_output")

@@ -7,6 +7,7 @@ import tempfile
 import unittest
 
 from collective.streamguard.logs import InvalidLogEntry
+from collective.streamguard.logs import LogRules
 from collective.streamguard.logs import configured_logs
 from collective.streamguard.logs import parse_log_entry
 from collective.streamguard.logs import parse_log_files
@@ -39,18 +40,60 @@ class TestConfiguredLines(unittest.TestCase):
         self.log = os.path.join(self.directory, "app.log")
         with open(self.log, "w") as f:
             f.write("x\n")
+        self.rules = LogRules([self.directory])
 
-    def assert_refused(self, line, reason):
+    def assert_refused(self, line, reason, rules=None):
         with self.assertRaises(InvalidLogEntry) as refused:
-            parse_log_entry(line)
+            parse_log_entry(line, rules or self.rules)
         self.assertIn(reason, str(refused.exception))
 
     def test_an_existing_regular_file(self):
-        self.assertEqual(parse_log_entry(f" app | {self.log} "), ("app", self.log))
+        self.assertEqual(parse_log_entry(f" app | {self.log} ", self.rules), ("app", self.log))
 
     def test_a_file_a_writer_will_create(self):
         path = os.path.join(self.directory, "later.log")
-        self.assertEqual(parse_log_entry(f"later|{path}"), ("later", path))
+        self.assertEqual(parse_log_entry(f"later|{path}", self.rules), ("later", path))
+
+    def test_only_the_deployments_directories(self):
+        elsewhere = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, elsewhere)
+        other = os.path.join(elsewhere, "other.log")
+        with open(other, "w") as f:
+            f.write("x\n")
+        self.assert_refused(f"other|{other}", "not in a log directory of this deployment")
+        self.assert_refused(f"app|{self.log}", "not in a log directory", rules=LogRules([]))
+        # A subdirectory of an allowed one is allowed.
+        sub = os.path.join(self.directory, "sub")
+        os.mkdir(sub)
+        self.assertEqual(parse_log_entry(f"sub|{sub}/a.log", self.rules)[1], f"{sub}/a.log")
+
+    def test_secrets_are_refused_whatever_the_deployment_allows(self):
+        everything = LogRules(["/"])
+        self.assert_refused("env|/proc/self/environ", "under /proc", everything)
+        self.assert_refused("mem|/proc/self/mem", "under /proc", everything)
+        self.assert_refused("sys|/sys/kernel/mm/transparent_hugepage/enabled", "/sys", everything)
+        self.assert_refused("tty|/dev/null", "under /dev", everything)
+        for name in ("Data.fs", "Data.fs.index", "Data.fs.lock", "zope.conf", "zope.ini"):
+            path = os.path.join(self.directory, name)
+            with open(path, "w") as f:
+                f.write("secret\n")
+            self.assert_refused(f"x|{path}", "ZODB or configuration file", everything)
+        blobs = os.path.join(self.directory, "blobstorage")
+        os.makedirs(os.path.join(blobs, "0x00"))
+        with open(os.path.join(blobs, ".layout"), "w") as f:
+            f.write("bushy\n")
+        self.assert_refused(f"b|{blobs}/0x00/blob.log", "blob directory", everything)
+        etc = os.path.join(self.directory, "etc")
+        os.mkdir(etc)
+        self.assert_refused(f"site|{etc}/site.log", "never a log", LogRules(["/"], refused=[etc]))
+
+    def test_a_file_with_another_hard_link_is_refused(self):
+        secret = os.path.join(self.directory, "secret.txt")
+        with open(secret, "w") as f:
+            f.write("TOP SECRET\n")
+        linked = os.path.join(self.directory, "linked.log")
+        os.link(secret, linked)
+        self.assert_refused(f"linked|{linked}", "2 hard links")
 
     def test_refusals_say_why(self):
         self.assert_refused(f"app {self.log}", "write a name, '|'")
@@ -60,7 +103,8 @@ class TestConfiguredLines(unittest.TestCase):
         self.assert_refused(f"app|{self.directory}/../app.log", "not normalized")
         self.assert_refused(f"app|{self.log}/", "not normalized")
         self.assert_refused("app|/no/such/dir/app.log", "does not exist")
-        self.assert_refused(f"app|{self.directory}", "not a regular file")
+        os.mkdir(os.path.join(self.directory, "adir"))
+        self.assert_refused(f"app|{self.directory}/adir", "not a regular file")
         self.assert_refused("app|/tmp/a\0b", "NUL")
         link = os.path.join(self.directory, "link.log")
         os.symlink(self.log, link)
@@ -68,13 +112,14 @@ class TestConfiguredLines(unittest.TestCase):
 
     def test_a_name_twice(self):
         with self.assertRaises(InvalidLogEntry) as refused:
-            parse_log_files([f"app|{self.log}", f"app|{self.log}"])
+            parse_log_files([f"app|{self.log}", f"app|{self.log}"], self.rules)
         self.assertIn("configured twice", str(refused.exception))
 
     def test_lines_no_longer_acceptable_are_left_out_at_use(self):
         link = os.path.join(self.directory, "link.log")
         os.symlink(self.log, link)
         with self.assertLogs("collective.streamguard", "WARNING"):
-            logs = configured_logs([f"app|{self.log}", f"gone|{link}", ""])
+            logs, unavailable = configured_logs([f"app|{self.log}", f"gone|{link}", ""], self.rules)
         self.assertEqual(logs.get("app"), self.log)
         self.assertNotIn("gone", logs)
+        self.assertIn("symbolic link", unavailable["gone"])
