@@ -153,6 +153,10 @@ class HTTPClient:
         deadline = time.monotonic() + timeout
         while True:
             head, _, rest = bytes(self.transcript).partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length: *([0-9]+)\r?$", head)
+            if _ and length and len(rest) >= int(length.group(1)):
+                self.buffer.clear()
+                return rest[: int(length.group(1))]
             if _ and b"transfer-encoding: chunked" in head.lower():
                 body = _dechunk_complete(rest)
                 if body is not None:

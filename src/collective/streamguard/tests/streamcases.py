@@ -68,6 +68,21 @@ class StreamingTestCase(unittest.TestCase):
         credentials = (SITE_OWNER_NAME, SITE_OWNER_PASSWORD) if auth else None
         return self.connect().request(f"{path}?{query}", headers=headers, auth=credentials)
 
+    def configure(self, **settings):
+        """Set registry records of the add-on for the rest of the test."""
+        registry = getUtility(IRegistry, context=self.layer["portal"])
+        for name, value in settings.items():
+            key = f"collective.streamguard.{name}"
+            self.addCleanup(self.configure_now, {key: registry[key]})
+            registry[key] = value
+        transaction.commit()
+
+    def configure_now(self, records):
+        registry = getUtility(IRegistry, context=self.layer["portal"])
+        for key, value in records.items():
+            registry[key] = value
+        transaction.commit()
+
     def tag(self):
         return uuid.uuid4().hex[:12]
 
@@ -105,12 +120,6 @@ class LogTestCase(StreamingTestCase):
         self.write(self.old_lines)
         allow_log_directories(self, self.directory)
         self.configure(log_files=[f"app|{self.path}"])
-
-    def configure(self, **settings):
-        registry = getUtility(IRegistry, context=self.layer["portal"])
-        for name, value in settings.items():
-            registry[f"collective.streamguard.{name}"] = value
-        transaction.commit()
 
     def write(self, text, path=None, mode="a"):
         with open(path or self.path, mode, encoding="utf-8") as f:

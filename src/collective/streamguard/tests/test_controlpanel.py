@@ -13,6 +13,7 @@ from zope.interface import alsoProvides
 
 from collective.streamguard.interfaces import IStreamGuardLayer
 from collective.streamguard.testing import STREAMGUARD_INTEGRATION_TESTING
+from collective.streamguard.tests.streamcases import allow_log_directories
 
 
 class TestControlPanel(unittest.TestCase):
@@ -27,12 +28,14 @@ class TestControlPanel(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.directory)
         self.log = os.path.join(self.directory, "app.log")
         open(self.log, "w").close()
+        allow_log_directories(self, self.directory)
 
     def submit(self, log_files):
         form = self.request.form
         form.update(
             {
                 "form.widgets.max_streams": "0",
+                "form.widgets.max_streams_per_user": "2",
                 "form.widgets.max_duration": "3600",
                 "form.widgets.heartbeat_interval": "15",
                 "form.widgets.end_marker": "<<<<<EOFMARKER>>>>>",
@@ -56,6 +59,11 @@ class TestControlPanel(unittest.TestCase):
         form, html = self.submit(["app|relative.log"])
         self.assertEqual(self.saved_log_files(), [])
         self.assertIn("relative.log is not an absolute path", html)
+
+    def test_a_file_outside_the_deployments_log_directories_is_refused(self):
+        form, html = self.submit(["env|/proc/self/environ", "db|/srv/var/Data.fs"])
+        self.assertEqual(self.saved_log_files(), [])
+        self.assertIn("is under /proc: never a log", html)
 
     def test_symlink_is_refused(self):
         link = os.path.join(self.directory, "link.log")

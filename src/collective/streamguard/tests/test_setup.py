@@ -42,6 +42,7 @@ class TestInstall(unittest.TestCase):
         settings = registry.forInterface(IStreamGuardSettings, prefix="collective.streamguard")
         self.assertEqual(settings.max_streams, 0)
         self.assertEqual(settings.max_duration, 3600)
+        self.assertEqual(settings.max_streams_per_user, 2)
         self.assertEqual(settings.heartbeat_interval, 15)
         self.assertEqual(settings.end_marker, "<<<<<EOFMARKER>>>>>")
         self.assertEqual(settings.log_files, [])
@@ -103,3 +104,33 @@ class TestUninstall(unittest.TestCase):
         self.installer.install_product("collective.streamguard")
         self.assertIn(IStreamGuardLayer, registered_layers())
         self.assertEqual(len(our_records(self.portal)), len(IStreamGuardSettings.names()))
+
+
+class TestUpgrades(unittest.TestCase):
+    layer = STREAMGUARD_INTEGRATION_TESTING
+
+    def setUp(self):
+        self.portal = self.layer["portal"]
+        self.setup = self.portal.portal_setup
+
+    def test_profile_version_is_the_last_upgrade_destination(self):
+        self.assertEqual(self.setup.getVersionForProfile("collective.streamguard:default"), "1001")
+        self.assertEqual(
+            self.setup.getLastVersionForProfile("collective.streamguard:default"), ("1001",)
+        )
+
+    def test_1000_to_1001_adds_the_per_user_limit_and_keeps_changed_values(self):
+        registry = getUtility(IRegistry, context=self.portal)
+        record = PREFIX + "max_streams_per_user"
+        # A site installed at 1000: no per-user record, a changed setting.
+        del registry.records[record]
+        registry[PREFIX + "max_duration"] = 600
+        self.setup.setLastVersionForProfile("collective.streamguard:default", "1000")
+        steps = self.setup.listUpgrades("collective.streamguard:default")
+        self.assertEqual([step["dest"] for step in steps], [("1001",)])
+        self.setup.upgradeProfile("collective.streamguard:default")
+        self.assertEqual(registry[record], 2)
+        self.assertEqual(registry[PREFIX + "max_duration"], 600)
+        self.assertEqual(
+            self.setup.getLastVersionForProfile("collective.streamguard:default"), ("1001",)
+        )

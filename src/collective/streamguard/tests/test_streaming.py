@@ -128,6 +128,7 @@ class TestHeartbeat(StreamingTestCase):
 
 class TestThreadPoolProtection(StreamingTestCase):
     def test_fourth_stream_is_refused_and_pages_still_answer(self):
+        self.configure(max_streams_per_user=0)
         tags = [self.tag() for _ in range(3)]
         socks = [self.open(f"tag={tag}&mode=idle") for tag in tags]
         for sock, tag in zip(socks, tags, strict=True):
@@ -145,3 +146,18 @@ class TestThreadPoolProtection(StreamingTestCase):
             self.assert_cleaned_up_once(tag, "client gone")
         status, _, _ = self.get(f"/plone/@@streamguard-test-stream?tag={self.tag()}&mode=finish")
         self.assertEqual(status, 200)
+
+    def test_one_user_gets_at_most_max_streams_per_user(self):
+        self.configure(max_streams_per_user=1)
+        mine = self.tag()
+        sock = self.open(f"tag={mine}&mode=idle", auth=True)
+        read_until(sock, f"first line of {mine}".encode())
+        refused = self.open(f"tag={self.tag()}&mode=idle", auth=True)
+        status, headers = refused.head()
+        self.assertEqual(status, 429)
+        self.assertEqual(headers["retry-after"], "10")
+        self.assertIn(b"as many live streams open as one user may", refused.body())
+        # Someone else (anonymous, by address) still gets a stream.
+        other = self.tag()
+        read_until(self.open(f"tag={other}&mode=idle"), f"first line of {other}".encode())
+        self.assertEqual(live_streams.snapshot()["live"], 2)
