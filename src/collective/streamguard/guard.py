@@ -41,6 +41,17 @@ logger = logging.getLogger("collective.streamguard")
 
 _STOP, _READY, _TIMEOUT = "stop", "ready", "timeout"
 
+
+class _Park(bytes):
+    """The type of ``PARK``."""
+
+
+#: What ``idle()`` yields to its driver when the stream may be parked
+#: (``collective.streamguard.hub``): "let my thread go until a wake
+#: condition".  Empty bytes matched by identity: a wrapper that transforms
+#: chunks passes bytes on, and a server ignores empty chunks.
+PARK = _Park()
+
 #: Chunks of at least this size go straight onto a waitress channel where
 #: that is exact (``collective.streamguard.waitress_output``); smaller ones
 #: cost less to copy than to hand over.
@@ -84,9 +95,21 @@ class StreamGuard:
         self.last_output = self.started
         self._endings = []
         self._cleanups = []
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        #: (enter, leave) pairs run around every step of a parked stream, in
+        #: whatever thread runs it (``add_step_hooks``).
+        self._step_hooks = []
+        # The wake pipe is made by the first blocking wait: a parked stream
+        # never needs one (the hub wakes it), so it holds no fds of its own.
+        self._wake_r = self._wake_w = -1
+        self._woken = False
+        #: Set by ``GuardedStream`` when it may park the stream: ``idle()``
+        #: then yields ``PARK`` with ``park_deadline``/``park_readable``.
+        self.parkable = False
+        self.park_deadline = None
+        self.park_readable = ()
+        #: The hub's record of the stream once it has parked, else None.
+        self.parked = None
+        self._outcome = None
 
     # -- what ends a stream -------------------------------------------------
 
@@ -139,7 +162,16 @@ class StreamGuard:
                 if due <= 0:
                     yield self.heartbeat
                     continue
-            outcome = self._wait(step, readable)
+            outcome = None
+            if self.parkable:
+                # The driver parks the stream (the hub sends heartbeats and
+                # sets the outcome), or cannot and then yields to us again.
+                self._outcome = None
+                self.park_deadline, self.park_readable = deadline, readable
+                yield PARK
+                outcome, self._outcome = self._outcome, None
+            if outcome is None:
+                outcome = self._wait(step, readable)
             if outcome is _STOP:
                 return True
             if outcome is _READY or (deadline is not None and time.monotonic() >= deadline):
@@ -147,14 +179,44 @@ class StreamGuard:
 
     def wake(self):
         """Interrupt a ``wait()``/``idle()`` from any thread (new work, shutdown)."""
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (already woken) or the stream has ended
+        # The flag first: a wait that makes its pipe, or a stream that
+        # parks, after this line still sees it.
+        self._woken = True
+        parked = self.parked
+        if parked is not None:
+            parked.wake()
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full (already woken) or the stream has ended
+
+    def add_step_hooks(self, enter, leave):
+        """Run ``enter()`` before and ``leave()`` after each step of the
+        producer once its stream has parked (each may run in another
+        thread); ``leave()`` also runs just before the first park.  For
+        thread-locals the producer needs (``zodb.ZODBSession``)."""
+        self._step_hooks.append((enter, leave))
+
+    def enter_step(self):
+        for enter, _leave in self._step_hooks:
+            enter()
+
+    def leave_step(self):
+        for _enter, leave in reversed(self._step_hooks):
+            try:
+                leave()
+            except Exception:
+                logger.exception("leaving a step of a stream failed: %r", leave)
 
     def _wait(self, timeout, readable):
         if self.before_wait is not None:
             self.before_wait()
+        if self._wake_r < 0:
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            self._wake_r, self._wake_w = wake_r, wake_w
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
         if self.max_duration:
             end = self.started + self.max_duration
@@ -162,6 +224,9 @@ class StreamGuard:
         while True:
             if self.check() is not None:
                 return _STOP
+            if self._woken:
+                self._drain_wakeups()
+                return _READY
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return _TIMEOUT
@@ -184,6 +249,7 @@ class StreamGuard:
             # turn; a reused fd that the probe disowns is not spun on.
 
     def _drain_wakeups(self):
+        self._woken = False
         try:
             while os.read(self._wake_r, 512):
                 pass
@@ -214,11 +280,13 @@ class StreamGuard:
                     function(*args, **kwargs)
                 except Exception:
                     logger.exception("ending or cleanup %r of a stream failed", function)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def _direct_output(frame):
@@ -235,7 +303,9 @@ class GuardedStream:
     producer's first step (under Zope: after the request's transaction is
     over) and may add cleanups.  ``label``, ``user``, ``client`` and ``log`` are
     shown by status views and logged.  ``reserved``: the caller already
-    took a stream slot with ``live_streams.reserve``.
+    took a stream slot with ``live_streams.reserve``.  ``park``: how to park
+    the stream while its producer waits in ``guard.idle()``
+    (``waitress_park.park``); None: it holds its thread throughout.
     """
 
     def __init__(
@@ -250,8 +320,16 @@ class GuardedStream:
         user_key=None,
         encoding="utf-8",
         reserved=False,
+        park=None,
     ):
         self.guard = guard
+        #: ``park(stream, frame)`` parks the stream (raising out of the
+        #: server's loop) or returns when it cannot: ``waitress_park.park``.
+        self._park_with = park
+        guard.parkable = park is not None
+        #: Set just before the stream parks: the server's ``close()`` on the
+        #: way out of its loop must not end it.
+        self._parking = False
         self._producer = producer
         self._iterator = None
         self._direct = None  # a DirectOutput, or False where there is none
@@ -285,6 +363,35 @@ class GuardedStream:
         return self
 
     def __next__(self):
+        while True:
+            chunk = self.step()
+            if chunk is not PARK:
+                break
+            # idle() asks to let the thread go: the stream parks (this
+            # raises out of the server's loop), or it cannot and the
+            # producer's idle() then waits in this thread, as it always did.
+            self._park(sys._getframe(1))
+        if len(chunk) >= DIRECT_MIN and self._direct is not False:
+            if self._direct is None:
+                # Who iterates us: waitress itself, or anything else.
+                self._direct = _direct_output(sys._getframe(1)) or False
+                if self._direct:
+                    self.guard.before_wait = self._flush_direct
+            if self._direct and self._direct.ready():
+                self._direct.write(chunk, self._stopping, batch=self.guard.batch_output)
+                self.record.bytes_direct += len(chunk)
+                return b""
+        # An ordinary chunk: what the direct output holds goes first.
+        self._flush_direct(quiet=False)
+        # A bytearray (a reused read buffer) goes out as bytes: WSGI servers
+        # want bytes, and keep them after this call returns.
+        return chunk if type(chunk) is bytes else bytes(chunk)
+
+    def step(self):
+        """The producer's next chunk (bytes, possibly empty, or ``PARK``);
+        raises StopIteration once the stream has ended, or the producer's
+        exception after ending it with ERROR.  What drives a parked
+        stream calls this from any thread."""
         if self._ended:
             raise StopIteration
         reason = self.guard.check()
@@ -312,6 +419,8 @@ class GuardedStream:
             logger.exception("stream %d failed", self.record.id)
             self._end(EndReason.ERROR)
             raise
+        if chunk is PARK:
+            return PARK
         if isinstance(chunk, str):
             chunk = chunk.encode(self._encoding)
         elif not isinstance(chunk, (bytes, bytearray)):
@@ -320,21 +429,18 @@ class GuardedStream:
             return b""
         self.record.bytes_sent += len(chunk)
         self.guard.last_output = time.monotonic()
-        if len(chunk) >= DIRECT_MIN and self._direct is not False:
-            if self._direct is None:
-                # Who iterates us: waitress itself, or anything else.
-                self._direct = _direct_output(sys._getframe(1)) or False
-                if self._direct:
-                    self.guard.before_wait = self._flush_direct
-            if self._direct and self._direct.ready():
-                self._direct.write(chunk, self._stopping, batch=self.guard.batch_output)
-                self.record.bytes_direct += len(chunk)
-                return b""
-        # An ordinary chunk: what the direct output holds goes first.
-        self._flush_direct(quiet=False)
-        # A bytearray (a reused read buffer) goes out as bytes: WSGI servers
-        # want bytes, and keep them after this call returns.
-        return chunk if type(chunk) is bytes else bytes(chunk)
+        return chunk
+
+    def _park(self, frame):
+        if self._park_with is not None:
+            try:
+                # Raises waitress_park.Parked when the stream parks.
+                self._park_with(self, frame)
+            finally:
+                frame = None
+        # Cannot park here: never ask again, the producer waits in idle().
+        self.guard.parkable = False
+        self._park_with = None
 
     def _stopping(self):
         return self.guard.stopping
@@ -356,6 +462,9 @@ class GuardedStream:
     def close(self):
         """Called by the server when it stops iterating, also after a failed
         write to a client that left (waitress: ``ClientDisconnected``)."""
+        if self._parking:
+            self._parking = False
+            return
         self._end(self.guard.check() or EndReason.CLIENT_GONE)
 
     def _end(self, reason):

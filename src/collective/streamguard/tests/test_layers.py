@@ -21,6 +21,8 @@ CORE = (
     "streams",
     "shutdown",
     "waitress_output",
+    "hub",
+    "waitress_park",
     "follow",
     "utf8",
     "logstream",
@@ -37,7 +39,7 @@ ZOPE = (
 )
 PLONE = ("settings", "setuphandlers", "browser.controlpanel", "browser.viewer")
 #: Core modules that import their server's own modules (guarded).
-GENERIC_CORE = tuple(name for name in CORE if name != "waitress_output")
+GENERIC_CORE = tuple(name for name in CORE if name not in ("waitress_output", "waitress_park"))
 #: Test layers, not part of the product's layers.
 TESTING = ("testing",)
 ZOPE_AND_ZODB = ("zope", "Products", "ZPublisher", "Zope2", "transaction", "ZODB")

@@ -1,0 +1,133 @@
+"""A WSGI app whose streams park, for tests on a real waitress (no Zope).
+
+``/idle?tag=T`` sends ``start T\\n``, then waits in ``guard.idle()``; each
+``App.send(tag, data)`` (from any thread) queues ``data`` and wakes the
+stream, which sends it and parks again.  ``&end=1`` after the data: the
+producer returns (FINISHED); ``&raise=1``: it raises after being resumed;
+``&timeout=S``: idle timeout (the producer then sends ``timeout\\n``);
+``&max=S``: max_duration; ``&heartbeat=S``: SSE heartbeats; ``&fd=1``: it
+waits on a pipe of its own as well (``App.pipe_write``); ``&blocking=1``:
+it waits in ``guard.wait()`` (holds its thread); ``/wrapped?...``: behind a
+middleware that iterates the body (holds its thread).
+"""
+
+import collections
+import os
+import threading
+from urllib.parse import parse_qs
+
+from collective.streamguard import waitress_park
+from collective.streamguard.connection import client_connection
+from collective.streamguard.guard import GuardedStream
+from collective.streamguard.guard import StreamGuard
+from collective.streamguard.streams import LiveStreams
+
+HEARTBEAT = b": hb\n\n"
+
+
+class Stream:
+    def __init__(self, tag):
+        self.tag = tag
+        self.queue = collections.deque()
+        self.guard = None
+        self.finally_ran = 0
+        self.cleanups = []
+        self.threads = set()
+        self.pipe = None
+
+
+class App:
+    def __init__(self, live_streams=None):
+        self.live_streams = live_streams or LiveStreams()
+        self.streams = {}
+        self.lock = threading.Lock()
+
+    def stream(self, tag):
+        with self.lock:
+            return self.streams.get(tag)
+
+    def send(self, tag, data):
+        stream = self.stream(tag)
+        stream.queue.append(data)
+        stream.guard.wake()
+
+    def pipe_write(self, tag, data):
+        stream = self.stream(tag)
+        stream.queue.append(data)
+        os.write(stream.pipe[1], b"x")
+
+    def __call__(self, environ, start_response):
+        path = environ["PATH_INFO"]
+        if path == "/page":
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+            return [b"ok"]
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        tag = query.get("tag", "")
+        stream = Stream(tag)
+        with self.lock:
+            self.streams[tag] = stream
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        heartbeat = float(query.get("heartbeat", 0)) or None
+        guard = StreamGuard(
+            client_connection(environ),
+            max_duration=float(query.get("max", 0)) or None,
+            heartbeat=HEARTBEAT if heartbeat else None,
+            heartbeat_interval=heartbeat,
+            live_streams=self.live_streams,
+        )
+        stream.guard = guard
+        guard.add_cleanup(lambda: stream.cleanups.append(guard.reason))
+        if "fd" in query:
+            stream.pipe = os.pipe()
+            os.set_blocking(stream.pipe[0], False)
+        body = GuardedStream(
+            lambda guard: self.producer(guard, stream, query),
+            guard,
+            label=tag,
+            park=waitress_park.park,
+        )
+        if path == "/wrapped":
+            return self.middleware(body)
+        return body
+
+    def producer(self, guard, stream, query):
+        try:
+            yield b"start %s\n" % stream.tag.encode()
+            timeout = float(query["timeout"]) if "timeout" in query else None
+            readable = [stream.pipe[0]] if stream.pipe else []
+            while True:
+                stream.threads.add(threading.get_ident())
+                while stream.queue:
+                    data = stream.queue.popleft()
+                    if data == b"END":
+                        return
+                    if data == b"RAISE":
+                        raise RuntimeError("producer failed on purpose")
+                    yield data
+                if stream.pipe:
+                    try:
+                        os.read(stream.pipe[0], 4096)
+                    except BlockingIOError:
+                        pass
+                if "blocking" in query:
+                    if guard.wait(timeout):
+                        return
+                    continue
+                before = len(stream.queue)
+                if (yield from guard.idle(timeout, readable)):
+                    return
+                if timeout is not None and not stream.queue and before == 0:
+                    yield b"timeout\n"
+        finally:
+            stream.finally_ran += 1
+            if stream.pipe:
+                for fd in stream.pipe:
+                    os.close(fd)
+
+    @staticmethod
+    def middleware(body):
+        try:
+            for data in body:  # noqa: UP028 (sees every chunk, as middleware do)
+                yield data
+        finally:
+            body.close()

@@ -1,0 +1,308 @@
+"""Parked streams on a real waitress over real sockets (``hub``, ``waitress_park``).
+
+webtest's StopableWSGIServer runs waitress in this process with 4 threads;
+``parkapp.App`` streams park while their producers wait in ``guard.idle()``.
+Every wait is on a byte or a state, with a deadline.
+"""
+
+import resource
+import socket
+import threading
+import unittest
+
+from webtest.http import StopableWSGIServer
+
+from collective.streamguard import hub as hubs
+from collective.streamguard import waitress_park
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import Recorder
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.parkapp import HEARTBEAT
+from collective.streamguard.tests.parkapp import App
+
+THREADS = 4
+
+
+def parked_count(app):
+    return sum(
+        1
+        for record in app.live_streams.live()
+        if record.guard.parked is not None and record.guard.parked.state == hubs.PARKED
+    )
+
+
+class ParkedStreamsTestCase(unittest.TestCase):
+    server_options = {}
+
+    def setUp(self):
+        self.recorder = Recorder.attach(self)
+        self.app = App()
+        options = {
+            "threads": THREADS,
+            "expose_tracebacks": False,
+            "asyncore_use_poll": True,
+            "connection_limit": 2000,
+            **self.server_options,
+        }
+        self.server = StopableWSGIServer.create(self.app, **options)
+        self.addCleanup(self.server.runner.join, 10)
+        self.addCleanup(self.server.shutdown)
+        self.address = (self.server.adj.host, self.server.adj.port)
+        self.assertTrue(self.server.wait())
+        waitress_park.install(self.server)
+        self.assertTrue(wait_for(lambda: self.server.channel_class is waitress_park.ParkingChannel))
+        self.addCleanup(hubs.stop_hub)
+        self.addCleanup(self.no_stream_left)
+
+    def no_stream_left(self):
+        self.app.live_streams.shutdown(10)
+        self.assertEqual(self.app.live_streams.live(), [])
+        self.assertTrue(
+            wait_for(
+                lambda: not [t for t in threading.enumerate() if t.name == "streamguard-ending"]
+            )
+        )
+
+    def connect(self, path, version="1.1"):
+        client = HTTPClient(self.address)
+        self.addCleanup(client.close)
+        return client.request(path, version=version)
+
+    def open_parked(self, tag, query=""):
+        """A client whose stream has sent its first line and parked."""
+        client = self.connect(f"/idle?tag={tag}{query}")
+        client.head()
+        client.read_until(b"start %s\n" % tag.encode())
+        self.assertTrue(wait_for(lambda: self.state(tag) == hubs.PARKED), f"{tag} did not park")
+        return client
+
+    def state(self, tag):
+        stream = self.app.stream(tag)
+        parked = stream.guard.parked if stream and stream.guard else None
+        return parked.state if parked is not None else None
+
+    def ended(self, count=1):
+        self.assertTrue(wait_for(lambda: len(self.recorder.ended) >= count, 10))
+        return self.recorder.ended
+
+    def page(self):
+        with HTTPClient(self.address) as client:
+            client.request("/page", headers={"Connection": "close"})
+            return client.body()
+
+
+class TestParking(ParkedStreamsTestCase):
+    def test_an_idle_stream_parks_and_gives_its_thread_back(self):
+        self.open_parked("a")
+        self.assertEqual(self.page(), b"ok")
+        dispatcher = self.server.task_dispatcher
+        self.assertTrue(wait_for(lambda: dispatcher.active_count == 0))
+
+    def test_parks_resumes_and_parks_again_many_times_with_exact_bytes(self):
+        client = self.open_parked("a")
+        expected = bytearray(b"start a\n")
+        for index in range(200):
+            data = b"line %d %s\n" % (index, b"x" * (index * 37 % 3000))
+            expected += data
+            self.app.send("a", data)
+            client.read_until(data)
+            self.assertTrue(wait_for(lambda: self.state("a") == hubs.PARKED))
+        self.app.send("a", b"END")
+        self.assertEqual(client.body(), bytes(expected))
+        [ended] = self.ended()
+        self.assertEqual(ended["reason"], "finished")
+        stream = self.app.stream("a")
+        self.assertEqual(stream.finally_ran, 1)
+        self.assertEqual(stream.cleanups, ["finished"])
+        self.assertTrue(client.closed())
+
+    def test_wake_from_another_thread_resumes_on_a_worker_not_the_hub(self):
+        client = self.open_parked("a")
+        thread = threading.Thread(target=self.app.send, args=("a", b"hello\n"))
+        thread.start()
+        thread.join(10)
+        client.read_until(b"hello\n")
+        stream = self.app.stream("a")
+        names = {t.ident: t.name for t in threading.enumerate()}
+        self.assertTrue(
+            all(names.get(ident, "").startswith("waitress") for ident in stream.threads)
+        )
+        self.assertNotIn(hubs.hub().thread.ident, stream.threads)
+
+    def test_a_readable_fd_of_the_producer_resumes_it(self):
+        client = self.open_parked("a", "&fd=1")
+        self.app.pipe_write("a", b"via the pipe\n")
+        client.read_until(b"via the pipe\n")
+        self.assertTrue(wait_for(lambda: self.state("a") == hubs.PARKED))
+
+    def test_idle_timeout_resumes_the_producer(self):
+        client = self.open_parked("a", "&timeout=0.2")
+        client.read_until(b"timeout\n")
+        client.read_until(b"timeout\n")
+
+    def test_heartbeats_are_sent_by_the_hub_without_resuming_the_producer(self):
+        client = self.open_parked("a", "&heartbeat=0.1")
+        parked = self.app.stream("a").guard.parked
+        resumes = parked.resumes
+        for _ in range(5):
+            client.read_until(HEARTBEAT)
+        self.assertEqual(parked.resumes, resumes)
+        self.assertEqual(self.app.stream("a").threads, {next(iter(self.app.stream("a").threads))})
+
+
+class TestEndings(ParkedStreamsTestCase):
+    def check_ended(self, tag, reason):
+        [ended] = self.ended()
+        self.assertEqual(ended["reason"], reason)
+        stream = self.app.stream(tag)
+        self.assertTrue(wait_for(lambda: stream.cleanups == [reason]), stream.cleanups)
+        self.assertEqual(stream.finally_ran, 1)
+        self.assertTrue(wait_for(lambda: self.state(tag) is None))
+        self.assertTrue(wait_for(lambda: hubs.hub().count() == 0))
+
+    def test_client_fin_ends_a_parked_stream(self):
+        client = self.open_parked("a")
+        client.close()
+        self.check_ended("a", "client gone")
+
+    def test_client_reset_ends_a_parked_stream(self):
+        client = self.open_parked("a")
+        client.reset()
+        self.check_ended("a", "client gone")
+
+    def test_half_close_ends_a_parked_stream(self):
+        client = self.open_parked("a")
+        client.shutdown(socket.SHUT_WR)
+        self.check_ended("a", "client gone")
+        self.assertTrue(client.closed())
+
+    def test_max_duration_ends_a_parked_stream(self):
+        client = self.open_parked("a", "&max=0.3")
+        self.assertEqual(client.body(), b"start a\n")
+        self.check_ended("a", "timeout")
+
+    def test_a_producer_that_raises_after_resuming_ends_with_error(self):
+        client = self.open_parked("a")
+        other = self.open_parked("b")
+        self.app.send("a", b"before\n")
+        client.read_until(b"before\n")
+        with self.assertLogs("collective.streamguard", "INFO") as logs:
+            self.app.send("a", b"RAISE")
+            self.assertTrue(client.closed())
+            self.assertTrue(wait_for(lambda: self.app.stream("a").cleanups == ["error"]))
+        self.assertIn("producer failed on purpose", "\n".join(logs.output))
+        self.assertTrue(any("ended (error)" in line for line in logs.output), logs.output)
+        self.assertEqual(self.app.stream("a").finally_ran, 1)
+        # No terminating chunk: the client sees a truncated body.
+        self.assertFalse(bytes(client.transcript).endswith(b"0\r\n\r\n"))
+        # Nothing else disturbed.
+        self.app.send("b", b"still here\n")
+        other.read_until(b"still here\n")
+        self.assertEqual(self.page(), b"ok")
+
+    def test_shutdown_ends_parked_streams_at_once(self):
+        clients = [self.open_parked(tag) for tag in "abc"]
+        left = self.app.live_streams.shutdown(10)
+        self.assertEqual(left, 0)
+        for tag, client in zip("abc", clients, strict=True):
+            self.assertEqual(client.body(), b"start %s\n" % tag.encode())
+            stream = self.app.stream(tag)
+            self.assertEqual(stream.cleanups, ["shutdown"])
+            self.assertEqual(stream.finally_ran, 1)
+
+
+class TestFallback(ParkedStreamsTestCase):
+    def test_a_blocking_producer_holds_its_thread_and_ends_on_disconnect(self):
+        client = self.connect("/idle?tag=a&blocking=1")
+        client.read_until(b"start a\n")
+        self.app.send("a", b"woken\n")
+        client.read_until(b"woken\n")
+        self.assertIsNone(self.state("a"))
+        self.assertTrue(wait_for(lambda: self.server.task_dispatcher.active_count == 1))
+        client.close()
+        [ended] = self.ended()
+        self.assertEqual(ended["reason"], "client gone")
+        self.assertEqual(self.app.stream("a").finally_ran, 1)
+
+    def test_a_middleware_in_between_holds_the_thread(self):
+        client = self.connect("/wrapped?tag=a")
+        client.read_until(b"start a\n")
+        self.app.send("a", b"woken\n")
+        client.read_until(b"woken\n")
+        self.assertIsNone(self.state("a"))
+        self.app.send("a", b"END")
+        self.assertEqual(client.body(), b"start a\nwoken\n")
+        [ended] = self.ended()
+        self.assertEqual(ended["reason"], "finished")
+
+    def test_http10_streams_park_and_end_with_the_close(self):
+        client = self.connect("/idle?tag=a", version="1.0")
+        client.read_until(b"start a\n")
+        self.assertTrue(wait_for(lambda: self.state("a") == hubs.PARKED))
+        self.app.send("a", b"more\n")
+        client.read_until(b"more\n")
+        self.app.send("a", b"END")
+        self.assertEqual(client.body(), b"start a\nmore\n")
+
+
+class TestBackpressure(ParkedStreamsTestCase):
+    def test_a_client_that_stops_reading_bounds_memory_and_loses_nothing(self):
+        client = self.open_parked("a")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        stream = self.app.stream("a")
+        parked = stream.guard.parked
+        piece = b"y" * 60_000 + b"\n"
+        expected = bytearray(b"start a\n")
+        # Far more than the kernel buffers hold while the client reads nothing.
+        for index in range(300):
+            data = b"%06d" % index + piece
+            expected += data
+            stream.queue.append(data)
+        stream.guard.wake()
+        self.assertTrue(
+            wait_for(lambda: parked.state == hubs.PARKED and parked.out.size > hubs.OUT_HIGH)
+        )
+        # Parked by backpressure: the rest is still queued in the producer.
+        self.assertLess(parked.out.size, hubs.OUT_HIGH + 2 * len(data))
+        self.assertGreater(len(stream.queue), 0)
+        self.app.send("a", b"END")
+        self.assertEqual(client.body(timeout=30), bytes(expected))
+
+
+class TestManyStreams(ParkedStreamsTestCase):
+    COUNT = 500
+
+    def setUp(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        if hard < 4 * self.COUNT:
+            self.skipTest(f"needs {4 * self.COUNT} open files, the limit is {hard}")
+        super().setUp()
+
+    def test_500_parked_streams_on_4_threads_while_pages_answer(self):
+        clients = []
+        for index in range(self.COUNT):
+            client = HTTPClient(self.address, timeout=30)
+            self.addCleanup(client.close)
+            client.request(f"/idle?tag=s{index}")
+            clients.append(client)
+        for index, client in enumerate(clients):
+            client.read_until(b"start s%d\n" % index, timeout=60)
+        self.assertTrue(wait_for(lambda: parked_count(self.app) == self.COUNT, 60))
+        self.assertEqual(self.page(), b"ok")
+        for index in range(0, self.COUNT, 7):
+            self.app.send(f"s{index}", b"to %d\n" % index)
+        for index in range(0, self.COUNT, 7):
+            clients[index].read_until(b"to %d\n" % index, timeout=30)
+        self.assertEqual(self.page(), b"ok")
+        for client in clients[::2]:
+            client.close()
+        self.assertTrue(wait_for(lambda: len(self.recorder.ended) == self.COUNT // 2, 60))
+        self.assertEqual({e["reason"] for e in self.recorder.ended}, {"client gone"})
+        self.assertEqual(self.page(), b"ok")
+
+
+if not (hubs.SUPPORTED and waitress_park.SUPPORTED):  # pragma: no cover
+    del TestParking, TestEndings, TestFallback, TestBackpressure, TestManyStreams

@@ -1,0 +1,273 @@
+"""Parking a waitress stream: the worker lets go, the hub takes the socket.
+
+When a stream's producer waits in ``guard.idle()`` and every exactness
+condition holds (``parkable``), ``park()`` raises the private ``Parked`` out
+of waitress' ``WSGITask.execute``.  Nothing of waitress' end-of-request code
+runs (it is a BaseException, not an Exception, and ``Task.service`` only
+catches OSError): ``ParkingChannel.service`` catches it, the worker returns
+to waitress' pool, and a trigger thunk, in the I/O thread, takes what the
+channel still had to send and removes the channel from waitress' map
+(``del_channel``: the socket stays open).  From then on waitress never
+touches that socket; ``hub`` watches it, runs the producer's next steps on
+waitress' workers (``hub.Runner`` tasks in waitress' own queue) and writes
+its output with the framing waitress would have used.
+
+The conditions, all checked at the first park (otherwise the stream holds
+its thread as it always did): waitress 3.0 (``waitress_output.SUPPORTED``);
+waitress' own ``WSGITask.execute`` iterates the body (the calling frame: no
+middleware in between could see or change the bytes); the channel is a
+``ParkingChannel`` now inside its ``service()`` on this thread; the headers
+are out or can be sent now; the body is chunked or runs to the close (no
+Content-Length); the hub exists (Linux); not shutting down; and, where
+waitress' loop uses ``select()`` (``asyncore_use_poll`` false), the socket's
+fd is below SELECT_SAFE_FD: ``select()`` raises ValueError for fds from
+1024 on and waitress' loop dies of it, so parked sockets must not push new
+connections' fds up there.
+
+``install(server)`` makes the server accept ``ParkingChannel``s, in its I/O
+thread; the channels it already has are switched too (same layout).
+Written against waitress 3.0.2: never call ``write_soon``, ``task.write``
+or ``task.finish`` on a detached channel (above the high watermark they wait
+on a condition nobody notifies any more).
+"""
+
+import functools
+import logging
+import threading
+
+from collective.streamguard import hub as hubs
+from collective.streamguard.waitress_output import SUPPORTED
+
+logger = logging.getLogger("collective.streamguard")
+
+try:
+    from waitress.channel import HTTPChannel
+    from waitress.task import WSGITask
+except ImportError:  # no waitress: nothing here is used
+    HTTPChannel, WSGITask = object, None
+
+#: Without ``asyncore_use_poll`` parked sockets keep their fds below this,
+#: leaving room under select()'s 1024 for the server's own connections.
+SELECT_SAFE_FD = 900
+
+
+class Parked(BaseException):
+    """Private: carries a worker out of ``WSGITask.execute``, body unfinished."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+
+class ParkingChannel(HTTPChannel):
+    """waitress' channel, whose request may leave its worker mid-body."""
+
+    #: The thread inside ``service()``, else None.  A class default, no
+    #: ``__init__``: a live HTTPChannel can take this class (``install``).
+    _servicing = None
+
+    def service(self):
+        self._servicing = threading.get_ident()
+        try:
+            super().service()
+        except Parked as parked:
+            stream = parked.stream
+            # server.pull_trigger() takes no thunk; the trigger's does.
+            self.server.trigger.pull_trigger(functools.partial(_detach, self, stream))
+        finally:
+            self._servicing = None
+
+
+_warned = set()
+
+
+def install(server):
+    """Let ``server`` (a waitress server) park streams from now on.
+
+    Runs its change in the server's I/O thread, so that no connection is
+    accepted between the class change and the sweep of live channels.
+    Safe to call often; a server whose ``channel_class`` someone else
+    customised is left alone (logged once).
+    """
+    if not SUPPORTED or not hubs.SUPPORTED:
+        return
+    if getattr(server, "channel_class", None) is ParkingChannel:
+        return
+    server.trigger.pull_trigger(functools.partial(_install, server))
+
+
+def _install(server):
+    try:
+        if server.channel_class is ParkingChannel:
+            return
+        if server.channel_class is not HTTPChannel:
+            if id(server) not in _warned:
+                _warned.add(id(server))
+                logger.info(
+                    "streams do not park on this server: its channel class is %r",
+                    server.channel_class,
+                )
+            return
+        server.channel_class = ParkingChannel
+        for channel in list(server.active_channels.values()):
+            if type(channel) is HTTPChannel:
+                # Same layout, no new state: allowed.  A channel inside
+                # service() now cannot park its current request
+                # (_servicing is None for it).
+                channel.__class__ = ParkingChannel
+    except Exception:
+        logger.exception("cannot let streams park on %r", server)
+
+
+def installed(environ):
+    """True when the request's waitress channel may park a stream."""
+    hook = environ.get("waitress.client_disconnected")
+    channel = getattr(hook, "__self__", None)
+    return type(channel) is ParkingChannel
+
+
+def server_of(environ):
+    hook = environ.get("waitress.client_disconnected")
+    return getattr(getattr(hook, "__self__", None), "server", None)
+
+
+def _task(frame):
+    if frame is None or WSGITask is None or frame.f_code is not WSGITask.execute.__code__:
+        return None
+    task = frame.f_locals.get("self")
+    return task if type(task) is WSGITask else None
+
+
+def parkable(stream, task):
+    """True when ``stream``, iterated by ``task``, may park now."""
+    from collective.streamguard.probes import WaitressConnection
+
+    if not SUPPORTED or not hubs.SUPPORTED or task is None:
+        return False
+    channel = task.channel
+    if (
+        type(channel) is not ParkingChannel
+        or channel._servicing != threading.get_ident()
+        or not channel.connected
+        or channel.socket is None
+        or channel.task_class is not WSGITask
+    ):
+        return False
+    if not task.complete or not task.has_body or task.content_length is not None:
+        return False
+    if task.wrote_header and not (task.chunked_response or task.close_on_finish):
+        return False
+    guard = stream.guard
+    connection = guard.connection
+    if type(connection) is not WaitressConnection or connection._channel is not channel:
+        return False
+    if guard.live_streams.shutting_down.is_set():
+        return False
+    if not channel.adj.asyncore_use_poll and channel.socket.fileno() >= SELECT_SAFE_FD:
+        _warn_select(channel.server)
+        return False
+    return True
+
+
+def _warn_select(server):
+    if ("select", id(server)) not in _warned:
+        _warned.add(("select", id(server)))
+        logger.warning(
+            "streams stop parking: waitress uses select(), which cannot watch fds "
+            "from 1024 on; set asyncore_use_poll = true to park many streams"
+        )
+
+
+def park(stream, frame):
+    """``GuardedStream``'s park function under waitress: raises ``Parked``
+    when the stream parks, returns when it cannot (it then holds its
+    thread)."""
+    task = _task(frame)
+    if not parkable(stream, task):
+        return
+    if not task.wrote_header:
+        task.write(b"")  # the headers, as finish() would send them
+        if not (task.chunked_response or task.close_on_finish):
+            return
+    # What the direct output holds goes first, while the channel is ours.
+    stream._flush_direct(quiet=True)
+    stream._direct = False
+    stream.guard.before_wait = None
+    channel = task.channel
+    server = channel.server
+    scheduler = _scheduler(server, stream.guard.live_streams)
+    parked = hubs.ParkedStream(
+        hubs.hub(),
+        scheduler,
+        stream,
+        channel.socket,
+        chunked=task.chunked_response,
+        close_channel=functools.partial(_close_channel, channel),
+    )
+    # The thread's locals go back to what the next request on this worker
+    # expects (a zodb=True producer's transaction manager, site, user).
+    stream.guard.leave_step()
+    stream.guard.parked = parked
+    stream._parking = True  # execute's finally calls close(): not an end
+    raise Parked(parked)
+
+
+_schedulers = {}
+_schedulers_lock = threading.Lock()
+
+
+def _scheduler(server, live_streams):
+    key = (id(server.task_dispatcher), id(live_streams))
+    with _schedulers_lock:
+        scheduler = _schedulers.get(key)
+        if scheduler is None or scheduler.add_task.__self__ is not server.task_dispatcher:
+            threads = int(server.adj.threads)
+            scheduler = hubs.Scheduler(
+                server.task_dispatcher.add_task, max(1, threads - 1), live_streams.shutting_down
+            )
+            _schedulers[key] = scheduler
+        return scheduler
+
+
+def _detach(channel, stream):
+    # The I/O thread, inside the trigger's handle_read with its lock held:
+    # no pull_trigger(thunk) from here.
+    try:
+        sock = channel.socket
+        if (
+            not channel.connected
+            or sock is None
+            or channel._map.get(channel._fileno) is not channel
+        ):
+            # waitress closed it meanwhile (lookahead >= 1 read the FIN, or
+            # a send failed): the stream ends on a worker.
+            stream.orphan()
+            return
+        with channel.outbuf_lock:
+            # Nothing sends on this channel now: only this thread does.
+            leftovers = channel.outbufs
+            channel.outbufs = []
+            pending, channel.total_outbufs_len = channel.total_outbufs_len, 0
+            channel.current_outbuf_count = 0
+        if not pending:
+            for buffer in leftovers:
+                buffer.close()
+            leftovers = ()
+        channel.del_channel()  # out of waitress' map and active_channels
+        stream.hub.adopt(stream, leftovers)
+    except Exception:
+        logger.exception("cannot park %r", stream)
+        stream.orphan()
+
+
+def _close_channel(channel):
+    # The hub thread, after the socket left its epoll set: what waitress'
+    # end of request and handle_close() would have done.
+    with channel.requests_lock:
+        for request in channel.requests:
+            request.close()
+        channel.requests = []
+        if channel.request is not None:
+            channel.request.close()
+            channel.request = None
+    channel.handle_close()
