@@ -24,6 +24,7 @@ Zope
     ``interfaces``  the settings schema, its defaults, the browser layer
     ``permissions`` the permission's name
     ``streaming``   ``stream_response()``: what a view returns to stream
+    ``parking``     which streams park under waitress, and their cap
     ``zodb``        a producer's own ZODB connection and transaction
     ``deployment``  what zope.conf allows: the directories logs may be in
     ``browser.stream_log``, ``browser.status``: the views on a Zope root too

@@ -109,6 +109,10 @@ class StreamGuard:
         self.park_readable = ()
         #: The hub's record of the stream once it has parked, else None.
         self.parked = None
+        #: Called once when a stream that may park turns out to hold its
+        #: thread (it cannot park, or it waits in ``wait()``): where the
+        #: thread cap is applied (``streaming``).
+        self.on_hold = None
         self._outcome = None
 
     # -- what ends a stream -------------------------------------------------
@@ -145,6 +149,8 @@ class StreamGuard:
         the stream must stop (the client left, the time is up, shutdown),
         False otherwise.
         """
+        if self.parkable and self.parked is None:
+            self.hold()  # a blocking wait holds the thread: it cannot park
         return self._wait(timeout, readable) is _STOP
 
     def idle(self, timeout=None, readable=()):
@@ -190,6 +196,13 @@ class StreamGuard:
                 os.write(self._wake_w, b"x")
             except (BlockingIOError, OSError):
                 pass  # the pipe is full (already woken) or the stream has ended
+
+    def hold(self):
+        """The stream will hold its thread: stop asking to park."""
+        self.parkable = False
+        on_hold, self.on_hold = self.on_hold, None
+        if on_hold is not None:
+            on_hold()
 
     def add_step_hooks(self, enter, leave):
         """Run ``enter()`` before and ``leave()`` after each step of the
@@ -321,6 +334,7 @@ class GuardedStream:
         encoding="utf-8",
         reserved=False,
         park=None,
+        kind="held",
     ):
         self.guard = guard
         #: ``park(stream, frame)`` parks the stream (raising out of the
@@ -346,6 +360,7 @@ class GuardedStream:
             user_key=user if user_key is None else user_key,
             probe=guard.connection.probe,
             reserved=reserved,
+            kind=kind,
         )
         # Only for garbage collection (a body the publisher dropped): at
         # interpreter exit live_streams.shutdown() ends live streams.
@@ -439,8 +454,8 @@ class GuardedStream:
             finally:
                 frame = None
         # Cannot park here: never ask again, the producer waits in idle().
-        self.guard.parkable = False
         self._park_with = None
+        self.guard.hold()
 
     def _stopping(self):
         return self.guard.stopping

@@ -47,11 +47,35 @@ class IStreamGuardSettings(Interface):
     """
 
     max_streams = schema.Int(
-        title=_("Maximum live streams per process"),
+        title=_("Maximum live streams per process that hold a thread"),
         description=_(
-            "Every live stream holds one of the server's worker threads. "
+            "A stream that does not park holds one of the server's worker threads. "
             "0 means: the number of waitress threads minus one, so one thread "
             "always serves normal pages."
+        ),
+        default=0,
+        min=0,
+        required=True,
+    )
+
+    park_streams = schema.Bool(
+        title=_("Park idle streams"),
+        description=_(
+            "Under waitress, a stream that waits for more to send gives its "
+            "worker thread back while it waits; one thread per process "
+            "watches every waiting stream. Off: every stream holds a thread "
+            "for its whole life."
+        ),
+        default=True,
+        required=False,
+    )
+
+    max_parked_streams = schema.Int(
+        title=_("Maximum parkable streams per process"),
+        description=_(
+            "Streams that park use file descriptors, not threads. 0 means: "
+            "derived from the process' open-files limit (RLIMIT_NOFILE): "
+            "(limit - 256) / 4."
         ),
         default=0,
         min=0,

@@ -12,9 +12,12 @@ around a producer, with the guard of ``collective.streamguard.guard``:
   (Diazo, plone.protect's auto-CSRF parser) join any iterable body into one
   string, which for an endless stream hangs the worker inside the request's
   transaction;
-- at most ``max_streams`` live streams per process (default: the server's
-  threads minus one, so one thread always serves normal pages); the next
-  gets 503 with ``Retry-After``;
+- at most ``max_streams`` live streams that hold a thread per process
+  (default: the server's threads minus one, so one thread always serves
+  normal pages); the next gets 503 with ``Retry-After``.  Under waitress a
+  stream that waits in ``guard.idle()`` parks instead and holds no thread
+  while it waits (``collective.streamguard.parking``): those have their own
+  cap, ``max_parked_streams``;
 - ``zodb=True`` gives the producer its own ZODB connection and transaction
   (``collective.streamguard.zodb``);
 - on classic ZServer an iterator body would be drained by the asyncore main
@@ -34,6 +37,11 @@ from collective.streamguard.interfaces import DEFAULT_HEARTBEAT_INTERVAL
 from collective.streamguard.interfaces import DEFAULT_MAX_DURATION
 from collective.streamguard.interfaces import DEFAULT_MAX_STREAMS_PER_USER
 from collective.streamguard.interfaces import IStreamSettingsProvider
+from collective.streamguard.parking import hold_or_end
+from collective.streamguard.parking import max_parked_streams
+from collective.streamguard.parking import park_function
+from collective.streamguard.streams import HELD
+from collective.streamguard.streams import PARKABLE
 from collective.streamguard.streams import Refused
 from collective.streamguard.streams import live_streams
 from collective.streamguard.zodb import ZODBSession
@@ -147,7 +155,16 @@ def stream_response(
     )
     user = getSecurityManager().getUser()
     user_name = user.getUserName() if user is not None else ""
-    refused = live_streams.reserve(limit, _user_key(request, user), user_limit)
+    # A stream that may park (collective.streamguard.parking) does not count
+    # against the thread cap unless it turns out to hold its thread.
+    park = park_function(request.environ, defaults)
+    kind = HELD if park is None else PARKABLE
+    refused = live_streams.reserve(
+        limit if park is None else max_parked_streams(defaults),
+        _user_key(request, user),
+        user_limit,
+        kind=kind,
+    )
     if refused is not None:
         _close_producer(producer)
         response.setStatus(429 if refused is Refused.USER_LIMIT else 503)
@@ -177,9 +194,13 @@ def stream_response(
             client=request.environ.get("REMOTE_ADDR", ""),
             log=log or "",
             reserved=True,
+            park=park,
+            kind=kind,
         )
+        if park is not None:
+            guard.on_hold = hold_or_end(stream, limit)
     except BaseException:
-        live_streams.release(_user_key(request, user))
+        live_streams.release(_user_key(request, user), kind)
         raise
 
     _streaming_headers(request, content_type)

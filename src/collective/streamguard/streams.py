@@ -1,11 +1,14 @@
 """The process's live streams: how many, who, how they ended; and shutdown.
 
-Every live stream holds a server worker thread for its whole life (waitress
-runs 4), so the number of streams per process is capped and the cap leaves
-one thread for normal pages.  The registry also keeps what a status view
-shows (live streams, counters per end reason) and, at interpreter exit,
-stops the live streams so that their cleanups run (waitress' worker threads
-are daemons: without this they would just vanish mid-transaction).
+A live stream that cannot park (``hub``) holds a server worker thread for
+its whole life (waitress runs 4), so the number of such *held* streams per
+process is capped and the cap leaves one thread for normal pages.  Streams
+that may park have a cap of their own (``PARKABLE`` slots: file descriptors
+are what they use up); one that turns out not to park takes a held slot.
+The registry also keeps what a status view shows (live streams, counters
+per end reason) and, at interpreter exit, stops the live streams so that
+their cleanups run (waitress' worker threads are daemons: without this they
+would just vanish mid-transaction).
 
 Plain Python: imports nothing from Zope.
 """
@@ -39,6 +42,11 @@ class EndReason(str, enum.Enum):  # noqa: UP042 (str() stays "EndReason.X")
     LOG_UNAVAILABLE = "log unavailable"
 
 
+#: The two kinds of stream slots.
+HELD = "held"
+PARKABLE = "parkable"
+
+
 class Refused(str, enum.Enum):  # noqa: UP042
     """Why ``LiveStreams.reserve`` gave no slot."""
 
@@ -65,6 +73,14 @@ class StreamRecord:
     #: Of bytes_sent, those queued on waitress' channel without a copy.
     bytes_direct: int = 0
     guard: object = field(default=None, repr=False, compare=False)
+    #: The kind of slot it takes: HELD (a thread) or PARKABLE.
+    kind: str = HELD
+
+    @property
+    def parked(self):
+        """True while the hub watches the stream (no thread held)."""
+        parked = getattr(self.guard, "parked", None)
+        return parked is not None and parked.state == "parked"
 
 
 class LiveStreams:
@@ -75,24 +91,25 @@ class LiveStreams:
         self._ids = itertools.count(1)
         self._live = {}
         self._reserved = 0
+        self._kinds = collections.Counter()  # slots taken per kind
         self._by_user = collections.Counter()  # slots held per user name
         self._ended = threading.Condition(self._lock)
         self.counters = {reason: 0 for reason in EndReason}
         self.refused = 0
         self.shutting_down = threading.Event()
 
-    def reserve(self, limit, user="", user_limit=None):
+    def reserve(self, limit, user="", user_limit=None, kind=HELD):
         """Take a stream slot for ``user``; None when taken, else a ``Refused``.
 
-        A slot is refused when ``limit`` slots are taken, or ``user_limit``
-        by this user (None or below 1: no cap).  A reserved slot is given
-        back by ``end`` or ``release``.
+        A slot is refused when ``limit`` slots of this ``kind`` are taken,
+        or ``user_limit`` by this user (None or below 1: no cap), whatever
+        the kind.  A reserved slot is given back by ``end`` or ``release``.
         """
         with self._lock:
             refusal = None
             if self.shutting_down.is_set():
                 refusal = Refused.SHUTDOWN
-            elif limit is not None and limit >= 1 and self._reserved >= limit:
+            elif limit is not None and limit >= 1 and self._kinds[kind] >= limit:
                 refusal = Refused.BUSY
             elif user_limit is not None and user_limit >= 1 and self._by_user[user] >= user_limit:
                 refusal = Refused.USER_LIMIT
@@ -100,23 +117,48 @@ class LiveStreams:
                 self.refused += 1
                 return refusal
             self._reserved += 1
+            self._kinds[kind] += 1
             self._by_user[user] += 1
             return None
 
-    def _give_back(self, user):
+    def hold(self, record, limit):
+        """A PARKABLE stream that will hold its thread after all: move it to
+        a HELD slot if fewer than ``limit`` are taken.  True if it has one."""
+        with self._lock:
+            if record.kind == HELD:
+                return True
+            if limit is not None and limit >= 1 and self._kinds[HELD] >= limit:
+                self.refused += 1
+                return False
+            self._kinds[record.kind] -= 1
+            self._kinds[HELD] += 1
+            record.kind = HELD
+            return True
+
+    def _give_back(self, user, kind=HELD):
         self._reserved -= 1
+        self._kinds[kind] -= 1
         self._by_user[user] -= 1
         if self._by_user[user] <= 0:
             del self._by_user[user]
         self._ended.notify_all()
 
-    def release(self, user=""):
+    def release(self, user="", kind=HELD):
         """Give back a slot that was reserved but never started."""
         with self._lock:
-            self._give_back(user)
+            self._give_back(user, kind)
 
     def start(
-        self, guard, label="", user="", client="", probe="", log="", user_key=None, reserved=False
+        self,
+        guard,
+        label="",
+        user="",
+        client="",
+        probe="",
+        log="",
+        user_key=None,
+        reserved=False,
+        kind=HELD,
     ):
         """Record a new stream; returns its ``StreamRecord``.
 
@@ -128,6 +170,7 @@ class LiveStreams:
         with self._lock:
             if not reserved:
                 self._reserved += 1
+                self._kinds[kind] += 1
                 self._by_user[user_key] += 1
             record = StreamRecord(
                 id=next(self._ids),
@@ -138,6 +181,7 @@ class LiveStreams:
                 client=client,
                 probe=probe,
                 guard=guard,
+                kind=kind,
             )
             self._live[record.id] = record
             return record
@@ -148,7 +192,7 @@ class LiveStreams:
             if self._live.pop(record.id, None) is None:
                 return
             self.counters[reason] += 1
-            self._give_back(record.user_key)
+            self._give_back(record.user_key, record.kind)
 
     def discard(self, record):
         """Forget a stream that was dropped without being run or closed.
@@ -163,7 +207,7 @@ class LiveStreams:
                 return
             # Publishing failed after the view returned the stream.
             self.counters[EndReason.ERROR] += 1
-            self._give_back(record.user_key)
+            self._give_back(record.user_key, record.kind)
         logger.warning("stream %d was dropped before it ran: %s", record.id, record.label)
         if record.guard is not None:
             record.guard.reason = EndReason.ERROR
@@ -181,9 +225,14 @@ class LiveStreams:
     def snapshot(self):
         """Counters and live streams as plain data, for status views and tests."""
         with self._lock:
+            live = list(self._live.values())
             return {
-                "live": len(self._live),
+                "live": len(live),
+                "parked": sum(1 for record in live if record.parked),
+                "holding_a_thread": sum(1 for record in live if not record.parked),
                 "reserved": self._reserved,
+                "reserved_held": self._kinds[HELD],
+                "reserved_parkable": self._kinds[PARKABLE],
                 "refused": self.refused,
                 "ended": {reason.value: count for reason, count in self.counters.items()},
             }

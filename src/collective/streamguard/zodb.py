@@ -11,8 +11,15 @@ own, restores the user and the site, and at the end commits (the producer
 finished) or aborts (the client left, an error, a timeout, shutdown) and
 always gives the connection back to the pool.
 
+A parked stream (``collective.streamguard.hub``) runs its steps in
+whichever worker thread is free: ``enter()`` and ``leave()`` make the
+session's transaction manager, request, site and user current around each
+step and give the thread back what it had (``guard.add_step_hooks``), and
+``leave()`` runs before the first park too, so the next page on the
+serving thread never joins the stream's transaction.
+
 Its transaction manager is also made the serving thread's current one for
-the stream's life, because Plone code joins ``transaction.get()`` (the
+the stream's life (each step's, once parked), because Plone code joins ``transaction.get()`` (the
 catalog's indexing queue does) and must join *this* transaction.  A
 ``zope.sqlalchemy`` session is joined to it with
 ``register(session, transaction_manager=guard.zodb.transaction_manager)``
@@ -27,6 +34,7 @@ import transaction
 from AccessControl.SecurityManagement import getSecurityManager
 from AccessControl.SecurityManagement import newSecurityManager
 from AccessControl.SecurityManagement import noSecurityManager
+from AccessControl.SecurityManagement import setSecurityManager
 from AccessControl.SpecialUsers import nobody
 from Acquisition import aq_base
 from Acquisition import aq_inner
@@ -35,6 +43,7 @@ from Testing.makerequest import makerequest
 from zope.component.hooks import getSite
 from zope.component.hooks import setSite
 from zope.globalrequest import clearRequest
+from zope.globalrequest import getRequest
 from zope.globalrequest import setRequest
 
 from collective.streamguard.streams import EndReason
@@ -97,6 +106,10 @@ class ZODBSession:
         self.context = self.site = self.app = self.request = None
         self._guard = None
         self._thread_manager = None
+        self._security_manager = None
+        #: What ``leave()`` gives the thread back; None while not entered.
+        self._saved = None
+        self._closed = False
 
     def open(self, guard):
         """Open the connection and set up user, site and request (serving thread)."""
@@ -126,6 +139,37 @@ class ZODBSession:
             setSite(self.site)
         newSecurityManager(self.request, self._user())
         self.context = self.app.unrestrictedTraverse(self.context_path)
+        self._security_manager = getSecurityManager()
+        # Leaving the serving thread clears what open() set, as close() does.
+        self._saved = (self._thread_manager, None, None, None)
+        guard.add_step_hooks(self.enter, self.leave)
+
+    def enter(self):
+        """Make this session current in this thread (a parked stream's step)."""
+        if self._saved is not None or self.connection is None or self._closed:
+            return
+        self._saved = (transaction.manager.manager, getSite(), getRequest(), getSecurityManager())
+        transaction.manager.manager = self.transaction_manager
+        setRequest(self.request)
+        setSite(self.site)
+        setSecurityManager(self._security_manager)
+
+    def leave(self):
+        """Give this thread back what it had before ``enter()``/``open()``."""
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        manager, site, request, security_manager = saved
+        transaction.manager.manager = manager
+        setSite(site)
+        if request is None:
+            clearRequest()
+        else:
+            setRequest(request)
+        if security_manager is None:
+            noSecurityManager()
+        else:
+            setSecurityManager(security_manager)
 
     def _user(self):
         if self.user_id is None or self.user_folder_path is None:
@@ -172,9 +216,13 @@ class ZODBSession:
             if self.request is not None:
                 self.request.close()
                 self.request = None
-            noSecurityManager()
-            setSite(None)
-            clearRequest()
-            transaction.manager.manager = self._thread_manager
+            if self._saved is not None:
+                self.leave()
+            else:
+                noSecurityManager()
+                setSite(None)
+                clearRequest()
+                transaction.manager.manager = self._thread_manager
+            self._closed = True
             with _open_sessions_lock:
                 _open_sessions.discard(id(self))

@@ -24,9 +24,15 @@ def status():
                 "probe": record.probe,
                 "started": datetime.fromtimestamp(record.started, UTC).isoformat(),
                 "bytes_sent": record.bytes_sent,
+                # Parked: the hub watches it, no thread; else it holds one
+                # (it runs now, or it cannot park).
+                "parked": record.parked,
+                "thread": "parked" if record.parked else "holds a thread",
             }
             for record in sorted(live_streams.live(), key=lambda r: r.id)
         ],
+        "parked": snapshot["parked"],
+        "holding_a_thread": snapshot["holding_a_thread"],
         "ended": snapshot["ended"],
         "refused": snapshot["refused"],
         "open_zodb_sessions": open_sessions(),

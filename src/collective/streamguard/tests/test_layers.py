@@ -32,6 +32,7 @@ ZOPE = (
     "interfaces",
     "permissions",
     "streaming",
+    "parking",
     "zodb",
     "deployment",
     "browser.stream_log",

@@ -43,6 +43,8 @@ class TestInstall(unittest.TestCase):
         self.assertEqual(settings.max_streams, 0)
         self.assertEqual(settings.max_duration, 3600)
         self.assertEqual(settings.max_streams_per_user, 2)
+        self.assertIs(settings.park_streams, True)
+        self.assertEqual(settings.max_parked_streams, 0)
         self.assertEqual(settings.heartbeat_interval, 15)
         self.assertEqual(settings.end_marker, "<<<<<EOFMARKER>>>>>")
         self.assertEqual(settings.log_files, [])
@@ -114,9 +116,9 @@ class TestUpgrades(unittest.TestCase):
         self.setup = self.portal.portal_setup
 
     def test_profile_version_is_the_last_upgrade_destination(self):
-        self.assertEqual(self.setup.getVersionForProfile("collective.streamguard:default"), "1001")
+        self.assertEqual(self.setup.getVersionForProfile("collective.streamguard:default"), "1002")
         self.assertEqual(
-            self.setup.getLastVersionForProfile("collective.streamguard:default"), ("1001",)
+            self.setup.getLastVersionForProfile("collective.streamguard:default"), ("1002",)
         )
 
     def test_1000_to_1001_adds_the_per_user_limit_and_keeps_changed_values(self):
@@ -127,10 +129,27 @@ class TestUpgrades(unittest.TestCase):
         registry[PREFIX + "max_duration"] = 600
         self.setup.setLastVersionForProfile("collective.streamguard:default", "1000")
         steps = self.setup.listUpgrades("collective.streamguard:default")
-        self.assertEqual([step["dest"] for step in steps], [("1001",)])
+        self.assertEqual([step["dest"] for step in steps], [("1001",), ("1002",)])
         self.setup.upgradeProfile("collective.streamguard:default")
         self.assertEqual(registry[record], 2)
         self.assertEqual(registry[PREFIX + "max_duration"], 600)
         self.assertEqual(
-            self.setup.getLastVersionForProfile("collective.streamguard:default"), ("1001",)
+            self.setup.getLastVersionForProfile("collective.streamguard:default"), ("1002",)
+        )
+
+    def test_1001_to_1002_adds_the_parked_stream_settings_and_keeps_changed_values(self):
+        registry = getUtility(IRegistry, context=self.portal)
+        # A site installed at 1001: no parked-stream records, a changed setting.
+        for name in ("park_streams", "max_parked_streams"):
+            del registry.records[PREFIX + name]
+        registry[PREFIX + "max_streams_per_user"] = 5
+        self.setup.setLastVersionForProfile("collective.streamguard:default", "1001")
+        steps = self.setup.listUpgrades("collective.streamguard:default")
+        self.assertEqual([step["dest"] for step in steps], [("1002",)])
+        self.setup.upgradeProfile("collective.streamguard:default")
+        self.assertIs(registry[PREFIX + "park_streams"], True)
+        self.assertEqual(registry[PREFIX + "max_parked_streams"], 0)
+        self.assertEqual(registry[PREFIX + "max_streams_per_user"], 5)
+        self.assertEqual(
+            self.setup.getLastVersionForProfile("collective.streamguard:default"), ("1002",)
         )

@@ -128,7 +128,9 @@ class TestHeartbeat(StreamingTestCase):
 
 class TestThreadPoolProtection(StreamingTestCase):
     def test_fourth_stream_is_refused_and_pages_still_answer(self):
-        self.configure(max_streams_per_user=0)
+        # Streams that do not park hold a thread each (parked streams:
+        # test_parked_zope).
+        self.configure(max_streams_per_user=0, park_streams=False)
         tags = [self.tag() for _ in range(3)]
         socks = [self.open(f"tag={tag}&mode=idle") for tag in tags]
         for sock, tag in zip(socks, tags, strict=True):

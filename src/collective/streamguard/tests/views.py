@@ -124,6 +124,7 @@ class ZODBStreamView(BrowserView):
         # Plain values only: request.close() clears the form before the
         # producer runs.
         finish = bool(form.get("finish"))
+        park = bool(form.get("park"))
         gate(tag).clear()
 
         def producer(guard):
@@ -143,7 +144,7 @@ class ZODBStreamView(BrowserView):
             if mode == "write":
                 (session.site or session.context)._streamguard_mark = tag
                 yield "marked\n"
-                if finish:
+                if finish and not park:
                     return
             elif mode == "batch":
                 for n in range(count):
@@ -153,6 +154,9 @@ class ZODBStreamView(BrowserView):
                         yield f"committed {n + 1}\n"
             elif mode == "sql":
                 yield from _sql_rows(guard, tag)
+            if park:
+                yield from _parked_steps(guard, tag, finish)
+                return
             while not gate(tag).is_set():
                 if guard.wait(0.05):
                     return
@@ -161,6 +165,37 @@ class ZODBStreamView(BrowserView):
         return stream_response(
             self.request, producer, "text/plain", zodb=True, context=self.context
         )
+
+
+def _parked_steps(guard, tag, finish):
+    """``park=1``: wait in idle() (the stream parks and is resumed every
+    50 ms, in whatever worker is free) until the gate opens; then write in
+    that resumed step, and finish (``finish=1``) or idle until the end."""
+    import transaction
+    from AccessControl.SecurityManagement import getSecurityManager
+    from zope.component.hooks import getSite
+
+    session = guard.zodb
+    threads = set()
+    while not gate(tag).is_set():
+        threads.add(threading.get_ident())
+        if (yield from guard.idle(0.05)):
+            return
+    record(
+        "resumed",
+        tag=tag,
+        user=getSecurityManager().getUser().getId(),
+        site_is_set=getSite() is session.site,
+        manager_is_own=transaction.manager.manager is session.transaction_manager,
+        jar_is_own=session.context._p_jar is session.connection,
+        threads=len(threads),
+    )
+    (session.site or session.context)._streamguard_resumed = tag
+    yield "resumed\n"
+    if finish:
+        return
+    while not (yield from guard.idle()):
+        pass
 
 
 def _sql_rows(guard, tag):

@@ -1,0 +1,89 @@
+"""Zope integration of parked streams: which streams park, and their cap.
+
+A stream parks (``hub``) only under waitress, on a channel that
+``waitress_park.install`` has switched; that happens on the first published
+request of each server (an ``IPubStart`` subscriber: at process start there
+is no server yet).  Parked streams have a cap of their own: what they use
+is file descriptors, not threads.  The default is derived from the
+process' open-files limit (``RLIMIT_NOFILE``, soft): what is left after
+FDS_KEPT for the rest of Zope, divided by FDS_PER_STREAM (the client
+socket, and a log stream's file, directory and inotify descriptors).
+
+A stream that was given a parkable slot but holds its thread after all (a
+middleware between waitress and Zope, a producer that blocks in
+``guard.wait()``) moves to a held slot, under the thread cap; when none is
+left it ends at once (ERROR, logged) rather than take the last thread.
+"""
+
+import functools
+import logging
+import weakref
+
+from collective.streamguard.streams import EndReason
+from collective.streamguard.streams import live_streams
+
+logger = logging.getLogger("collective.streamguard")
+
+FDS_KEPT = 256
+FDS_PER_STREAM = 4
+
+_installed = weakref.WeakSet()
+
+
+def install_on_first_request(event):
+    """``IPubStart`` subscriber: let the serving waitress park streams."""
+    environ = event.request.environ
+    hook = environ.get("waitress.client_disconnected")
+    server = getattr(getattr(hook, "__self__", None), "server", None)
+    if server is None or server in _installed:
+        return
+    _installed.add(server)
+    from collective.streamguard import waitress_park
+
+    waitress_park.install(server)
+
+
+def default_max_parked_streams():
+    """The parked-stream cap when the setting is 0: from RLIMIT_NOFILE."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 0
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(0, (soft - FDS_KEPT) // FDS_PER_STREAM)
+
+
+def park_function(environ, settings):
+    """``waitress_park.park`` where this request's stream may park, else None."""
+    if settings is not None and getattr(settings, "park_streams", True) is False:
+        return None
+    hook = environ.get("waitress.client_disconnected")
+    if hook is None:
+        return None
+    from collective.streamguard import hub
+    from collective.streamguard import waitress_park
+
+    if not (hub.SUPPORTED and waitress_park.installed(environ)):
+        return None
+    return waitress_park.park
+
+
+def max_parked_streams(settings):
+    value = getattr(settings, "max_parked_streams", 0) if settings is not None else 0
+    return value or default_max_parked_streams()
+
+
+def hold_or_end(stream, thread_limit):
+    """``guard.on_hold`` of a parkable stream: take a held slot, or end."""
+    return functools.partial(_hold_or_end, stream, thread_limit)
+
+
+def _hold_or_end(stream, thread_limit):
+    if not live_streams.hold(stream.record, thread_limit):
+        logger.warning(
+            "stream %d cannot park and no thread is left for it: ending it", stream.record.id
+        )
+        stream.guard.stop(EndReason.ERROR)

@@ -1,0 +1,173 @@
+"""Parked streams on a real Plone site served by a real waitress (4 threads).
+
+Idle streams park and leave the threads to pages; streams that cannot park
+still hold a thread under the thread cap; a ``zodb=True`` producer gets its
+own connection, transaction, site and user in whatever thread runs each
+resumed step, commits when it finishes and aborts when the client leaves.
+"""
+
+import transaction
+
+from collective.streamguard.streams import live_streams
+from collective.streamguard.tests import views
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.streamcases import LogTestCase
+from collective.streamguard.tests.streamcases import StreamingTestCase
+
+ZODB_PATH = "/plone/@@streamguard-test-zodb"
+
+
+def parked():
+    return [record for record in live_streams.live() if record.parked]
+
+
+class Installed:
+    def setUp(self):
+        super().setUp()
+        # The first request a waitress server publishes lets it park streams
+        # (parking.install_on_first_request): make sure it was not a stream.
+        status, _, _ = self.get("/plone")
+        self.assertEqual(status, 200)
+
+
+class TestParkedUnderPlone(Installed, StreamingTestCase):
+    def open_idle(self, count):
+        tags = [self.tag() for _ in range(count)]
+        socks = [self.open(f"tag={tag}&mode=idle") for tag in tags]
+        for sock, tag in zip(socks, tags, strict=True):
+            sock.read_until(f"first line of {tag}".encode())
+        return tags, socks
+
+    def test_more_idle_streams_than_threads_park_and_pages_answer(self):
+        self.configure(max_streams_per_user=0)
+        tags, socks = self.open_idle(8)
+        self.assertTrue(wait_for(lambda: len(parked()) == 8), live_streams.live())
+        status, _, _ = self.get("/plone")
+        self.assertEqual(status, 200)
+        for sock in socks:
+            sock.close()
+        for tag in tags:
+            self.assert_cleaned_up_once(tag, "client gone")
+            self.assertEqual(len(views.events("producer-finally", tag=tag)), 1)
+
+    def test_streams_that_block_in_wait_hold_threads_under_the_thread_cap(self):
+        self.configure(max_streams_per_user=0)
+        tags = [self.tag() for _ in range(3)]
+        socks = [self.open(f"tag={tag}&mode=gated") for tag in tags]
+        for sock, tag in zip(socks, tags, strict=True):
+            sock.read_until(f"first line of {tag}".encode())
+        self.assertEqual(parked(), [])
+        # The fourth would take the last thread: it ends at once instead.
+        fourth = self.tag()
+        sock = self.open(f"tag={fourth}&mode=gated")
+        self.assertTrue(sock.closed())
+        self.assert_cleaned_up_once(fourth, "error")
+        status, _, _ = self.get("/plone")
+        self.assertEqual(status, 200)
+        # Idle streams still park beside them.
+        idle_tags, idle_socks = self.open_idle(2)
+        self.assertTrue(wait_for(lambda: len(parked()) == 2))
+        for tag in tags:
+            views.gate(tag).set()
+        for sock, tag in zip(socks, tags, strict=True):
+            sock.read_until(b"after the gate\n")
+            self.assert_cleaned_up_once(tag, "finished")
+        for sock in idle_socks:
+            sock.close()
+        for tag in idle_tags:
+            self.assert_cleaned_up_once(tag, "client gone")
+
+    def test_parking_switched_off_holds_a_thread(self):
+        self.configure(park_streams=False)
+        tags, socks = self.open_idle(1)
+        self.assertTrue(wait_for(lambda: live_streams.live()))
+        self.assertEqual(parked(), [])
+        socks[0].close()
+        self.assert_cleaned_up_once(tags[0], "client gone")
+
+    def test_shutdown_ends_parked_streams_and_runs_their_cleanups(self):
+        self.configure(max_streams_per_user=0)
+        tags, socks = self.open_idle(5)
+        self.assertTrue(wait_for(lambda: len(parked()) == 5))
+        try:
+            self.assertEqual(live_streams.shutdown(timeout=10), 0)
+        finally:
+            live_streams.shutting_down.clear()
+        for tag in tags:
+            self.assert_cleaned_up_once(tag, "shutdown")
+        for sock in socks:
+            self.assertTrue(sock.closed())
+
+
+class TestStatusShowsParking(Installed, LogTestCase):
+    def test_status_tells_parked_streams_from_those_holding_a_thread(self):
+        self.configure(max_streams_per_user=0)
+        sock, _head = self.follow("log=app&format=sse")
+        gated = self.tag()
+        blocking = self.open(f"tag={gated}&mode=gated")
+        blocking.read_until(f"first line of {gated}".encode())
+        self.assertTrue(wait_for(lambda: len(parked()) == 1))
+        data = self.status_json()
+        self.assertEqual(data["parked"], 1)
+        self.assertEqual(data["holding_a_thread"], 1)  # the gated one
+        by_label = {stream["log"] or stream["label"]: stream for stream in data["live"]}
+        self.assertTrue(by_label["app"]["parked"])
+        self.assertEqual(by_label["app"]["thread"], "parked")
+        # The parked log stream still follows the log.
+        self.write("a line while parked\n")
+        sock.read_until(b"data: a line while parked")
+        views.gate(gated).set()
+        blocking.read_until(b"after the gate\n")
+        sock.close()
+
+
+class TestParkedZODBProducer(Installed, StreamingTestCase):
+    def setUp(self):
+        super().setUp()
+        self.db = self.layer["zodbDB"]
+
+    def site(self):
+        tm = transaction.TransactionManager()
+        connection = self.db.open(transaction_manager=tm)
+        self.addCleanup(connection.close)
+        self.addCleanup(tm.abort)
+        return connection.root()["Application"]["plone"]
+
+    def start(self, finish):
+        tag = self.tag()
+        query = f"tag={tag}&mode=write&park=1" + ("&finish=1" if finish else "")
+        sock = self.open(query, auth=True, path=ZODB_PATH)
+        sock.read_until(b"marked\n")
+        self.assertTrue(
+            wait_for(lambda: len(parked()) == 1),
+            [(r, r.guard.parked, r.guard.parkable) for r in live_streams.live()],
+        )
+        # The stream is resumed every 50 ms: let it park and resume a few times.
+        self.assertTrue(wait_for(lambda: parked() and parked()[0].guard.parked.resumes >= 5))
+        status, _, _ = self.get("/plone")
+        self.assertEqual(status, 200)
+        views.gate(tag).set()
+        sock.read_until(b"resumed\n")
+        (resumed,) = views.events("resumed", tag=tag)
+        self.assertEqual(resumed["user"], "admin")
+        self.assertTrue(resumed["site_is_set"])
+        self.assertTrue(resumed["manager_is_own"])
+        self.assertTrue(resumed["jar_is_own"])
+        return tag, sock
+
+    def test_parked_zodb_producer_commits_when_it_finishes(self):
+        tag, sock = self.start(finish=True)
+        sock.body()
+        self.assert_cleaned_up_once(tag, "finished")
+        site = self.site()
+        self.assertEqual(getattr(site, "_streamguard_mark", None), tag)
+        self.assertEqual(getattr(site, "_streamguard_resumed", None), tag)
+
+    def test_parked_zodb_producer_aborts_when_the_client_leaves(self):
+        tag, sock = self.start(finish=False)
+        self.assertTrue(wait_for(lambda: len(parked()) == 1))
+        sock.close()
+        self.assert_cleaned_up_once(tag, "client gone")
+        site = self.site()
+        self.assertNotEqual(getattr(site, "_streamguard_mark", None), tag)
+        self.assertNotEqual(getattr(site, "_streamguard_resumed", None), tag)
