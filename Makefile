@@ -75,6 +75,8 @@ run: instance
 	@echo "  Login:       $(ADMIN_USER) / $(ADMIN_PASSWORD)"
 	@echo "  Live log:    http://$(HOST):$(PORT)/$(SITE_ID)/@@stream-log"
 	@echo
+	@# Parked streams hold a socket each: the add-on raises the soft open-files
+	@# limit to the hard one (zope.ini sets asyncore_use_poll); see README.
 	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
 
 test: $(VENV)/.installed-test system-packages

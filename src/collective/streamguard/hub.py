@@ -205,6 +205,10 @@ class ParkedStream:
                 self.gone = True
             if self.state is not PARKED:
                 return False
+            if outcome is _READY and not self.in_idle and self.out.size > OUT_HIGH:
+                # Parked because the client does not read: a wake waits
+                # (guard._woken stays set) until EPOLLOUT resumes us.
+                return False
             self.state = QUEUED
             self.outcome = outcome
             self.version += 1

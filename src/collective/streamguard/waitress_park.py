@@ -25,7 +25,8 @@ fd is below SELECT_SAFE_FD: ``select()`` raises ValueError for fds from
 connections' fds up there.
 
 ``install(server)`` makes the server accept ``ParkingChannel``s, in its I/O
-thread; the channels it already has are switched too (same layout).
+thread; the channels it already has are switched too (same layout).  With
+``asyncore_use_poll`` it also raises the open-files limit to the hard limit.
 Written against waitress 3.0.2: never call ``write_soon``, ``task.write``
 or ``task.finish`` on a detached channel (above the high watermark they wait
 on a condition nobody notifies any more).
@@ -109,6 +110,8 @@ def _install(server):
                 )
             return
         server.channel_class = ParkingChannel
+        if server.adj.asyncore_use_poll:
+            raise_open_files_limit()
         for channel in list(server.active_channels.values()):
             if type(channel) is HTTPChannel:
                 # Same layout, no new state: allowed.  A channel inside
@@ -117,6 +120,27 @@ def _install(server):
                 channel.__class__ = ParkingChannel
     except Exception:
         logger.exception("cannot let streams park on %r", server)
+
+
+def raise_open_files_limit():
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; the new soft limit.
+
+    Each parked stream holds a socket (and a log stream its file); the
+    usual soft limit of 1024 would refuse connections far below the cap.
+    Only with ``asyncore_use_poll``: under select() fds from 1024 on would
+    kill waitress' loop instead.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            logger.info("open-files limit raised from %d to %d for parked streams", soft, hard)
+            soft = hard
+        except (OSError, ValueError):
+            logger.warning("cannot raise the open-files limit from %d", soft, exc_info=True)
+    return soft
 
 
 def installed(environ):

@@ -35,6 +35,8 @@ class TestControlPanel(unittest.TestCase):
         form.update(
             {
                 "form.widgets.max_streams": "0",
+                "form.widgets.park_streams": ["selected"],
+                "form.widgets.max_parked_streams": "0",
                 "form.widgets.max_streams_per_user": "2",
                 "form.widgets.max_duration": "3600",
                 "form.widgets.heartbeat_interval": "15",
@@ -71,6 +73,12 @@ class TestControlPanel(unittest.TestCase):
         form, html = self.submit([f"app|{link}"])
         self.assertEqual(self.saved_log_files(), [])
         self.assertIn("is a symbolic link", html)
+
+    def test_parked_stream_settings_are_saved(self):
+        self.submit([f"app|{self.log}"])
+        registry = getUtility(IRegistry)
+        self.assertIs(registry["collective.streamguard.park_streams"], True)
+        self.assertEqual(registry["collective.streamguard.max_parked_streams"], 0)
 
     def test_configlet_is_listed_in_site_setup(self):
         ids = {a.getId() for a in self.portal.portal_controlpanel.listActions()}
