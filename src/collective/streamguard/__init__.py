@@ -16,6 +16,7 @@ core (standard library only; server modules imported lazily)
     ``waitress_output``  large chunks straight onto a waitress channel
     ``hub``         parked streams: one epoll thread watches every idle stream
     ``waitress_park``  how a waitress worker lets go of a stream (``hub``)
+    ``inotify``     one inotify instance shared by every follower
     ``follow``      ``LogFollower``: one log file followed like ``tail -F``
     ``utf8``        the UTF-8 check of what a follower sends (``_utf8.c``)
     ``logstream``   ``LogStream``: the producer of ``@@stream-log``

@@ -23,6 +23,7 @@ import stat
 import sys
 import threading
 
+from collective.streamguard import inotify
 from collective.streamguard.utf8 import InvalidUTF8
 from collective.streamguard.utf8 import check_utf8
 
@@ -188,6 +189,7 @@ class LogFollower:
         self._use_inotify = use_inotify
         self._start = (offset, last_lines)
         self._dfd = self._fd = self._ifd = None
+        self._shared = None  # our part of the process' shared inotify instance
         self._file_wd = -1
         self._ident = None
         self._pos = 0
@@ -271,6 +273,9 @@ class LogFollower:
         """Close the file, directory and inotify fds; idempotent."""
         with self._lock:
             self._closed = True
+            if self._shared is not None:
+                shared, self._shared, self._ifd = self._shared, None, None
+                shared.close()
             for name in ("_fd", "_ifd", "_dfd"):
                 fd = getattr(self, name)
                 setattr(self, name, None)
@@ -385,7 +390,9 @@ class LogFollower:
         raise LogUnavailable(self._error)
 
     def _close_file(self):
-        if self._file_wd >= 0 and self._ifd is not None:
+        if self._file_wd >= 0 and self._shared is not None:
+            self._shared.unwatch(self._file_wd)
+        elif self._file_wd >= 0 and self._ifd is not None:
             _inotify()[2](self._ifd, self._file_wd)
         self._file_wd = -1
         os.close(self._fd)
@@ -397,6 +404,15 @@ class LogFollower:
         api = _inotify() if self._use_inotify else None
         if api is None:
             return
+        # The process' one instance, with an eventfd of our own to wait on
+        # (collective.streamguard.inotify); else an instance of our own.
+        shared = inotify.shared()
+        if shared is not None:
+            subscriber = shared.subscribe(os.fsencode(self._name))
+            if subscriber.watch(os.fsencode(self._dir), DIR_MASK | IN_ONLYDIR) >= 0:
+                self._shared, self._ifd = subscriber, subscriber.fileno()
+                return
+            subscriber.close()
         init, add, _rm = api
         # IN_NONBLOCK and IN_CLOEXEC are O_NONBLOCK and O_CLOEXEC by definition.
         ifd = init(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -409,6 +425,11 @@ class LogFollower:
 
     def _watch_file(self):
         if self._ifd is None:
+            return
+        if self._shared is not None:
+            self._file_wd = self._shared.watch(f"/proc/self/fd/{self._fd}".encode(), FILE_MASK)
+            if self._file_wd < 0:
+                self._shared.watch(os.fsencode(self._dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
             return
         _init, add, _rm = _inotify()
         # The open fd's inode, through /proc: no race with a rename between

@@ -490,6 +490,7 @@ class Hub:
         self._timers = []
         self._seq = itertools.count()
         self._readables = {}  # producer fd -> set of ParkedStream
+        self._callbacks = {}  # fd -> callback, see watch_fd()
         self._fd_lock = threading.Lock()
         self._signalled = False
         self._stopping = False
@@ -551,6 +552,13 @@ class Hub:
                     except OSError:
                         pass
 
+    def watch_fd(self, fd, callback):
+        """Call ``callback()`` in the hub's thread whenever ``fd`` is
+        readable (level-triggered: it must read what is there); for the
+        process' shared inotify instance (``collective.streamguard.inotify``)."""
+        self._callbacks[fd] = callback
+        self.epoll.register(fd, select.EPOLLIN)
+
     def count(self):
         return len(self.streams)
 
@@ -594,6 +602,13 @@ class Hub:
             stream = self.streams.get(fd)
             if stream is not None:
                 self._socket_event(stream, mask)
+                continue
+            callback = self._callbacks.get(fd)
+            if callback is not None:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("a callback of the stream hub failed")
                 continue
             with self._fd_lock:
                 watchers = list(self._readables.get(fd, ()))

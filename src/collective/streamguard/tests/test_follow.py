@@ -114,8 +114,13 @@ class AppendTests(FollowTestCase):
             self.append(f"line {n}\n")
             self.assertLess(readable_within(follower.fileno(), 1.0), 0.05)
             self.assertEqual(text_of(follower.read()), f"line {n}\n")
-            # read() drained the fd: nothing new, nothing readable.
-            self.assertIsNone(readable_within(follower.fileno(), 0.02))
+            # read() drained the fd.  A later event of the same append (the
+            # process' shared inotify instance is read by the hub's thread)
+            # may make it readable once more: then there is nothing new.
+            for _ in range(3):
+                if readable_within(follower.fileno(), 0.05) is None:
+                    break
+                self.assertEqual(follower.read(), [])
 
     def test_writes_to_other_files_in_the_directory_do_not_wake_it(self):
         self.append("x\n")

@@ -23,6 +23,7 @@ CORE = (
     "waitress_output",
     "hub",
     "waitress_park",
+    "inotify",
     "follow",
     "utf8",
     "logstream",

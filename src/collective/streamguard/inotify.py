@@ -1,0 +1,186 @@
+"""One inotify instance for every follower of the process.
+
+Linux allows 128 inotify instances per user (``fs.inotify.max_user_instances``):
+with one per follower the 129th log stream had none and polled every
+``poll_interval``, which for thousands of parked log streams is thousands
+of resumes a second.  Here all followers share one instance.  Each
+follower gets an eventfd of its own (``Subscriber.fileno()``: one fd, and
+no instance limit) that becomes readable when one of its watches fires, so
+it is waited on like the inotify fd it replaces.  The shared instance is
+read by the hub's thread (``hub.Hub.watch_fd``), never by a worker.
+
+inotify gives the same watch descriptor for the same inode within one
+instance and replaces its mask unless IN_MASK_ADD is given, so watches are
+refcounted per (wd, subscriber), masks only grow, and every event is
+filtered by the subscriber's own mask and, for directory events, by the
+file name it follows.  IN_IGNORED drops a wd, whose number the kernel may
+then reuse: its entry goes and its subscribers are woken; a later
+``unwatch`` of the stale wd finds no subscription and does nothing.
+
+Standard library only (ctypes); ``shared()`` is None where there is no
+inotify or no hub.
+"""
+
+import ctypes
+import functools
+import logging
+import os
+import struct
+import threading
+
+logger = logging.getLogger("collective.streamguard")
+
+IN_MASK_ADD = 0x20000000
+IN_IGNORED = 0x8000
+IN_Q_OVERFLOW = 0x4000
+_EVENT = struct.Struct("iIII")
+
+
+@functools.cache
+def _api():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        init, add, rm = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
+    except (OSError, AttributeError):
+        return None
+    init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
+    add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    add.restype = ctypes.c_int
+    rm.argtypes, rm.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return init, add, rm
+
+
+class Subscriber:
+    """One follower's view of the shared instance: an eventfd to wait on."""
+
+    def __init__(self, inotify, name=None):
+        self.inotify = inotify
+        #: Directory events wake it only for this file name (bytes).
+        self.name = name
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.masks = {}  # wd -> mask
+
+    def fileno(self):
+        return self.fd
+
+    def watch(self, path, mask):
+        """Add a watch for ``path`` (bytes); its wd, or -1."""
+        return self.inotify.watch(self, path, mask)
+
+    def unwatch(self, wd):
+        self.inotify.unwatch(self, wd)
+
+    def drain(self):
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def wake(self):
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:
+            pass  # closed meanwhile
+
+    def close(self):
+        self.inotify.unsubscribe(self)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class SharedInotify:
+    def __init__(self, hub):
+        init, self._add, self._rm = _api()
+        self.ifd = init(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.ifd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._watches = {}  # wd -> {subscriber: mask}
+        self.hub = hub
+        hub.watch_fd(self.ifd, self._dispatch)
+
+    def subscribe(self, name=None):
+        return Subscriber(self, name)
+
+    def watch(self, subscriber, path, mask):
+        # The add and the table entry under one lock: an event for a new wd
+        # is not dispatched before its subscriber is in the table.
+        with self._lock:
+            wd = self._add(self.ifd, path, mask | IN_MASK_ADD)
+            if wd < 0:
+                return -1
+            self._watches.setdefault(wd, {})[subscriber] = mask
+            subscriber.masks[wd] = mask
+            return wd
+
+    def unwatch(self, subscriber, wd):
+        with self._lock:
+            subscriber.masks.pop(wd, None)
+            subscribers = self._watches.get(wd)
+            if subscribers is None or subscribers.pop(subscriber, None) is None:
+                return  # IN_IGNORED came first: the number is not ours now
+            if not subscribers:
+                del self._watches[wd]
+                self._rm(self.ifd, wd)
+
+    def unsubscribe(self, subscriber):
+        for wd in list(subscriber.masks):
+            self.unwatch(subscriber, wd)
+
+    def _dispatch(self):
+        # The hub's thread.
+        try:
+            data = os.read(self.ifd, 65536)
+        except BlockingIOError:
+            return
+        woken = set()
+        offset = 0
+        with self._lock:
+            while offset + _EVENT.size <= len(data):
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+                offset += _EVENT.size + length
+                if mask & IN_Q_OVERFLOW:
+                    for subscribers in self._watches.values():
+                        woken.update(subscribers)
+                    continue
+                subscribers = self._watches.get(wd, {})
+                for subscriber, wanted in subscribers.items():
+                    if mask & IN_IGNORED or (
+                        mask & wanted and (not name or subscriber.name in (None, name))
+                    ):
+                        woken.add(subscriber)
+                if mask & IN_IGNORED:
+                    for subscriber in self._watches.pop(wd, {}):
+                        subscriber.masks.pop(wd, None)
+        for subscriber in woken:
+            subscriber.wake()
+
+
+_shared = None
+_shared_lock = threading.Lock()
+
+
+def shared():
+    """The process' shared instance (on first use), or None."""
+    global _shared
+    from collective.streamguard import hub
+
+    if not hub.SUPPORTED or _api() is None:
+        return None
+    with _shared_lock:
+        current = _shared
+        if current is not None and current.pid == os.getpid():
+            if current.hub is not hub.hub():  # a new hub (tests stop theirs)
+                current.hub = hub.hub()
+                current.hub.watch_fd(current.ifd, current._dispatch)
+            return current
+        if True:
+            try:
+                _shared = SharedInotify(hub.hub())
+            except OSError:
+                logger.warning("no shared inotify instance: followers use their own")
+                return None
+        return _shared
