@@ -23,6 +23,8 @@ RETRY = b"retry: 3000\n\n"
 #: (``waitress_output``); events are split and formatted line by line.
 TEXT_PIECE = 1 << 20
 SSE_PIECE = 1 << 16
+#: The idle timeout of a follower that inotify wakes.
+INOTIFY_SAFETY_NET = 60.0
 
 
 def piece_size(sse):
@@ -80,8 +82,11 @@ class LogStream:
             if pieces:
                 continue
             # inotify wakes us at once; the timeout is the safety net (and
-            # the whole mechanism where there is no inotify).
-            if (yield from guard.idle(follower.poll_interval, readable)):
+            # the whole mechanism where there is no inotify).  A long one with
+            # inotify: each timeout resumes a parked stream (thousands of
+            # them would cost thousands of steps a second).
+            timeout = follower.poll_interval if fd < 0 else INOTIFY_SAFETY_NET
+            if (yield from guard.idle(timeout, readable)):
                 return
 
     def format(self, piece):
