@@ -1,0 +1,455 @@
+"""Idle @@stream-log SSE streams on a real Zope with parking, next to asyncio.
+
+A real Zope (``runwsgi``, waitress with 4 threads, ``asyncore_use_poll``,
+``connection_limit`` above N, a throw-away FileStorage instance with the
+add-on and a manager user) serves N server-sent-event streams of
+``@@stream-log?log=event``, all following one log, opened by this process
+50 at a time and then left idle.  For each N the table gives:
+
+- streams served (200 and the first event) and refused (anything else);
+- worker threads held while the streams are idle (``@@stream-status``:
+  streams not parked);
+- a normal page's latency (``/``, 200 requests one after the other), p50 and
+  p99, with N idle streams and with none;
+- RSS and open fds of the server process per idle stream (the growth from
+  before the streams were opened, divided by N);
+- the server process' CPU while idle (15 s, heartbeats every 15 s included);
+- fan-out: one line appended to the log, time until each client has it
+  (p50/p99 over the N clients; one reader thread with epoll here);
+- disconnect: one idle stream's client closes; time until the server has
+  ended it (its "ended (client gone)" line in the server's stream log),
+  median of 20.
+
+Side by side, a minimal asyncio SSE server (standard library only, in this
+file, run as its own process): it follows the same file with inotify
+(ctypes), sends every client each new line as an event and a heartbeat
+every 15 s, and answers ``/`` with a short page.  Its disconnect time is
+until ``connection_lost`` ran.
+
+Run from the repository root, after ``make install-test``::
+
+    .venv/bin/python benchmarks/bench_parked_streams.py [--counts 100,1000,5000]
+
+The open-files limit of this process is raised to its hard limit and
+inherited by both servers; N is skipped where 2 N + 500 fds do not fit.
+Nothing is asserted.
+"""
+
+import argparse
+import base64
+import json
+import os
+import platform
+import resource
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from collective.streamguard.tests.helpers import HOST  # noqa: E402
+from collective.streamguard.tests.helpers import wait_until_serving  # noqa: E402
+from collective.streamguard.tests.servers import executable  # noqa: E402
+from collective.streamguard.tests.servers import free_port  # noqa: E402
+from collective.streamguard.tests.zopeinstance import ZopeInstance  # noqa: E402
+
+AUTH = "Basic " + base64.b64encode(b"admin:admin").decode()
+BATCH = 50
+
+ZOPE_INI = """\
+[app:main]
+use = egg:Zope#main
+zope_conf = %(here)s/zope.conf
+
+[server:main]
+use = egg:waitress#main
+host = {host}
+port = {port}
+threads = 4
+asyncore_use_poll = true
+connection_limit = {limit}
+
+[loggers]
+keys = root, streamguard
+
+[handlers]
+keys = eventlog, streamlog
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = WARNING
+handlers = eventlog
+
+[logger_streamguard]
+level = INFO
+handlers = streamlog
+qualname = collective.streamguard
+propagate = 0
+
+[handler_eventlog]
+class = FileHandler
+args = (r'{home}/var/event.log', 'a')
+formatter = generic
+
+[handler_streamlog]
+class = FileHandler
+args = (r'{home}/var/streams.log', 'a')
+formatter = generic
+
+[formatter_generic]
+format = %(asctime)s %(levelname)s [%(name)s] %(message)s
+"""
+
+SETTINGS_MODULE = """\
+from zope.interface import implementer
+from collective.streamguard.interfaces import IStreamSettingsProvider
+
+class Settings:
+    max_streams_per_user = 0
+    max_parked_streams = {limit}
+
+@implementer(IStreamSettingsProvider)
+class Provider:
+    def __call__(self):
+        return Settings()
+"""
+
+SITE_ZCML = """\
+<configure xmlns="http://namespaces.zope.org/zope">
+  <include package="Zope2.App" />
+  <include package="collective.streamguard" />
+  <include package="collective.streamguard.tests" file="test.zcml" />
+  <utility factory="benchsettings.Provider"
+      provides="collective.streamguard.interfaces.IStreamSettingsProvider" />
+</configure>
+"""
+
+ASYNCIO_SERVER = r"""
+import asyncio, ctypes, os, sys, time
+path, port, events = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+clients = set()
+log = open(events, "a", buffering=1)
+libc = ctypes.CDLL(None, use_errno=True)
+ifd = libc.inotify_init1(os.O_NONBLOCK)
+libc.inotify_add_watch(ifd, path.encode(), 0x002)  # IN_MODIFY
+position = os.path.getsize(path)
+HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Cache-Control: no-store\r\nConnection: close\r\n\r\nretry: 3000\n\n")
+PAGE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+class SSE(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer, self.timer = transport, b"", None
+    def data_received(self, data):
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer or self.timer is not None:
+            return
+        if self.buffer.startswith(b"GET /events"):
+            self.transport.write(HEAD)
+            clients.add(self)
+            self.heartbeat()
+        else:
+            self.transport.write(PAGE)
+            self.transport.close()
+    def heartbeat(self):
+        self.transport.write(b": keep-alive\n\n")
+        self.timer = asyncio.get_running_loop().call_later(15, self.heartbeat)
+    def connection_lost(self, exc):
+        if self in clients:
+            clients.discard(self)
+            log.write("ended %.6f\n" % time.monotonic())
+        if self.timer is not None:
+            self.timer.cancel()
+
+def changed():
+    global position
+    try:
+        os.read(ifd, 65536)
+    except BlockingIOError:
+        pass
+    with open(path, "rb") as f:
+        f.seek(position)
+        data = f.read()
+    position += len(data)
+    for line in data.splitlines():
+        event = b"data: %s\n\n" % line
+        for client in clients:
+            client.transport.write(event)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    loop.add_reader(ifd, changed)
+    server = await loop.create_server(SSE, "127.0.0.1", port, backlog=4096)
+    print("serving", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def rss_and_fds(pid):
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss * 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values, q):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    if q == 50:
+        return statistics.median(values)
+    return values[min(len(values) - 1, int(len(values) * q / 100))]
+
+
+def page_latencies(port, path, count=200):
+    latencies = []
+    for _ in range(count):
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=10) as response:
+                response.read()
+            latencies.append(time.monotonic() - started)
+        except OSError:
+            pass
+    return latencies
+
+
+def open_streams(port, path, count, first, headers=""):
+    """Open ``count`` streams, BATCH at a time; (served sockets, refused)."""
+    served, refused = [], 0
+    for start in range(0, count, BATCH):
+        pending = {}
+        selector = selectors.DefaultSelector()
+        for _ in range(min(BATCH, count - start)):
+            try:
+                sock = socket.create_connection((HOST, port), timeout=30)
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
+            except OSError:
+                refused += 1
+                continue
+            sock.setblocking(False)
+            pending[sock] = b""
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while pending and time.monotonic() < deadline:
+            for key, _ in selector.select(1.0):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                pending[sock] += data
+                if first in pending[sock] or not data or b" 200 " not in pending[sock][:15]:
+                    selector.unregister(sock)
+                    if first in pending[sock]:
+                        served.append(sock)
+                    else:
+                        refused += 1
+                        sock.close()
+                    del pending[sock]
+        for sock in pending:
+            refused += 1
+            sock.close()
+        selector.close()
+    return served, refused
+
+
+def fan_out(socks, log_path, marker):
+    selector = selectors.DefaultSelector()
+    buffers = {}
+    for sock in socks:
+        selector.register(sock, selectors.EVENT_READ)
+        buffers[sock] = b""
+        try:  # what arrived before (heartbeats) does not count
+            while sock.recv(65536):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+    with open(log_path, "a") as f:
+        started = time.monotonic()
+        f.write(f"{marker}\n")
+    arrived = []
+    deadline = time.monotonic() + 60
+    while buffers and time.monotonic() < deadline:
+        for key, _ in selector.select(1.0):
+            sock = key.fileobj
+            try:
+                buffers[sock] += sock.recv(65536)
+            except (BlockingIOError, OSError):
+                continue
+            if marker.encode() in buffers[sock]:
+                arrived.append(time.monotonic() - started)
+                selector.unregister(sock)
+                del buffers[sock]
+    selector.close()
+    return arrived, len(buffers)
+
+
+def disconnect_times(socks, ended_log, pattern, repeats=20):
+    times = []
+    for sock in socks[:repeats]:
+        with open(ended_log) as f:
+            before = f.read().count(pattern)
+        started = time.monotonic()
+        sock.close()
+        deadline = started + 10
+        while time.monotonic() < deadline:
+            with open(ended_log) as f:
+                if f.read().count(pattern) > before:
+                    times.append(time.monotonic() - started)
+                    break
+            time.sleep(0.0005)
+    return times
+
+
+def status(port):
+    request = urllib.request.Request(
+        f"http://{HOST}:{port}/@@stream-status?format=json", headers={"Authorization": AUTH}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def measure(kind, count):
+    port = free_port()
+    if kind == "zope":
+        instance = ZopeInstance(port)
+        home = instance.home
+        with open(instance.zope_ini, "w") as f:
+            f.write(ZOPE_INI.format(home=home, host=HOST, port=port, limit=count + 200))
+        with open(os.path.join(home, "etc", "site.zcml"), "w") as f:
+            f.write(SITE_ZCML)
+        with open(os.path.join(home, "benchsettings.py"), "w") as f:
+            f.write(SETTINGS_MODULE.format(limit=count + 200))
+        from Zope2.utilities.mkwsgiinstance import write_inituser
+
+        write_inituser(os.path.join(home, "inituser"), "admin", "admin")
+        log_path = os.path.join(home, "var", "event.log")
+        open(log_path, "a").close()
+        ended_log, pattern = os.path.join(home, "var", "streams.log"), "ended (client gone)"
+        open(ended_log, "a").close()
+        env = {**os.environ, **instance.env}
+        env["PYTHONPATH"] = os.pathsep.join((home, env["PYTHONPATH"]))
+        process = subprocess.Popen(
+            [executable("runwsgi"), instance.zope_ini],
+            env=env,
+            cwd=home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        path, first, headers = (
+            "/@@stream-log?log=event&format=sse",
+            b"retry:",
+            f"Authorization: {AUTH}\r\n",
+        )
+        page = "/"
+        cleanup = instance.remove
+    else:
+        home = tempfile.mkdtemp(prefix="streamguard-asyncio-")
+        log_path = os.path.join(home, "event.log")
+        ended_log, pattern = os.path.join(home, "ended.log"), "ended"
+        open(log_path, "a").close()
+        open(ended_log, "a").close()
+        process = subprocess.Popen(
+            [sys.executable, "-c", ASYNCIO_SERVER, log_path, str(port), ended_log],
+            stdout=subprocess.PIPE,
+        )
+        process.stdout.readline()
+        path, first, headers, page = "/events", b"retry:", "", "/"
+        cleanup = lambda: subprocess.run(["rm", "-rf", home])  # noqa: E731
+    try:
+        if kind == "zope":
+            wait_until_serving(port, process)
+        page_latencies(port, page, 20)  # warm up
+        idle_pages = page_latencies(port, page)
+        rss0, fds0 = rss_and_fds(process.pid)
+        socks, refused = open_streams(port, path, count, first, headers)
+        held = "-"
+        if kind == "zope":
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                data = status(port)
+                if data["parked"] >= len(socks):
+                    break
+                time.sleep(0.5)
+            held = data["holding_a_thread"]
+        time.sleep(2)
+        rss1, fds1 = rss_and_fds(process.pid)
+        cpu0, t0 = cpu_seconds(process.pid), time.monotonic()
+        time.sleep(15)
+        cpu = (cpu_seconds(process.pid) - cpu0) / (time.monotonic() - t0)
+        busy_pages = page_latencies(port, page)
+        arrived, missing = fan_out(socks, log_path, f"fan-out marker {time.time()}")
+        gone = disconnect_times(socks, ended_log, pattern)
+        for sock in socks:
+            sock.close()
+        served = len(socks) or 1
+        return {
+            "served": len(socks),
+            "refused": refused,
+            "held": held,
+            "page0": (percentile(idle_pages, 50), percentile(idle_pages, 99)),
+            "pageN": (percentile(busy_pages, 50), percentile(busy_pages, 99)),
+            "rss": (rss1 - rss0) / served,
+            "fds": (fds1 - fds0) / served,
+            "cpu": cpu,
+            "fan": (percentile(arrived, 50), percentile(arrived, 99), missing),
+            "gone": percentile(gone, 50),
+        }
+    finally:
+        process.kill()
+        process.wait(10)
+        cleanup()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--counts", default="100,1000,5000,10000")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"# open-files limit {hard}; runwsgi + waitress 4 threads vs asyncio (stdlib)")
+    header = (
+        f"{'server':<8} {'N':>6} {'served':>6} {'refused':>7} {'threads':>7} "
+        f"{'page p50/p99 ms (0)':>19} {'page p50/p99 ms (N)':>19} {'KiB/str':>7} "
+        f"{'fds/str':>7} {'CPU %':>6} {'fan-out p50/p99 ms':>18} {'lost':>4} {'gone ms':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for count in (int(c) for c in args.counts.split(",")):
+        if 2 * count + 500 > hard:
+            print(f"# N={count} skipped: the open-files limit is {hard}")
+            continue
+        for kind in ("zope", "asyncio"):
+            r = measure(kind, count)
+            print(
+                f"{kind:<8} {count:>6} {r['served']:>6} {r['refused']:>7} {r['held']!s:>7} "
+                f"{r['page0'][0] * 1000:>9.1f}/{r['page0'][1] * 1000:<9.1f} "
+                f"{r['pageN'][0] * 1000:>9.1f}/{r['pageN'][1] * 1000:<9.1f} "
+                f"{r['rss'] / 1024:>7.1f} {r['fds']:>7.2f} {r['cpu'] * 100:>6.1f} "
+                f"{r['fan'][0] * 1000:>8.1f}/{r['fan'][1] * 1000:<9.1f} {r['fan'][2]:>4} "
+                f"{r['gone'] * 1000:>7.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
