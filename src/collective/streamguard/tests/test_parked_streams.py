@@ -5,6 +5,7 @@ webtest's StopableWSGIServer runs waitress in this process with 4 threads;
 Every wait is on a byte or a state, with a deadline.
 """
 
+import os
 import resource
 import socket
 import threading
@@ -282,6 +283,8 @@ class TestManyStreams(ParkedStreamsTestCase):
         super().setUp()
 
     def test_500_parked_streams_on_4_threads_while_pages_answer(self):
+        self.page()  # the hub and waitress' own fds are there before we count
+        fds_before = len(os.listdir("/proc/self/fd"))
         clients = []
         for index in range(self.COUNT):
             client = HTTPClient(self.address, timeout=30)
@@ -291,6 +294,10 @@ class TestManyStreams(ParkedStreamsTestCase):
         for index, client in enumerate(clients):
             client.read_until(b"start s%d\n" % index, timeout=60)
         self.assertTrue(wait_for(lambda: parked_count(self.app) == self.COUNT, 60))
+        # The client's socket and the server's, nothing else per stream (the
+        # guards' wake pipes are gone; the hub's epoll and eventfd are shared).
+        self.assertLessEqual(len(os.listdir("/proc/self/fd")) - fds_before, 2 * self.COUNT + 4)
+        self.assertTrue(wait_for(lambda: self.server.task_dispatcher.active_count == 0))
         self.assertEqual(self.page(), b"ok")
         for index in range(0, self.COUNT, 7):
             self.app.send(f"s{index}", b"to %d\n" % index)
