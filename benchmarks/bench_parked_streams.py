@@ -422,6 +422,7 @@ def measure(kind, count):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", default="100,1000,5000,10000")
+    parser.add_argument("--servers", default="zope,asyncio")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -438,7 +439,7 @@ def main():
         if 2 * count + 500 > hard:
             print(f"# N={count} skipped: the open-files limit is {hard}")
             continue
-        for kind in ("zope", "asyncio"):
+        for kind in args.servers.split(","):
             r = measure(kind, count)
             print(
                 f"{kind:<8} {count:>6} {r['served']:>6} {r['refused']:>7} {r['held']!s:>7} "

@@ -407,6 +407,7 @@ class Scheduler:
 
     def __init__(self, add_task, max_runners, shutting_down):
         self.add_task = add_task
+        self.dispatcher = None  # what add_task feeds, for whoever made us
         self.max_runners = max(1, max_runners)
         self.shutting_down = shutting_down
         self.ready = collections.deque()

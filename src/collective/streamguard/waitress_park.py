@@ -244,13 +244,39 @@ def _scheduler(server, live_streams):
     key = (id(server.task_dispatcher), id(live_streams))
     with _schedulers_lock:
         scheduler = _schedulers.get(key)
-        if scheduler is None or scheduler.add_task.__self__ is not server.task_dispatcher:
+        if scheduler is None or scheduler.dispatcher is not server.task_dispatcher:
             threads = int(server.adj.threads)
             scheduler = hubs.Scheduler(
-                server.task_dispatcher.add_task, max(1, threads - 1), live_streams.shutting_down
+                functools.partial(_add_runner, server.task_dispatcher),
+                max(1, threads - 1),
+                live_streams.shutting_down,
             )
+            scheduler.dispatcher = server.task_dispatcher
             _schedulers[key] = scheduler
         return scheduler
+
+
+class _QuietForRunners(logging.Filter):
+    """waitress' ``add_task`` warns "Task queue depth is N" on every call
+    while tasks wait for a thread.  Our runners are few (threads - 1) and
+    wait by design; their warnings would also land in the event log, and
+    every line there wakes every parked follower of the event log, whose
+    steps queue more runners: a loop.  Only the runners' warnings go."""
+
+    def filter(self, record):
+        return not getattr(_adding, "runner", False)
+
+
+_adding = threading.local()
+logging.getLogger("waitress.queue").addFilter(_QuietForRunners())
+
+
+def _add_runner(dispatcher, runner):
+    _adding.runner = True
+    try:
+        dispatcher.add_task(runner)
+    finally:
+        _adding.runner = False
 
 
 def _detach(channel, stream):

@@ -5,6 +5,7 @@ webtest's StopableWSGIServer runs waitress in this process with 4 threads;
 Every wait is on a byte or a state, with a deadline.
 """
 
+import logging
 import os
 import resource
 import socket
@@ -311,5 +312,21 @@ class TestManyStreams(ParkedStreamsTestCase):
         self.assertEqual(self.page(), b"ok")
 
 
+class TestQueueWarnings(unittest.TestCase):
+    def test_step_runners_do_not_log_waitress_queue_depth(self):
+        # Such a line in the event log would wake every parked follower of it.
+        queue = logging.getLogger("waitress.queue")
+
+        class Dispatcher:
+            def add_task(self, task):
+                queue.warning("Task queue depth is %d", 1)
+
+        with self.assertLogs("waitress.queue") as logs:
+            waitress_park._add_runner(Dispatcher(), object())
+            queue.warning("Task queue depth is %d", 2)
+        self.assertEqual(logs.output, ["WARNING:waitress.queue:Task queue depth is 2"])
+
+
 if not (hubs.SUPPORTED and waitress_park.SUPPORTED):  # pragma: no cover
     del TestParking, TestEndings, TestFallback, TestBackpressure, TestManyStreams
+    del TestQueueWarnings
