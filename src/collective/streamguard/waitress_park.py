@@ -43,9 +43,10 @@ logger = logging.getLogger("collective.streamguard")
 
 try:
     from waitress.channel import HTTPChannel
+    from waitress.server import BaseWSGIServer
     from waitress.task import WSGITask
 except ImportError:  # no waitress: nothing here is used
-    HTTPChannel, WSGITask = object, None
+    HTTPChannel, WSGITask, BaseWSGIServer = object, None, None
 
 #: Without ``asyncore_use_poll`` parked sockets keep their fds below this,
 #: leaving room under select()'s 1024 for the server's own connections.
@@ -110,7 +111,7 @@ def _install(server):
                 )
             return
         server.channel_class = ParkingChannel
-        if server.adj.asyncore_use_poll:
+        if loop_polls(server):
             raise_open_files_limit()
         for channel in list(server.active_channels.values()):
             if type(channel) is HTTPChannel:
@@ -187,10 +188,21 @@ def parkable(stream, task):
         return False
     if guard.live_streams.shutting_down.is_set():
         return False
-    if not channel.adj.asyncore_use_poll and channel.socket.fileno() >= SELECT_SAFE_FD:
+    if not loop_polls(channel.server) and channel.socket.fileno() >= SELECT_SAFE_FD:
         _warn_select(channel.server)
         return False
     return True
+
+
+def loop_polls(server):
+    """True when the server's loop uses poll(), not select().
+
+    waitress' own ``run()`` passes ``asyncore_use_poll`` to its loop; a
+    subclass that runs the loop itself (webtest's StopableWSGIServer does,
+    always with select()) says so with a ``loop_uses_poll`` attribute."""
+    if BaseWSGIServer is not None and type(server).run is BaseWSGIServer.run:
+        return bool(server.adj.asyncore_use_poll)
+    return bool(getattr(server, "loop_uses_poll", False))
 
 
 def _warn_select(server):

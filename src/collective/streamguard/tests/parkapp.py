@@ -16,6 +16,8 @@ import os
 import threading
 from urllib.parse import parse_qs
 
+from webtest.http import StopableWSGIServer
+
 from collective.streamguard import waitress_park
 from collective.streamguard.connection import client_connection
 from collective.streamguard.guard import GuardedStream
@@ -23,6 +25,21 @@ from collective.streamguard.guard import StreamGuard
 from collective.streamguard.streams import LiveStreams
 
 HEARTBEAT = b": hb\n\n"
+
+
+class PollingServer(StopableWSGIServer):
+    """webtest's server, its loop on poll() as waitress' own ``run()`` does
+    with ``asyncore_use_poll`` (webtest's always uses select(), which dies
+    on the first fd above 1023)."""
+
+    loop_uses_poll = True
+
+    def run(self):
+        try:
+            self.asyncore.loop(0.5, map=self._map, use_poll=True)
+        except OSError:  # pragma: no cover
+            if not self.was_shutdown:
+                raise
 
 
 class Stream:

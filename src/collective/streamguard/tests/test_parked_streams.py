@@ -12,8 +12,6 @@ import socket
 import threading
 import unittest
 
-from webtest.http import StopableWSGIServer
-
 from collective.streamguard import hub as hubs
 from collective.streamguard import waitress_park
 from collective.streamguard.tests.helpers import HTTPClient
@@ -21,6 +19,7 @@ from collective.streamguard.tests.helpers import Recorder
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.parkapp import HEARTBEAT
 from collective.streamguard.tests.parkapp import App
+from collective.streamguard.tests.parkapp import PollingServer
 
 THREADS = 4
 
@@ -46,7 +45,7 @@ class ParkedStreamsTestCase(unittest.TestCase):
             "connection_limit": 2000,
             **self.server_options,
         }
-        self.server = StopableWSGIServer.create(self.app, **options)
+        self.server = PollingServer.create(self.app, **options)
         self.addCleanup(self.server.runner.join, 10)
         self.addCleanup(self.server.shutdown)
         self.address = (self.server.adj.host, self.server.adj.port)
