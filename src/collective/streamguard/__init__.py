@@ -14,6 +14,7 @@ core (standard library only; server modules imported lazily)
     ``streams``     ``LiveStreams``: the process' live streams, cap and counters
     ``shutdown``    SIGTERM and SIGINT stop the live streams
     ``waitress_output``  large chunks straight onto a waitress channel
+    ``parked``      a parked stream: its state, output and steps (``Scheduler``)
     ``hub``         parked streams: one epoll thread watches every idle stream
     ``waitress_park``  how a waitress worker lets go of a stream (``hub``)
     ``inotify``     one inotify instance shared by every follower

@@ -40,6 +40,8 @@ from collective.streamguard.streams import live_streams
 logger = logging.getLogger("collective.streamguard")
 
 _STOP, _READY, _TIMEOUT = "stop", "ready", "timeout"
+#: What a wait ends with; the hub hands them to a parked idle().
+STOP, READY, TIMEOUT = _STOP, _READY, _TIMEOUT
 
 
 class _Park(bytes):

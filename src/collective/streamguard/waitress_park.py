@@ -9,7 +9,7 @@ to waitress' pool, and a trigger thunk, in the I/O thread, takes what the
 channel still had to send and removes the channel from waitress' map
 (``del_channel``: the socket stays open).  From then on waitress never
 touches that socket; ``hub`` watches it, runs the producer's next steps on
-waitress' workers (``hub.Runner`` tasks in waitress' own queue) and writes
+waitress' workers (``parked.Runner`` tasks in waitress' own queue) and writes
 its output with the framing waitress would have used.
 
 The conditions, all checked at the first park (otherwise the stream holds
@@ -37,6 +37,7 @@ import logging
 import threading
 
 from collective.streamguard import hub as hubs
+from collective.streamguard import parked as parking
 from collective.streamguard.waitress_output import SUPPORTED
 
 logger = logging.getLogger("collective.streamguard")
@@ -232,7 +233,7 @@ def park(stream, frame):
     channel = task.channel
     server = channel.server
     scheduler = _scheduler(server, stream.guard.live_streams)
-    parked = hubs.ParkedStream(
+    parked = parking.ParkedStream(
         hubs.hub(),
         scheduler,
         stream,
@@ -258,7 +259,7 @@ def _scheduler(server, live_streams):
         scheduler = _schedulers.get(key)
         if scheduler is None or scheduler.dispatcher is not server.task_dispatcher:
             threads = int(server.adj.threads)
-            scheduler = hubs.Scheduler(
+            scheduler = parking.Scheduler(
                 functools.partial(_add_runner, server.task_dispatcher),
                 max(1, threads - 1),
                 live_streams.shutting_down,

@@ -21,6 +21,7 @@ CORE = (
     "streams",
     "shutdown",
     "waitress_output",
+    "parked",
     "hub",
     "waitress_park",
     "inotify",
