@@ -37,6 +37,7 @@ Nothing is asserted.
 
 import argparse
 import base64
+import collections
 import json
 import os
 import platform
@@ -114,7 +115,7 @@ from collective.streamguard.interfaces import IStreamSettingsProvider
 
 class Settings:
     max_streams_per_user = 0
-    max_parked_streams = {limit}
+    max_parked_streams = 0  # derived from the open-files limit
 
 @implementer(IStreamSettingsProvider)
 class Provider:
@@ -229,6 +230,9 @@ def page_latencies(port, path, count=200):
     return latencies
 
 
+REFUSALS = collections.Counter()
+
+
 def open_streams(port, path, count, first, headers=""):
     """Open ``count`` streams, BATCH at a time; (served sockets, refused)."""
     served, refused = [], 0
@@ -239,7 +243,8 @@ def open_streams(port, path, count, first, headers=""):
             try:
                 sock = socket.create_connection((HOST, port), timeout=30)
                 sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
-            except OSError:
+            except OSError as error:
+                REFUSALS[f"connect: {error.strerror}"] += 1
                 refused += 1
                 continue
             sock.setblocking(False)
@@ -261,10 +266,12 @@ def open_streams(port, path, count, first, headers=""):
                     if first in pending[sock]:
                         served.append(sock)
                     else:
+                        REFUSALS[pending[sock][:12].decode("latin-1") or "closed"] += 1
                         refused += 1
                         sock.close()
                     del pending[sock]
         for sock in pending:
+            REFUSALS["no first event within 60 s"] += 1
             refused += 1
             sock.close()
         selector.close()
@@ -450,6 +457,9 @@ def main():
                 f"{r['gone'] * 1000:>7.2f}",
                 flush=True,
             )
+            if REFUSALS:
+                print(f"# {kind} N={count} refused: {dict(REFUSALS)}", flush=True)
+                REFUSALS.clear()
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ logger = logging.getLogger("collective.streamguard")
 #: stream parks until the client has read it down to OUT_LOW: with a client
 #: that does not read, a parked stream holds at most OUT_HIGH plus one
 #: chunk (plus what the server held when it parked).
-OUT_HIGH = 1 << 20
-OUT_LOW = 256 << 10
+OUT_HIGH = 256 << 10
+OUT_LOW = 64 << 10
 #: A step gives the worker back after this much output or this long, so
 #: that a stream catching up cannot keep a thread from normal pages.
 STEP_BYTES = 4 << 20
@@ -171,7 +171,12 @@ class ParkedStream:
                 self.gone = True
             if self.state is not PARKED:
                 return False
-            if outcome is READY and not self.in_idle and self.out.size > OUT_HIGH:
+            if (
+                outcome is READY
+                and not self.in_idle
+                and self.out.size > OUT_HIGH
+                and not self.guard.live_streams.shutting_down.is_set()
+            ):
                 # Parked because the client does not read: a wake waits
                 # (guard._woken stays set) until EPOLLOUT resumes us.
                 return False

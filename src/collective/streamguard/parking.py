@@ -72,8 +72,12 @@ def park_function(environ, settings):
 
 
 def max_parked_streams(settings):
+    """The setting, but never more than the open-files limit allows: past
+    it waitress' accept() fails with EMFILE, and it retries (and logs) in a
+    busy loop."""
     value = getattr(settings, "max_parked_streams", 0) if settings is not None else 0
-    return value or default_max_parked_streams()
+    derived = default_max_parked_streams()
+    return min(value, derived) if value else derived
 
 
 def hold_or_end(stream, thread_limit):

@@ -269,6 +269,32 @@ class TestBackpressure(ParkedStreamsTestCase):
         self.app.send("a", b"END")
         self.assertEqual(client.body(timeout=30), bytes(expected))
 
+    def fill(self, tag):
+        """Queue far more than the buffers hold for a client that reads nothing."""
+        stream = self.app.stream(tag)
+        parked = stream.guard.parked
+        for index in range(300):
+            stream.queue.append(b"%06d" % index + b"z" * 60_000 + b"\n")
+        stream.guard.wake()
+        self.assertTrue(wait_for(lambda: parked.state == PARKED and parked.out.size > OUT_HIGH))
+        return stream
+
+    def test_a_stream_parked_by_backpressure_ends_at_shutdown(self):
+        client = self.open_parked("a")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        stream = self.fill("a")
+        self.assertEqual(self.app.live_streams.shutdown(10), 0)
+        self.assertEqual(stream.cleanups, ["shutdown"])
+        self.assertEqual(stream.finally_ran, 1)
+
+    def test_a_stream_parked_by_backpressure_ends_when_the_client_leaves(self):
+        client = self.open_parked("a")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        stream = self.fill("a")
+        client.reset()
+        self.assertTrue(wait_for(lambda: stream.cleanups == ["client gone"]), stream.cleanups)
+        self.assertEqual(stream.finally_ran, 1)
+
 
 class TestManyStreams(ParkedStreamsTestCase):
     COUNT = 600  # 1,200 sockets in this process: fds above 1024 too

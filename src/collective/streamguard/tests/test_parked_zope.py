@@ -6,8 +6,12 @@ own connection, transaction, site and user in whatever thread runs each
 resumed step, commits when it finishes and aborts when the client leaves.
 """
 
+import resource
+import unittest
+
 import transaction
 
+from collective.streamguard import parking
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import wait_for
@@ -171,3 +175,18 @@ class TestParkedZODBProducer(Installed, StreamingTestCase):
         site = self.site()
         self.assertNotEqual(getattr(site, "_streamguard_mark", None), tag)
         self.assertNotEqual(getattr(site, "_streamguard_resumed", None), tag)
+
+
+class TestParkedCap(unittest.TestCase):
+    def test_the_cap_never_passes_what_the_open_files_limit_allows(self):
+        class Settings:
+            max_parked_streams = 10**9
+
+        derived = parking.default_max_parked_streams()
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.assertEqual(derived, (soft - parking.FDS_KEPT) // parking.FDS_PER_STREAM)
+        self.assertEqual(parking.max_parked_streams(Settings()), derived)
+        Settings.max_parked_streams = 3
+        self.assertEqual(parking.max_parked_streams(Settings()), 3)
+        Settings.max_parked_streams = 0
+        self.assertEqual(parking.max_parked_streams(Settings()), derived)
