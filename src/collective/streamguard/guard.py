@@ -293,6 +293,13 @@ class GuardedStream:
                 self._flush_direct()
             self._end(reason)
             raise StopIteration
+        if self._direct is None:
+            # Who iterates us: waitress itself, or anything else.  Asked
+            # once, at the first step, from the caller's frame.
+            self._direct = _direct_output(sys._getframe(1)) or False
+            if self._direct:
+                self.guard.before_wait = self._flush_direct
+                self._direct.send_headers()
         try:
             if self._iterator is None:
                 self._iterator = self._start()
@@ -320,13 +327,8 @@ class GuardedStream:
             return b""
         self.record.bytes_sent += len(chunk)
         self.guard.last_output = time.monotonic()
-        if len(chunk) >= DIRECT_MIN and self._direct is not False:
-            if self._direct is None:
-                # Who iterates us: waitress itself, or anything else.
-                self._direct = _direct_output(sys._getframe(1)) or False
-                if self._direct:
-                    self.guard.before_wait = self._flush_direct
-            if self._direct and self._direct.ready():
+        if len(chunk) >= DIRECT_MIN and self._direct:
+            if self._direct.ready():
                 self._direct.write(chunk, self._stopping, batch=self.guard.batch_output)
                 self.record.bytes_direct += len(chunk)
                 return b""

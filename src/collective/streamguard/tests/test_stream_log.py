@@ -35,6 +35,14 @@ class TestFollowing(LogTestCase):
         self.write("another one\n")
         read_until(sock, b"another one\n")
 
+    def test_headers_come_at_once_on_a_quiet_log(self):
+        # Nothing is written to the log: without the headers a proxy in
+        # front would answer 504 after its read timeout.
+        sock, head = self.follow()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertEqual(len(live_streams.live()), 1)
+
     def test_last_lines(self):
         sock, head = self.follow("log=app&lines=1")
         data = (
