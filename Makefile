@@ -44,10 +44,11 @@ install: $(VENV)/.installed-plone
 install-test: $(VENV)/.installed-test system-packages
 
 # The viewer's end-to-end test drives Debian's Chromium with its driver
-# (browsers downloaded by test tools cannot be fetched on our machines).
-SYSTEM_PACKAGES := chromium chromium-driver
+# (browsers downloaded by test tools cannot be fetched on our machines); the
+# vanished-peer test puts its client in a network namespace (iproute2's ip).
+SYSTEM_PACKAGES := chromium chromium-driver iproute2
 system-packages:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v ip >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing $(SYSTEM_PACKAGES) with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \

@@ -34,6 +34,7 @@ import weakref
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import RECHECK_INTERVAL
 from collective.streamguard.connection import ConnectionState
+from collective.streamguard.connection import keep_alive
 from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import live_streams
 
@@ -269,6 +270,9 @@ class GuardedStream:
             probe=guard.connection.probe,
             reserved=reserved,
         )
+        # A client that vanishes without FIN or reset is found by the
+        # kernel's keepalive probes within a minute (connection.keep_alive).
+        keep_alive(guard.connection.fileno())
         # Only for garbage collection (a body the publisher dropped): at
         # interpreter exit live_streams.shutdown() ends live streams.
         weakref.finalize(self, guard.live_streams.discard, self.record).atexit = False
