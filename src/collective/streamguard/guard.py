@@ -78,6 +78,10 @@ class StreamGuard:
         #: send, which is faster (waitress_output).  Otherwise each goes out
         #: at once.
         self.batch_output = False
+        #: A producer sets this while it sends what was already there when
+        #: the request came (a log's last lines): a client that half-closed
+        #: its connection after the request is served that much.
+        self.catching_up = False
         #: Called before the producer sleeps in wait()/idle(): output held
         #: back for a busy I/O thread must not wait with it.
         self.before_wait = None
@@ -292,6 +296,11 @@ class GuardedStream:
         if self._ended:
             raise StopIteration
         reason = self.guard.check()
+        if reason is EndReason.CLIENT_GONE and self.guard.catching_up:
+            # A client that only shut down its sending side (``nc -N``, some
+            # scripts) still reads: it gets what was there when it asked.
+            # One that has really gone fails the write instead.
+            reason = None
         if reason is not None:
             if reason is not EndReason.CLIENT_GONE:
                 self._flush_direct()

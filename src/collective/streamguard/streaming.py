@@ -106,6 +106,7 @@ def stream_response(
     heartbeat_interval=None,
     label=None,
     log=None,
+    catch_up=False,
 ):
     """Return what a view returns to stream ``producer`` to the client.
 
@@ -122,7 +123,10 @@ def stream_response(
     server threads minus one, ``max_duration`` = 3600 s, heartbeats every
     15 s when ``heartbeat`` bytes are given (0 turns a setting off).
     ``label`` (default: the URL) and ``log`` (the name of a followed log)
-    are what status views show of the stream.
+    are what status views show of the stream.  ``catch_up``: the producer
+    starts by sending what was there when the request came, and clears
+    ``guard.catching_up`` once it has; until then a client that shut down
+    only its sending side after the request still gets it.
     """
     if producer is None or not (callable(producer) or hasattr(producer, "__iter__")):
         raise TypeError(
@@ -166,6 +170,7 @@ def stream_response(
                 heartbeat_interval, defaults, "heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL
             ),
         )
+        guard.catching_up = catch_up
         session = ZODBSession(context, request) if zodb else None
         stream = StreamIterator(
             producer,

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 
 import transaction
@@ -42,6 +43,19 @@ class TestFollowing(LogTestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
         self.assertIn(b"Transfer-Encoding: chunked", head)
         self.assertEqual(len(live_streams.live()), 1)
+
+    def test_a_half_closed_client_gets_what_was_there_then_counts_as_gone(self):
+        # The request, then shutdown of the sending side (nc -N): the last
+        # lines were there when it asked, so it gets them; nginx and Go
+        # would count such a client as gone at once, and past that so do we.
+        recorder = Recorder.attach(self)
+        sock = self.connect().request(
+            "/plone/@@stream-log?log=app&lines=2", auth=("admin", "secret")
+        )
+        sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(sock.body(), b"first old line\nsecond old line\n")
+        self.assertTrue(wait_for(lambda: recorder.ended))
+        self.assertEqual(recorder.ended[0]["reason"], "client gone")
 
     def test_last_lines(self):
         sock, head = self.follow("log=app&lines=1")
