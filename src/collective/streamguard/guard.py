@@ -226,6 +226,15 @@ class StreamGuard:
                 pass
 
 
+def _caller_frame():
+    """The frame that called ``GuardedStream.__next__``, or None where a C
+    server (uWSGI) iterates the body: there is no Python frame above."""
+    try:
+        return sys._getframe(2)
+    except ValueError:
+        return None
+
+
 def _direct_output(frame):
     # Imported here: only a stream with large chunks needs waitress' classes.
     from collective.streamguard.waitress_output import DirectOutput
@@ -309,7 +318,7 @@ class GuardedStream:
         if self._direct is None:
             # Who iterates us: waitress itself, or anything else.  Asked
             # once, at the first step, from the caller's frame.
-            self._direct = _direct_output(sys._getframe(1)) or False
+            self._direct = _direct_output(_caller_frame()) or False
             if self._direct:
                 self.guard.before_wait = self._flush_direct
                 self._direct.send_headers()
