@@ -136,9 +136,7 @@ class SocketProbeTests(SocketTestCase):
         environ = {"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/2.0"}
         self.assertEqual(connection_state(environ).state, ConnectionState.UNKNOWN)
         client.close()
-        self.assertTrue(
-            wait_for(lambda: connection_state(environ).state is ConnectionState.CLOSED)
-        )
+        self.assertTrue(wait_for(lambda: connection_state(environ).state is ConnectionState.CLOSED))
 
 
 class FdProbeTests(SocketTestCase):
