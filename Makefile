@@ -18,13 +18,15 @@ VAR := $(CURDIR)/var
 
 export SITE_ID ADMIN_USER ADMIN_PASSWORD
 
-.PHONY: help install install-test system-packages instance run test test-buildout buildout pins lint clean
+.PHONY: help install install-test system-packages instance run test test-buildout buildout pins lint format i18n clean
 
 help:
 	@echo "make run    serve http://$(HOST):$(PORT)/$(SITE_ID) (login $(ADMIN_USER))"
 	@echo "make test   run the whole test suite"
 	@echo "make test-buildout   install with buildout and check the instance answers"
 	@echo "make pins   regenerate constraints.txt and versions.cfg"
+	@echo "make lint   ruff and zpretty checks; make format fixes what they find"
+	@echo "make i18n   refresh the translation template (locales/*.pot)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -99,13 +101,39 @@ pins:
 	$(PYTHON) scripts/pins.py check
 	rm -rf $(CURDIR)/.pins-venv
 
+# The tools of `make lint`, `make format` and CI (towncrier), pinned.
 $(VENV)/.installed-lint: $(BIN)/python constraints.txt
-	$(PIP) install -c constraints.txt ruff
+	$(PIP) install -c constraints.txt ruff zpretty towncrier
 	@touch $@
 
+PYTHON_DIRS := src scripts benchmarks
+# zpretty formats ZCML and the GenericSetup profiles in its ZCML style (-z:
+# one attribute per line, as the profiles are written), page templates as
+# HTML.
+ZCML_FILES = $(shell find src -name '*.zcml' -o -path '*/profiles/*.xml' | sort)
+TEMPLATE_FILES = $(shell find src -name '*.pt' | sort)
+
 lint: $(VENV)/.installed-lint
-	$(BIN)/ruff check src scripts benchmarks
-	$(BIN)/ruff format --check src scripts benchmarks
+	$(BIN)/ruff check $(PYTHON_DIRS)
+	$(BIN)/ruff format --check $(PYTHON_DIRS)
+	$(BIN)/zpretty --check -z $(ZCML_FILES)
+	$(BIN)/zpretty --check $(TEMPLATE_FILES)
+
+format: $(VENV)/.installed-lint
+	$(BIN)/ruff format $(PYTHON_DIRS)
+	$(BIN)/zpretty -i -z $(ZCML_FILES)
+	$(BIN)/zpretty -i $(TEMPLATE_FILES)
+
+# The translation template of the collective.streamguard domain, from the
+# Python code (_ of interfaces.py), the templates, the ZCML and the profiles.
+LOCALES := src/collective/streamguard/locales
+$(VENV)/.installed-i18n: $(BIN)/python constraints.txt
+	$(PIP) install -c constraints.txt i18ndude
+	@touch $@
+
+i18n: $(VENV)/.installed-i18n
+	$(BIN)/i18ndude rebuild-pot --pot $(LOCALES)/collective.streamguard.pot \
+	  --create collective.streamguard src/collective/streamguard
 
 clean:
 	rm -rf $(VENV) $(INSTANCE) src/*.egg-info
