@@ -76,7 +76,7 @@ run: instance
 	@echo
 	@echo "  Plone site:  http://$(HOST):$(PORT)/$(SITE_ID)"
 	@echo "  Login:       $(ADMIN_USER) / $(ADMIN_PASSWORD)"
-	@echo "  Live log:    http://$(HOST):$(PORT)/$(SITE_ID)/@@stream-log"
+	@echo "  Live logs:   http://$(HOST):$(PORT)/$(SITE_ID)/@@stream-log-viewer"
 	@echo
 	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
 
