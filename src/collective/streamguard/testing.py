@@ -41,6 +41,32 @@ STREAMGUARD_FUNCTIONAL_TESTING = FunctionalTesting(
 )
 
 
+class StreamGuardDistributionLayer(StreamGuardLayer):
+    """The add-on in a site as the ``Plone`` distribution makes it.
+
+    Integrators install ``Plone``, which brings plone.restapi (Volto's API,
+    JWT login) and plone.app.caching; both are set up before the add-on.
+    """
+
+    def setUpZope(self, app, configurationContext):
+        import plone.app.caching
+        import plone.restapi
+
+        self.loadZCML(package=plone.restapi)
+        self.loadZCML(package=plone.app.caching)
+        # The JWT PAS plugin's class is registered by the product.
+        zope.installProduct(app, "plone.restapi")
+        super().setUpZope(app, configurationContext)
+
+    def setUpPloneSite(self, portal):
+        applyProfile(portal, "plone.restapi:default")
+        applyProfile(portal, "plone.app.caching:default")
+        super().setUpPloneSite(portal)
+
+
+STREAMGUARD_DISTRIBUTION_FIXTURE = StreamGuardDistributionLayer()
+
+
 class WaitressServer(zope.WSGIServer):
     """plone.testing's real waitress server, with waitress options of our choosing.
 
@@ -80,4 +106,11 @@ WAITRESS_SERVER_FIXTURE = WaitressServer(name="StreamGuardWaitress:4threads")
 STREAMGUARD_WAITRESS_TESTING = FunctionalTesting(
     bases=(STREAMGUARD_FIXTURE, WAITRESS_SERVER_FIXTURE),
     name="StreamGuardLayer:Waitress",
+)
+
+# The same server, for the site with plone.restapi and plone.app.caching (as
+# plone.restapi's PLONE_RESTAPI_DX_FUNCTIONAL_TESTING shares plone.testing's).
+STREAMGUARD_DISTRIBUTION_WAITRESS_TESTING = FunctionalTesting(
+    bases=(STREAMGUARD_DISTRIBUTION_FIXTURE, WAITRESS_SERVER_FIXTURE),
+    name="StreamGuardDistributionLayer:Waitress",
 )
