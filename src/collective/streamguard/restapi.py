@@ -12,6 +12,7 @@ from zope.component import adapter
 from zope.interface import Interface
 
 from collective.streamguard.browser.status import status
+from collective.streamguard.deployment import log_rules
 from collective.streamguard.interfaces import IStreamGuardLayer
 from collective.streamguard.interfaces import IStreamGuardSettings
 from collective.streamguard.interfaces import _
@@ -49,7 +50,7 @@ class StreamGuardControlpanelDeserializer(ControlpanelDeserializeFromJson):
     """Refuses the log lines the control panel's form refuses, with the reason.
 
     plone.restapi validates the schema's fields only, not the form's
-    validators (``browser.controlpanel.LogFilesValidator``).
+    validators: this is ``browser.controlpanel.LogFilesValidator``'s check.
     """
 
     def __call__(self, mask_validation_errors=True):
@@ -57,7 +58,7 @@ class StreamGuardControlpanelDeserializer(ControlpanelDeserializeFromJson):
         # Anything but a list of strings is the field deserializer's to refuse.
         if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
             try:
-                parse_log_files(lines)
+                parse_log_files(lines, log_rules())
             except InvalidLogEntry as error:
                 raise BadRequest(
                     [{"message": str(error), "field": "log_files", "error": "ValidationError"}]
