@@ -246,7 +246,8 @@ class HoldView(BrowserView):
     It leaves in ``HELD[T]`` the request, a copy of its environ taken
     before anything was cached in it, the connection that
     ``client_connection(request)`` found (``probe=0``: none asked, so the
-    test can ask after the response ended) and the response's stdout, then
+    test can ask after the response ended), the response's stdout and
+    ZServer's channel (``stdout._channel``), then
     ``released`` once it returns: "gate", "client gone" or "timeout".
     """
 
@@ -261,6 +262,8 @@ class HoldView(BrowserView):
             "request": self.request,
             "environ": dict(self.request.environ),
             "stdout": self.request.response.stdout,
+            # ZServer's ChannelPipe drops it when the response ends.
+            "channel": getattr(self.request.response.stdout, "_channel", None),
             "thread": threading.current_thread().name,
         }
         held["connection"] = connection = client_connection(self.request) if ask else None

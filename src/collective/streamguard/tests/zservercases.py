@@ -77,7 +77,7 @@ class ZServerTestCase(unittest.TestCase):
         views.gate(held["tag"]).set()
 
     def channel_of(self, held):
-        return held["stdout"]._channel
+        return held["channel"]
 
     def in_loop(self, function):
         """Run ``function`` in ZServer's asyncore thread, through ZServer's
