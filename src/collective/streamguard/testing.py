@@ -142,8 +142,9 @@ class ZServerServer(Layer):
         except zserver_compat.ZServerMissing as missing:
             if not servers.may_be_missing("zserver"):
                 raise zserver_compat.ZServerMissing(
-                    f"{missing}; run `make install-test`, which installs ZServer "
-                    f"{zserver_compat.VERSION} there (where it cannot be, "
+                    f"{missing}; `make install-test` installs ZServer "
+                    f"{zserver_compat.VERSION} into .venv/zserver ({ZSERVER_DIR_ENV} "
+                    f"names another directory; where it cannot be installed, "
                     f"{servers.SKIP_MISSING_ENV}=zserver skips its tests)"
                 ) from None
             self["zserver_skip"] = f"{missing} ({servers.SKIP_MISSING_ENV} allows it)"
