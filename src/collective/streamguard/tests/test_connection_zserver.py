@@ -14,6 +14,7 @@ from collective.streamguard import client_connection
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.zservercases import SOON
 from collective.streamguard.tests.zservercases import ZServerTestCase
+from collective.streamguard.tests.zservercases import channel_of_client
 
 with warnings.catch_warnings():
     # Deprecated since 3.6, removed in 3.12; ZServer is built on it.
@@ -32,15 +33,6 @@ def naive_is_browser_connection_open(environ):
         if isinstance(cnxn, zhttp_channel) and cnxn.creation_time == creation_time:
             return True
     return False
-
-
-def channel_of_client(client):
-    """The zhttp_channel ZServer accepted for ``client`` (by its port)."""
-    port = client.sock.getsockname()[1]
-    for channel in list(asyncore.socket_map.values()):
-        if type(channel).__name__ == "zhttp_channel" and channel.addr[1] == port:
-            return channel
-    return None
 
 
 class ExactChannelTests(ZServerTestCase):
@@ -177,8 +169,7 @@ class ScanTests(ZServerTestCase):
             times = {held["environ"]["channel.creation_time"] for _, held in pair}
             if len(times) == 1:
                 return pair
-            for client in clients:
-                client.close()
+            self.leave(*clients)
         self.fail("could not open two connections within one second")
 
     def test_two_matches_read_open_and_warn_once(self):
@@ -214,6 +205,7 @@ class ScanTests(ZServerTestCase):
             late_channel = channel_of_client(late)
             if late_channel.creation_time == first["environ"]["channel.creation_time"]:
                 break
+            self.leave(first_client, second_client, late)
         else:
             self.fail("could not open three connections within one second")
         self.assertTrue(naive_is_browser_connection_open(first["environ"]))

@@ -23,6 +23,26 @@ from collective.streamguard.tests.helpers import wait_for
 SOON = 10.0  # generous: a bound that only a broken probe misses
 
 
+def open_channels():
+    """ZServer's HTTP channels in ``asyncore.socket_map``."""
+    import asyncore
+
+    return [
+        channel
+        for channel in list(asyncore.socket_map.values())
+        if type(channel).__name__ == "zhttp_channel"
+    ]
+
+
+def channel_of_client(client):
+    """The channel ZServer accepted for ``client`` (by its port), or None."""
+    port = client.sock.getsockname()[1]
+    for channel in open_channels():
+        if channel.addr[1] == port:
+            return channel
+    return None
+
+
 class ZServerTestCase(unittest.TestCase):
     layer = STREAMGUARD_ZSERVER_TESTING
 
@@ -47,6 +67,9 @@ class ZServerTestCase(unittest.TestCase):
             "a held view did not return",
         )
         self.assertTrue(wait_for(lambda: not live_streams.live()), live_streams.live())
+        # Nor a channel: the scan tests match every channel from 127.0.0.1
+        # opened in the same second, a closing one of the last test too.
+        self.assertTrue(wait_for(lambda: not open_channels(), SOON), open_channels())
         watcher.stop()
 
     @property
@@ -57,6 +80,15 @@ class ZServerTestCase(unittest.TestCase):
         client = HTTPClient((self.layer["host"], self.layer["port"]), timeout=SOON)
         self.clients.append(client)
         return client
+
+    def leave(self, *clients):
+        """Close ``clients`` and wait until ZServer has closed their channels."""
+        channels = [channel_of_client(client) for client in clients]
+        for client in clients:
+            client.close()
+        self.assertTrue(
+            wait_for(lambda: not [c for c in channels if c is not None and not c.closed], SOON)
+        )
 
     def tag(self):
         tag = uuid.uuid4().hex[:12]
