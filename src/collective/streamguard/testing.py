@@ -115,11 +115,12 @@ class ZServerServer(Layer):
 
     ZServer is a Python 2 package: it is loaded from ``zserver_directory()``
     through ``tests.zserver_compat`` (read its docstring for what that
-    changes).  Its asyncore loop runs in a thread of its own; PubCore's
-    pool of ``threads`` workers starts at the first request and its threads
-    never stop, and ZServer reads the thread count once per process: so
-    there is one such server per test process, and tear-down closes the
-    server and its channels but leaves the idle workers.
+    changes).  Its asyncore loop runs in a thread of its own.  PubCore's
+    pool of ``threads`` workers is process-global, ZServer reads the thread
+    count once per process, and the workers never stop: so there is one
+    such server per test process, its workers are started in set-up, and
+    tear-down closes the server and its channels but leaves the idle
+    workers waiting.
 
     Resources: ``host``, ``port``, ``zserver`` (the ``zhttp_server``), and
     ``zserver_skip``: why ZServer is missing where ``STREAMGUARD_SKIP_MISSING``
@@ -160,8 +161,9 @@ class ZServerServer(Layer):
         from ZServer.HTTPServer import zhttp_server
         from ZServer.ZPublisher import Publish
 
-        # get_module_info caches Zope2.bobo_application in a default
-        # argument: drop one that an earlier STARTUP left.
+        # get_module_info caches Zope2.bobo_application (in a default
+        # argument, which zserver_compat names .cache): drop the one an
+        # earlier STARTUP left.
         Publish.get_module_info.cache.clear()
         self.server = zhttp_server("127.0.0.1", 0, logger_object=_AccessLog())
         # medusa puts the configured port in SERVER_PORT; 0 was ours.
