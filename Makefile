@@ -42,8 +42,19 @@ $(VENV)/.installed-test: $(VENV)/.installed-plone
 	$(PIP) install -c constraints.txt -e ".[test]"
 	@touch $@
 
+# Classic ZServer, for its tests only (tests/zserver_compat.py loads it).
+# Never into site-packages: its wheel also ships top-level webdav, Lifetime
+# and Signals whose Python 2 files overwrite Zope's own (and uninstalling it
+# deletes them).  --no-deps: its dependencies are Zope's, already here.
+ZSERVER_VERSION := 4.0.2
+ZSERVER_DIR := $(VENV)/zserver
+$(ZSERVER_DIR)/.installed-$(ZSERVER_VERSION): $(BIN)/python
+	rm -rf $(ZSERVER_DIR)
+	$(PIP) install --no-deps --target $(ZSERVER_DIR) ZServer==$(ZSERVER_VERSION)
+	@touch $@
+
 install: $(VENV)/.installed-plone
-install-test: $(VENV)/.installed-test system-packages
+install-test: $(VENV)/.installed-test $(ZSERVER_DIR)/.installed-$(ZSERVER_VERSION) system-packages
 
 # The viewer's end-to-end test drives Debian's Chromium with its driver
 # (browsers downloaded by test tools cannot be fetched on our machines); the
@@ -80,7 +91,7 @@ run: instance
 	@echo
 	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
 
-test: $(VENV)/.installed-test system-packages
+test: install-test
 	$(BIN)/python scripts/pins.py check
 	$(BIN)/zope-testrunner --test-path=src --auto-color --auto-progress $(TESTOPTS)
 

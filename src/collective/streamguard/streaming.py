@@ -22,6 +22,8 @@ around a producer, with the guard of ``collective.streamguard.guard``:
   ``response.write()`` from the worker thread instead.
 """
 
+import sys
+
 from AccessControl.SecurityManagement import getSecurityManager
 from zope.component import queryUtility
 from zope.interface import implementer
@@ -40,6 +42,8 @@ from collective.streamguard.zodb import ZODBSession
 
 #: waitress' default; used where the server does not tell its thread count.
 DEFAULT_THREADS = 4
+#: zope.conf's ``zserver-threads`` default, for a ZServer we cannot ask.
+ZSERVER_DEFAULT_THREADS = 2
 RETRY_AFTER = 10
 #: The environ key that tells plone.transformchain to leave a body alone.
 TRANSFORMCHAIN_DISABLE = "plone.transformchain.disable"
@@ -60,16 +64,25 @@ class StreamIterator(GuardedStream):
 
 
 def server_threads(environ):
-    """The serving waitress' thread count, else DEFAULT_THREADS."""
+    """The serving server's worker thread count: waitress' ``threads``,
+    classic ZServer's ``zserver-threads``; else DEFAULT_THREADS."""
     hook = environ.get("waitress.client_disconnected")
     channel = getattr(hook, "__self__", None)
     try:
+        if channel is None and "channel.creation_time" in environ:
+            # Classic ZServer: PubCore starts ZSERVER_THREADS workers, set
+            # from zope.conf's zserver-threads (default 2).  Not imported:
+            # a process that serves ZServer has loaded it.
+            config = sys.modules.get("ZServer.Zope2.Startup.config")
+            return int(getattr(config, "ZSERVER_THREADS", ZSERVER_DEFAULT_THREADS))
         return int(channel.server.adj.threads)
     except (AttributeError, TypeError, ValueError):
         return DEFAULT_THREADS
 
 
 def default_max_streams(environ):
+    """One stream fewer than the server has threads, so that one always
+    serves normal pages."""
     return max(1, server_threads(environ) - 1)
 
 
