@@ -18,13 +18,15 @@ VAR := $(CURDIR)/var
 
 export SITE_ID ADMIN_USER ADMIN_PASSWORD
 
-.PHONY: help install install-test system-packages instance run test test-buildout buildout pins lint clean
+.PHONY: help install install-test system-packages instance run test test-buildout buildout pins lint format i18n clean
 
 help:
 	@echo "make run    serve http://$(HOST):$(PORT)/$(SITE_ID) (login $(ADMIN_USER))"
 	@echo "make test   run the whole test suite"
 	@echo "make test-buildout   install with buildout and check the instance answers"
 	@echo "make pins   regenerate constraints.txt and versions.cfg"
+	@echo "make lint   ruff and zpretty checks; make format fixes what they find"
+	@echo "make i18n   refresh the translation template (locales/*.pot)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,14 +42,26 @@ $(VENV)/.installed-test: $(VENV)/.installed-plone
 	$(PIP) install -c constraints.txt -e ".[test]"
 	@touch $@
 
+# Classic ZServer, for its tests only (tests/zserver_compat.py loads it).
+# Never into site-packages: its wheel also ships top-level webdav, Lifetime
+# and Signals whose Python 2 files overwrite Zope's own (and uninstalling it
+# deletes them).  --no-deps: its dependencies are Zope's, already here.
+ZSERVER_VERSION := 4.0.2
+ZSERVER_DIR := $(VENV)/zserver
+$(ZSERVER_DIR)/.installed-$(ZSERVER_VERSION): $(BIN)/python
+	rm -rf $(ZSERVER_DIR)
+	$(PIP) install --no-deps --target $(ZSERVER_DIR) ZServer==$(ZSERVER_VERSION)
+	@touch $@
+
 install: $(VENV)/.installed-plone
-install-test: $(VENV)/.installed-test system-packages
+install-test: $(VENV)/.installed-test $(ZSERVER_DIR)/.installed-$(ZSERVER_VERSION) system-packages
 
 # The viewer's end-to-end test drives Debian's Chromium with its driver
-# (browsers downloaded by test tools cannot be fetched on our machines).
-SYSTEM_PACKAGES := chromium chromium-driver
+# (browsers downloaded by test tools cannot be fetched on our machines); the
+# vanished-peer test puts its client in a network namespace (iproute2's ip).
+SYSTEM_PACKAGES := chromium chromium-driver iproute2
 system-packages:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v ip >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing $(SYSTEM_PACKAGES) with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
@@ -73,13 +87,13 @@ run: instance
 	@echo
 	@echo "  Plone site:  http://$(HOST):$(PORT)/$(SITE_ID)"
 	@echo "  Login:       $(ADMIN_USER) / $(ADMIN_PASSWORD)"
-	@echo "  Live log:    http://$(HOST):$(PORT)/$(SITE_ID)/@@stream-log"
+	@echo "  Live logs:   http://$(HOST):$(PORT)/$(SITE_ID)/@@stream-log-viewer"
 	@echo
 	@# Parked streams hold a socket each: the add-on raises the soft open-files
 	@# limit to the hard one (zope.ini sets asyncore_use_poll); see README.
 	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
 
-test: $(VENV)/.installed-test system-packages
+test: install-test
 	$(BIN)/python scripts/pins.py check
 	$(BIN)/zope-testrunner --test-path=src --auto-color --auto-progress $(TESTOPTS)
 
@@ -100,13 +114,39 @@ pins:
 	$(PYTHON) scripts/pins.py check
 	rm -rf $(CURDIR)/.pins-venv
 
+# The tools of `make lint`, `make format` and CI (towncrier), pinned.
 $(VENV)/.installed-lint: $(BIN)/python constraints.txt
-	$(PIP) install -c constraints.txt ruff
+	$(PIP) install -c constraints.txt ruff zpretty towncrier
 	@touch $@
 
+PYTHON_DIRS := src scripts benchmarks
+# zpretty formats ZCML and the GenericSetup profiles in its ZCML style (-z:
+# one attribute per line, as the profiles are written), page templates as
+# HTML.
+ZCML_FILES = $(shell find src -name '*.zcml' -o -path '*/profiles/*.xml' | sort)
+TEMPLATE_FILES = $(shell find src -name '*.pt' | sort)
+
 lint: $(VENV)/.installed-lint
-	$(BIN)/ruff check src scripts benchmarks
-	$(BIN)/ruff format --check src scripts benchmarks
+	$(BIN)/ruff check $(PYTHON_DIRS)
+	$(BIN)/ruff format --check $(PYTHON_DIRS)
+	$(BIN)/zpretty --check -z $(ZCML_FILES)
+	$(BIN)/zpretty --check $(TEMPLATE_FILES)
+
+format: $(VENV)/.installed-lint
+	$(BIN)/ruff format $(PYTHON_DIRS)
+	$(BIN)/zpretty -i -z $(ZCML_FILES)
+	$(BIN)/zpretty -i $(TEMPLATE_FILES)
+
+# The translation template of the collective.streamguard domain, from the
+# Python code (_ of interfaces.py), the templates, the ZCML and the profiles.
+LOCALES := src/collective/streamguard/locales
+$(VENV)/.installed-i18n: $(BIN)/python constraints.txt
+	$(PIP) install -c constraints.txt i18ndude
+	@touch $@
+
+i18n: $(VENV)/.installed-i18n
+	$(BIN)/i18ndude rebuild-pot --pot $(LOCALES)/collective.streamguard.pot \
+	  --create collective.streamguard src/collective/streamguard
 
 clean:
 	rm -rf $(VENV) $(INSTANCE) src/*.egg-info

@@ -40,7 +40,6 @@ setup(
         "Framework :: Plone :: 6.2",
         "Framework :: Plone :: Addon",
         "Framework :: Zope",
-        "Framework :: Zope :: 5",
         "Framework :: Zope :: 6",
         "License :: OSI Approved :: GNU General Public License v2 (GPLv2)",
         "Operating System :: POSIX :: Linux",
@@ -66,7 +65,7 @@ setup(
     install_requires=[
         # The core (collective.streamguard.connection and friends) needs only
         # the standard library; the Zope integration needs Zope itself.
-        "Zope>=5.8",
+        "Zope>=6",
     ],
     extras_require={
         # Plone integration (browser layer, control panel, profiles).  Its ZCML
@@ -80,6 +79,10 @@ setup(
             "plone.app.contenttypes",
             "plone.app.registry",
             "plone.app.testing",
+            # What the `Plone` distribution brings along, which integrators
+            # install: the REST API (Volto) and the caching rules.
+            "plone.restapi",
+            "plone.app.caching",
             "plone.testing>=9",
             "zope.testrunner",
             "waitress>=3.0.1",
@@ -89,7 +92,10 @@ setup(
             "SQLAlchemy",
             "zope.sqlalchemy",
             "selenium",
-            "requests",
+            # ZServer 4.0.2 (the real classic server of the ZServer tests)
+            # imports six but does not declare it; ZServer itself is
+            # installed apart by `make install-test` (see the Makefile).
+            "six",
         ],
     },
     entry_points={

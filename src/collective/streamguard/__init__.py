@@ -34,6 +34,8 @@ Plone (``plone.zcml``: registered only where Plone is)
     ``settings``    the registry records as the site's settings
     ``setuphandlers``  the uninstall step, hidden profiles
     ``browser.controlpanel``, ``browser.viewer``: the control panel, the viewer
+    ``restapi``     ``@stream-status`` and the control panel for plone.restapi
+                    (``restapi.zcml``: only where plone.restapi is installed)
 """
 
 from collective.streamguard.connection import ClientConnection

@@ -16,7 +16,9 @@ live in ``probes``; on-close callbacks run in ``watcher``'s one thread.
 
 import enum
 import logging
+import os
 import select
+import socket
 import time
 from dataclasses import dataclass
 
@@ -39,6 +41,53 @@ CLOSE_EVENTS = POLLRDHUP | select.POLLHUP | select.POLLERR
 # server's) closes the fd, so waiters wake this often to re-ask the server's
 # own flags (waitress' channel.connected, ZServer's channel.closed).
 RECHECK_INTERVAL = 0.5
+
+
+# A peer that vanishes without FIN or reset (a laptop that sleeps, a dropped
+# network) is otherwise found only by a write that fails: for a quiet text
+# stream never, for server-sent events after the kernel's retransmission
+# timeout (about 16 minutes).  With these, the kernel probes an idle
+# connection after KEEPALIVE_IDLE s, every KEEPALIVE_INTERVAL s, and gives
+# up after KEEPALIVE_COUNT unanswered probes (20 + 3 x 10 = 50 s); data sent
+# but not acknowledged for USER_TIMEOUT_MS fails the connection as well
+# (Linux' TCP_USER_TIMEOUT).  The socket then reports POLLERR|POLLHUP, which
+# wakes a waiting stream at once.
+KEEPALIVE_IDLE = 20
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 50_000
+
+
+def keep_alive(fd):
+    """Turn on the keepalive probes above on the TCP socket ``fd``; False
+    where it is not one (or the system lacks the options)."""
+    if fd < 0:
+        return False
+    try:
+        # A duplicate: closing this object leaves the server's fd alone.
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.family not in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):
+            return False
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+            ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS),
+        ):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
 
 
 class ConnectionState(enum.Enum):

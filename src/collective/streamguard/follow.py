@@ -149,7 +149,12 @@ def _start_of_last_lines(fd, size, count, max_bytes=MAX_SCAN_BYTES):
         end = start
     if floor == 0 or needed == count + 1:
         return floor
-    return last_newline
+    if os.pread(fd, 1, floor - 1) == b"\n":
+        return floor  # a line starts right at the bound
+    # The first line that starts within the bound; if that is only the end
+    # of the file (one line longer than the bound), the bound: a cut line
+    # rather than nothing.
+    return last_newline if last_newline < size else floor
 
 
 class LogFollower:

@@ -34,6 +34,7 @@ import weakref
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import RECHECK_INTERVAL
 from collective.streamguard.connection import ConnectionState
+from collective.streamguard.connection import keep_alive
 from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import live_streams
 
@@ -90,6 +91,10 @@ class StreamGuard:
         #: send, which is faster (waitress_output).  Otherwise each goes out
         #: at once.
         self.batch_output = False
+        #: A producer sets this while it sends what was already there when
+        #: the request came (a log's last lines): a client that half-closed
+        #: its connection after the request is served that much.
+        self.catching_up = False
         #: Called before the producer sleeps in wait()/idle(): output held
         #: back for a busy I/O thread must not wait with it.
         self.before_wait = None
@@ -304,6 +309,15 @@ class StreamGuard:
                     pass
 
 
+def _caller_frame():
+    """The frame that called ``GuardedStream.__next__``, or None where a C
+    server (uWSGI) iterates the body: there is no Python frame above."""
+    try:
+        return sys._getframe(2)
+    except ValueError:
+        return None
+
+
 def _direct_output(frame):
     # Imported here: only a stream with large chunks needs waitress' classes.
     from collective.streamguard.waitress_output import DirectOutput
@@ -364,6 +378,9 @@ class GuardedStream:
             reserved=reserved,
             kind=kind,
         )
+        # A client that vanishes without FIN or reset is found by the
+        # kernel's keepalive probes within a minute (connection.keep_alive).
+        keep_alive(guard.connection.fileno())
         # Only for garbage collection (a body the publisher dropped): at
         # interpreter exit live_streams.shutdown() ends live streams.
         weakref.finalize(self, guard.live_streams.discard, self.record).atexit = False
@@ -380,6 +397,13 @@ class GuardedStream:
         return self
 
     def __next__(self):
+        if self._direct is None and not self._ended:
+            # Who iterates us: waitress itself, or anything else.  Asked
+            # once, at the first step, from the caller's frame.
+            self._direct = _direct_output(_caller_frame()) or False
+            if self._direct:
+                self.guard.before_wait = self._flush_direct
+                self._direct.send_headers()
         while True:
             chunk = self.step()
             if chunk is not PARK:
@@ -387,14 +411,9 @@ class GuardedStream:
             # idle() asks to let the thread go: the stream parks (this
             # raises out of the server's loop), or it cannot and the
             # producer's idle() then waits in this thread, as it always did.
-            self._park(sys._getframe(1))
-        if len(chunk) >= DIRECT_MIN and self._direct is not False:
-            if self._direct is None:
-                # Who iterates us: waitress itself, or anything else.
-                self._direct = _direct_output(sys._getframe(1)) or False
-                if self._direct:
-                    self.guard.before_wait = self._flush_direct
-            if self._direct and self._direct.ready():
+            self._park(_caller_frame())
+        if len(chunk) >= DIRECT_MIN and self._direct:
+            if self._direct.ready():
                 self._direct.write(chunk, self._stopping, batch=self.guard.batch_output)
                 self.record.bytes_direct += len(chunk)
                 return b""
@@ -412,6 +431,11 @@ class GuardedStream:
         if self._ended:
             raise StopIteration
         reason = self.guard.check()
+        if reason is EndReason.CLIENT_GONE and self.guard.catching_up:
+            # A client that only shut down its sending side (``nc -N``, some
+            # scripts) still reads: it gets what was there when it asked.
+            # One that has really gone fails the write instead.
+            reason = None
         if reason is not None:
             if reason is not EndReason.CLIENT_GONE:
                 self._flush_direct()

@@ -50,7 +50,8 @@ class IStreamGuardSettings(Interface):
         title=_("Maximum live streams per process that hold a thread"),
         description=_(
             "A stream that does not park holds one of the server's worker threads. "
-            "0 means: the number of waitress threads minus one, so one thread "
+            "0 means: the server's worker threads minus one (waitress' "
+            "threads, classic ZServer's zserver-threads), so one thread "
             "always serves normal pages."
         ),
         default=0,

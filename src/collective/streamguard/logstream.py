@@ -56,9 +56,12 @@ class LogStream:
         fd = follower.fileno()
         readable = [fd] if fd >= 0 else []
         if self.sse:
-            # waitress sends the headers with the first body bytes: without
-            # these an EventSource on an idle log would never see "open".
+            # Sent first: how long an EventSource waits to reconnect.
             yield RETRY
+        # What the log holds now is owed even to a client that half-closed
+        # after its request (stream_response(catch_up=True) set
+        # guard.catching_up); past it, such a client counts as gone.
+        caught_up_at = follower.size
         while True:
             try:
                 pieces = follower.read()
@@ -79,8 +82,11 @@ class LogStream:
                 if self.sse:
                     yield END_EVENT
                 return
+            if follower.offset >= caught_up_at:
+                guard.catching_up = False
             if pieces:
                 continue
+            guard.catching_up = False  # nothing more was there
             # inotify wakes us at once; the timeout is the safety net (and
             # the whole mechanism where there is no inotify).  A long one with
             # inotify: each timeout resumes a parked stream (thousands of

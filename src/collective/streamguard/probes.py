@@ -165,45 +165,60 @@ class ZServerScanConnection(ClientConnection):
 
     ``channel.creation_time`` is the int second the TCP connection was made
     and the environ has no client port, so channels are matched on that
-    second and ``REMOTE_ADDR``: none => CLOSED, one => OPEN, several
-    (connections opened in the same second) => OPEN, conservatively, with a
-    warning once per process.  As soon as a scan finds exactly one match the
-    connection pins that channel and is exact and O(1) from then on: a
-    later scan could only ever answer OPEN for it too.
+    second and ``REMOTE_ADDR``, once, when the connection object is made
+    (``client_connection``: ask it in the view).  What that first look
+    finds decides for good:
+
+    - no match: CLOSED;
+    - one match: that is the request's channel; the connection pins it and
+      is exact and O(1) from then on;
+    - several (connections from one address opened in the same second):
+      the request's channel is one of them and nothing tells which, so the
+      connection reads OPEN, conservatively, while any of them is open,
+      and CLOSED once all are gone, with a warning once per process.  It
+      never pins one of them, not even the last one left (that may be
+      another client's), and a channel opened after the first look never
+      counts.
+
+    A client that left before the first look while another connection from
+    its address, opened in the same second, is still there, makes the
+    first look find that one: pass the request, not its environ, to be
+    exact whatever happens (``response.stdout._channel``).
     """
 
     probe = "zserver-scan"
 
     def __init__(self, socket_map, creation_time, remote_addr):
         super().__init__()
-        self._map = socket_map
-        self._creation_time = creation_time
-        self._remote_addr = remote_addr
-        self._pinned = None
+        self._candidates = [
+            ZServerChannelConnection(channel, self.probe)
+            for channel in self._matches(socket_map, creation_time, remote_addr)
+        ]
+        self._pinned = self._candidates[0] if len(self._candidates) == 1 else None
+        if len(self._candidates) > 1:
+            _warn_ambiguous(len(self._candidates))
+
+    @staticmethod
+    def _matches(socket_map, creation_time, remote_addr):
+        # A list() copy: the asyncore thread mutates the dict meanwhile.
+        return [
+            channel
+            for channel in list(socket_map.values())
+            if type(channel).__name__ == "zhttp_channel"
+            and getattr(channel, "creation_time", None) == creation_time
+            and (getattr(channel, "addr", None) or (None,))[0] == remote_addr
+        ]
 
     def fileno(self):
         return -1 if self._pinned is None else self._pinned.fileno()
 
-    def _matches(self):
-        # A list() copy: the asyncore thread mutates the dict meanwhile.
-        return [
-            channel
-            for channel in list(self._map.values())
-            if type(channel).__name__ == "zhttp_channel"
-            and getattr(channel, "creation_time", None) == self._creation_time
-            and (getattr(channel, "addr", None) or (None,))[0] == self._remote_addr
-        ]
-
     def _probe(self):
-        if self._pinned is None:
-            matches = self._matches()
-            if not matches:
-                return self._closed
-            if len(matches) > 1:
-                _warn_ambiguous(len(matches))
-                return self._open
-            self._pinned = ZServerChannelConnection(matches[0], self.probe)
-        return self._open if self._pinned.is_open() else self._closed
+        if self._pinned is not None:
+            return self._open if self._pinned.is_open() else self._closed
+        # No match, or several: open while one of them may be ours.
+        if any([candidate.is_open() for candidate in self._candidates]):
+            return self._open
+        return self._closed
 
 
 def _warn_ambiguous(count):
@@ -213,7 +228,7 @@ def _warn_ambiguous(count):
         logger.warning(
             "%d ZServer channels from one address were opened in the same "
             "second; cannot tell which one a request belongs to, so its "
-            "connection counts as open until all but one are gone.  Pass the "
+            "connection counts as open until all of them are gone.  Pass the "
             "request, not its environ, to see its own channel.  (Logged once.)",
             count,
         )

@@ -25,6 +25,8 @@ around a producer, with the guard of ``collective.streamguard.guard``:
   ``response.write()`` from the worker thread instead.
 """
 
+import sys
+
 from AccessControl.SecurityManagement import getSecurityManager
 from zope.component import queryUtility
 from zope.interface import implementer
@@ -48,6 +50,8 @@ from collective.streamguard.zodb import ZODBSession
 
 #: waitress' default; used where the server does not tell its thread count.
 DEFAULT_THREADS = 4
+#: zope.conf's ``zserver-threads`` default, for a ZServer we cannot ask.
+ZSERVER_DEFAULT_THREADS = 2
 RETRY_AFTER = 10
 #: The environ key that tells plone.transformchain to leave a body alone.
 TRANSFORMCHAIN_DISABLE = "plone.transformchain.disable"
@@ -68,16 +72,25 @@ class StreamIterator(GuardedStream):
 
 
 def server_threads(environ):
-    """The serving waitress' thread count, else DEFAULT_THREADS."""
+    """The serving server's worker thread count: waitress' ``threads``,
+    classic ZServer's ``zserver-threads``; else DEFAULT_THREADS."""
     hook = environ.get("waitress.client_disconnected")
     channel = getattr(hook, "__self__", None)
     try:
+        if channel is None and "channel.creation_time" in environ:
+            # Classic ZServer: PubCore starts ZSERVER_THREADS workers, set
+            # from zope.conf's zserver-threads (default 2).  Not imported:
+            # a process that serves ZServer has loaded it.
+            config = sys.modules.get("ZServer.Zope2.Startup.config")
+            return int(getattr(config, "ZSERVER_THREADS", ZSERVER_DEFAULT_THREADS))
         return int(channel.server.adj.threads)
     except (AttributeError, TypeError, ValueError):
         return DEFAULT_THREADS
 
 
 def default_max_streams(environ):
+    """One stream fewer than the server has threads, so that one always
+    serves normal pages."""
     return max(1, server_threads(environ) - 1)
 
 
@@ -114,6 +127,7 @@ def stream_response(
     heartbeat_interval=None,
     label=None,
     log=None,
+    catch_up=False,
 ):
     """Return what a view returns to stream ``producer`` to the client.
 
@@ -130,7 +144,10 @@ def stream_response(
     server threads minus one, ``max_duration`` = 3600 s, heartbeats every
     15 s when ``heartbeat`` bytes are given (0 turns a setting off).
     ``label`` (default: the URL) and ``log`` (the name of a followed log)
-    are what status views show of the stream.
+    are what status views show of the stream.  ``catch_up``: the producer
+    starts by sending what was there when the request came, and clears
+    ``guard.catching_up`` once it has; until then a client that shut down
+    only its sending side after the request still gets it.
     """
     if producer is None or not (callable(producer) or hasattr(producer, "__iter__")):
         raise TypeError(
@@ -183,6 +200,7 @@ def stream_response(
                 heartbeat_interval, defaults, "heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL
             ),
         )
+        guard.catching_up = catch_up
         session = ZODBSession(context, request) if zodb else None
         stream = StreamIterator(
             producer,

@@ -1,16 +1,25 @@
 """Test layers of collective.streamguard.
 
 Streams are tested over real sockets against a real waitress server (the
-in-process test browser drains the whole body and would hang on a stream).
+in-process test browser drains the whole body and would hang on a stream),
+and against the real classic ZServer (``STREAMGUARD_ZSERVER_TESTING``).
 """
+
+import os
+import sys
+import threading
 
 from plone.app.testing import PLONE_FIXTURE
 from plone.app.testing import FunctionalTesting
 from plone.app.testing import IntegrationTesting
 from plone.app.testing import PloneSandboxLayer
 from plone.app.testing import applyProfile
+from plone.testing import Layer
+from plone.testing import zca
 from plone.testing import zope
 from webtest.http import StopableWSGIServer
+
+import collective.streamguard.tests
 
 
 class StreamGuardLayer(PloneSandboxLayer):
@@ -39,6 +48,32 @@ STREAMGUARD_INTEGRATION_TESTING = IntegrationTesting(
 STREAMGUARD_FUNCTIONAL_TESTING = FunctionalTesting(
     bases=(STREAMGUARD_FIXTURE,), name="StreamGuardLayer:FunctionalTesting"
 )
+
+
+class StreamGuardDistributionLayer(StreamGuardLayer):
+    """The add-on in a site as the ``Plone`` distribution makes it.
+
+    Integrators install ``Plone``, which brings plone.restapi (Volto's API,
+    JWT login) and plone.app.caching; both are set up before the add-on.
+    """
+
+    def setUpZope(self, app, configurationContext):
+        import plone.app.caching
+        import plone.restapi
+
+        self.loadZCML(package=plone.restapi)
+        self.loadZCML(package=plone.app.caching)
+        # The JWT PAS plugin's class is registered by the product.
+        zope.installProduct(app, "plone.restapi")
+        super().setUpZope(app, configurationContext)
+
+    def setUpPloneSite(self, portal):
+        applyProfile(portal, "plone.restapi:default")
+        applyProfile(portal, "plone.app.caching:default")
+        super().setUpPloneSite(portal)
+
+
+STREAMGUARD_DISTRIBUTION_FIXTURE = StreamGuardDistributionLayer()
 
 
 class WaitressServer(zope.WSGIServer):
@@ -80,4 +115,143 @@ WAITRESS_SERVER_FIXTURE = WaitressServer(name="StreamGuardWaitress:4threads")
 STREAMGUARD_WAITRESS_TESTING = FunctionalTesting(
     bases=(STREAMGUARD_FIXTURE, WAITRESS_SERVER_FIXTURE),
     name="StreamGuardLayer:Waitress",
+)
+
+# The same server, for the site with plone.restapi and plone.app.caching (as
+# plone.restapi's PLONE_RESTAPI_DX_FUNCTIONAL_TESTING shares plone.testing's).
+STREAMGUARD_DISTRIBUTION_WAITRESS_TESTING = FunctionalTesting(
+    bases=(STREAMGUARD_DISTRIBUTION_FIXTURE, WAITRESS_SERVER_FIXTURE),
+    name="StreamGuardDistributionLayer:Waitress",
+)
+
+#: Where ``make install-test`` puts ZServer (``pip install --target``).
+ZSERVER_DIR_ENV = "STREAMGUARD_ZSERVER"
+
+
+def zserver_directory():
+    return os.environ.get(ZSERVER_DIR_ENV) or os.path.join(sys.prefix, "zserver")
+
+
+class _AccessLog:
+    """medusa's logger interface; the access log goes nowhere."""
+
+    def log(self, message):
+        pass
+
+
+class ZServerServer(Layer):
+    """The real classic ZServer 4.0.2 HTTP server, in this process on
+    127.0.0.1, publishing the Zope app of plone.testing's ``STARTUP`` as
+    the module ``Zope2`` (``ZServerPublisher`` publishes no other name: any
+    other is dropped silently and the request hangs).
+
+    ZServer is a Python 2 package: it is loaded from ``zserver_directory()``
+    through ``tests.zserver_compat`` (read its docstring for what that
+    changes).  Its asyncore loop runs in a thread of its own.  PubCore's
+    pool of ``threads`` workers is process-global, ZServer reads the thread
+    count once per process, and the workers never stop: so there is one
+    such server per test process, its workers are started in set-up, and
+    tear-down closes the server and its channels but leaves the idle
+    workers waiting.
+
+    Resources: ``host``, ``port``, ``zserver`` (the ``zhttp_server``), and
+    ``zserver_skip``: why ZServer is missing where ``STREAMGUARD_SKIP_MISSING``
+    allows it (the buildout route), else None.
+    """
+
+    defaultBases = (zope.STARTUP,)
+    #: zope.conf's ``zserver-threads`` default.
+    threads = 2
+
+    def setUp(self):
+        from collective.streamguard.tests import servers
+        from collective.streamguard.tests import zserver_compat
+
+        self.server = self.thread = None
+        self["zserver_skip"] = None
+        directory = zserver_directory()
+        try:
+            zserver_compat.install(directory)
+        except zserver_compat.ZServerMissing as missing:
+            if not servers.may_be_missing("zserver"):
+                raise zserver_compat.ZServerMissing(
+                    f"{missing}; `make install-test` installs ZServer "
+                    f"{zserver_compat.VERSION} into .venv/zserver ({ZSERVER_DIR_ENV} "
+                    f"names another directory; where it cannot be installed, "
+                    f"{servers.SKIP_MISSING_ENV}=zserver skips its tests)"
+                ) from None
+            self["zserver_skip"] = f"{missing} ({servers.SKIP_MISSING_ENV} allows it)"
+            self["zserver"] = None
+            return
+        from ZServer.Zope2.Startup import config
+
+        if hasattr(config, "setNumberOfThreads"):  # it deletes itself
+            config.setNumberOfThreads(self.threads)
+        if config.ZSERVER_THREADS != self.threads:
+            raise RuntimeError(f"ZServer runs {config.ZSERVER_THREADS} threads in this process")
+        from ZServer.HTTPServer import zhttp_handler
+        from ZServer.HTTPServer import zhttp_server
+        from ZServer.ZPublisher import Publish
+
+        # get_module_info caches Zope2.bobo_application (in a default
+        # argument, which zserver_compat names .cache): drop the one an
+        # earlier STARTUP left.
+        Publish.get_module_info.cache.clear()
+        self.server = zhttp_server("127.0.0.1", 0, logger_object=_AccessLog())
+        # medusa puts the configured port in SERVER_PORT; 0 was ours.
+        self.server.port = self.server.server_port
+        self.server.install_handler(zhttp_handler("Zope2", ""))
+        self._stopping = False
+        self.thread = threading.Thread(target=self._loop, name="ZServer asyncore", daemon=True)
+        self.thread.start()
+        # PubCore starts its workers at the first request; start them now,
+        # with one that they drop (any module name but Zope2, Zope2WSGI).
+        from ZServer.PubCore import handle
+
+        handle("collective.streamguard: start the workers", None, None)
+        self["host"] = "127.0.0.1"
+        self["port"] = self.server.server_port
+        self["zserver"] = self.server
+
+    def _loop(self):
+        import asyncore
+
+        # As ZServer's own loop (Lifetime.loop): select(), woken by the
+        # PubCore workers through ZEvent's trigger.
+        while not self._stopping:
+            asyncore.loop(timeout=1.0, count=1)
+
+    def tearDown(self):
+        del self["zserver_skip"]
+        del self["zserver"]
+        if self.thread is None:
+            return
+        import asyncore
+
+        from ZServer.PubCore.ZEvent import Wakeup
+
+        self._stopping = True
+        Wakeup()
+        self.thread.join(10)
+        if self.thread.is_alive():
+            raise RuntimeError("ZServer's asyncore loop did not stop")
+        for dispatcher in list(asyncore.socket_map.values()):
+            if dispatcher is self.server or getattr(dispatcher, "server", None) is self.server:
+                dispatcher.close()
+        self.server = self.thread = None
+        del self["host"]
+        del self["port"]
+
+
+ZSERVER_ZCML = zca.ZCMLSandbox(
+    bases=(zope.STARTUP,),
+    name="StreamGuardZServer:ZCML",
+    filename="test.zcml",
+    package=collective.streamguard.tests,
+)
+
+ZSERVER_FIXTURE = ZServerServer(bases=(ZSERVER_ZCML,), name="StreamGuardZServer:2threads")
+
+STREAMGUARD_ZSERVER_TESTING = zope.FunctionalTesting(
+    bases=(ZSERVER_FIXTURE,), name="StreamGuardLayer:ZServer"
 )

@@ -138,6 +138,15 @@ class DirectOutput:
         task = frame.f_locals.get("self")
         return cls(task) if isinstance(task, WSGITask) else None
 
+    def send_headers(self):
+        """Queue the status line and headers now, as waitress does before a
+        ``wsgi.file_wrapper`` body.  A stream that has nothing to send yet
+        (a quiet log) would otherwise send nothing at all: waitress sends
+        the headers with the first body bytes, and a proxy in front gives
+        up (nginx: 504 after its 60 s ``proxy_read_timeout``)."""
+        if not self.task.wrote_header:
+            self.task.write(b"")
+
     def ready(self):
         """True once the headers are out and the body is chunked or runs to
         the connection's close (an HTTP/1.0 client)."""

@@ -46,7 +46,8 @@ class StreamStatusView(BrowserView):
         self.data = status()
         if self.request.form.get("format") == "json":
             response = self.request.response
-            response.setHeader("Content-Type", "application/json")
+            response.setHeader("Content-Type", "application/json; charset=utf-8")
             response.setHeader("Cache-Control", "no-store")
+            response.setHeader("X-Content-Type-Options", "nosniff")
             return json.dumps(self.data)
         return self.index()

@@ -116,6 +116,7 @@ class StreamLogView(LogAccessView):
             heartbeat=HEARTBEAT if sse else None,
             label=f"log {name}",
             log=name,
+            catch_up=True,
         )
 
     def start(self, form):

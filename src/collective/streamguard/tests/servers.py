@@ -30,8 +30,9 @@ TEST_APP = "collective.streamguard.tests.wsgiapps:app"
 #: Executables that may be missing in this environment (comma or space
 #: separated, e.g. ``uwsgi``): the tests that need one that is missing are
 #: skipped instead of failing.  For the buildout route only: it cannot build
-#: uWSGI's binary, and makes only the scripts its ``[servers]`` part lists.
-#: ``make test`` installs every server (the test extra).
+#: uWSGI's binary, makes only the scripts its ``[servers]`` part lists, and
+#: does not install ZServer (``zserver``: see ``testing.ZServerServer``).
+#: ``make test`` installs every server (the test extra, and ZServer).
 SKIP_MISSING_ENV = "STREAMGUARD_SKIP_MISSING"
 
 

@@ -5,6 +5,7 @@ test_connection_servers."""
 import dataclasses
 import gc
 import os
+import select
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from collective.streamguard.connection import ENVIRON_KEY
 from collective.streamguard.probes import FdConnection
 from collective.streamguard.probes import socket_is_open
 from collective.streamguard.tests.helpers import SocketTestCase
+from collective.streamguard.tests.helpers import wait_for
 
 
 class Request:
@@ -101,17 +103,16 @@ class SocketProbeTests(SocketTestCase):
         server, client = self.pair()
         self.assertTrue(socket_is_open(server))
         client.sendall(b"GET /next HTTP/1.1\r\n\r\n")
-        time.sleep(0.01)
+        self.assertTrue(select.select([server], [], [], 10)[0], "the bytes did not arrive")
         self.assertTrue(socket_is_open(server))
 
     def test_fin_behind_unread_bytes(self):
         server, client = self.pair()
         client.sendall(b"GET /next HTTP/1.1\r\n\r\n")
         client.shutdown(socket.SHUT_WR)
-        time.sleep(0.01)
+        self.assertTrue(wait_for(lambda: not socket_is_open(server)), "the FIN was not seen")
         # What a one-byte peek sees: data, so "open".
         self.assertEqual(server.recv(1, socket.MSG_PEEK), b"G")
-        self.assertFalse(socket_is_open(server))
 
     def test_closed_by_the_server(self):
         server, _ = self.pair()
@@ -123,8 +124,7 @@ class SocketProbeTests(SocketTestCase):
         server, client = self.pair()
         connection = client_connection({"gunicorn.socket": server})
         client.close()
-        time.sleep(0.01)
-        self.assertFalse(connection.is_open())
+        self.assertTrue(wait_for(lambda: not connection.is_open()))
         # Even if the socket object somehow looked open again.
         connection._sock = self.pair()[0]
         self.assertFalse(connection.is_open())
@@ -136,8 +136,7 @@ class SocketProbeTests(SocketTestCase):
         environ = {"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/2.0"}
         self.assertEqual(connection_state(environ).state, ConnectionState.UNKNOWN)
         client.close()
-        time.sleep(0.01)
-        self.assertEqual(connection_state(environ).state, ConnectionState.CLOSED)
+        self.assertTrue(wait_for(lambda: connection_state(environ).state is ConnectionState.CLOSED))
 
 
 class FdProbeTests(SocketTestCase):

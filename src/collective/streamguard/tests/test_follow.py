@@ -393,6 +393,23 @@ class RotationTests(FollowTestCase):
         self.wait(follower)
         self.assertEqual(follower.read(), [Piece("fresh\n", 6)])
 
+    def test_copytruncate_that_regrew_past_our_position_rereads_from_zero(self):
+        # The writer truncates and writes more than we had read before the
+        # follower looks again: the size alone cannot tell (tail -F's hole).
+        self.append("old line one\nold line two\n")
+        follower = self.follower(offset=0)
+        self.assertEqual(text_of(read_all(follower)), "old line one\nold line two\n")
+        os.truncate(self.path, 0)
+        self.append("NEW content, longer than the old one was\n")
+        self.assertEqual(text_of(read_all(follower)), "NEW content, longer than the old one was\n")
+
+    def test_a_file_that_only_grew_is_not_reread(self):
+        self.append("one\n")
+        follower = self.follower(offset=0)
+        self.assertEqual(text_of(read_all(follower)), "one\n")
+        self.append("two\n")
+        self.assertEqual(follower.read(), [Piece("two\n", 8)])
+
     def test_deleted_then_recreated_file_is_followed_from_zero(self):
         self.append("x\n")
         follower = self.follower()
@@ -509,6 +526,68 @@ class SecurityTests(FollowTestCase):
         with self.assertRaises(LogUnavailable) as raised:
             follower.read()
         self.assertIn("is not a regular file", str(raised.exception))
+
+    def test_a_second_hard_link_is_refused(self):
+        self.append("x\n")
+        os.link(self.path, os.path.join(self.dir, "other"))
+        with self.assertRaisesRegex(LogUnavailable, "has 2 hard links"):
+            self.follower()
+
+    def test_a_hard_link_moved_in_place_raises_without_a_byte_of_it(self):
+        self.append("mine\n")
+        follower = self.follower(offset=0)
+        self.assertEqual(text_of(read_all(follower)), "mine\n")
+        secret = os.path.join(self.dir, "secret")
+        self.append("TOP SECRET\n", path=secret)
+        os.link(secret, self.path + ".tmp")
+        os.rename(self.path + ".tmp", self.path)
+        with self.assertRaisesRegex(LogUnavailable, "hard links"):
+            follower.read()
+
+    def test_a_pseudo_file_whose_size_reads_zero_is_refused(self):
+        # /proc's files say 0 bytes and return data: followed, they would be
+        # sent again from their start at every change.
+        with self.assertRaisesRegex(LogUnavailable, "pseudo-file"):
+            self.follower(path="/proc/self/status")
+
+    def test_a_read_error_is_log_unavailable_not_an_oserror(self):
+        self.append("x\n")
+        follower = self.follower(offset=0)
+        # A real EISDIR from pread(): the follower's fd swapped for a
+        # directory's, as a failing disk would fail the read.
+        directory_fd = os.open(self.dir, os.O_RDONLY)
+        os.dup2(directory_fd, follower._fd)
+        os.close(directory_fd)
+        with self.assertRaisesRegex(LogUnavailable, "cannot be read"):
+            follower._read_into([], 100, final=False)
+        with self.assertRaises(LogUnavailable):
+            follower.read()  # and on every call after
+
+
+class LastLinesScanTests(FollowTestCase):
+    def test_open_does_not_scan_the_first_read_does(self):
+        self.append("".join(f"line {n}\n" for n in range(1000)))
+        follower = self.follower(last_lines=2)
+        # open() ran in the request thread and read nothing backwards yet.
+        self.assertEqual(follower.offset, os.path.getsize(self.path))
+        self.assertEqual(text_of(read_all(follower)), "line 998\nline 999\n")
+
+    def test_the_scan_is_bounded_in_bytes(self):
+        self.append("".join(f"line {n:05d}\n" for n in range(10000)))  # 11 bytes a line
+        fd = os.open(self.path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        size = os.path.getsize(self.path)
+        start = follow._start_of_last_lines(fd, size, 10**6, max_bytes=1100)
+        # The first line that starts within the last 1,100 bytes.
+        self.assertEqual(start, size - 1100)
+        self.assertEqual(os.pread(fd, 11, start), b"line 09900\n")
+        self.assertEqual(follow._start_of_last_lines(fd, size, 3, max_bytes=1100), size - 33)
+
+    def test_a_long_line_past_the_bound_starts_at_the_bound(self):
+        self.append("x" * 5000 + "\n")
+        fd = os.open(self.path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(follow._start_of_last_lines(fd, 5001, 10, max_bytes=100), 4901)
 
 
 class LifecycleTests(FollowTestCase):

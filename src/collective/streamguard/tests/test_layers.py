@@ -40,7 +40,7 @@ ZOPE = (
     "browser.stream_log",
     "browser.status",
 )
-PLONE = ("settings", "setuphandlers", "browser.controlpanel", "browser.viewer")
+PLONE = ("settings", "setuphandlers", "browser.controlpanel", "browser.viewer", "restapi")
 #: Core modules that import their server's own modules (guarded).
 GENERIC_CORE = tuple(name for name in CORE if name not in ("waitress_output", "waitress_park"))
 #: Test layers, not part of the product's layers.

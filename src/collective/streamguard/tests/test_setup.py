@@ -10,6 +10,7 @@ from plone.base.utils import get_installer
 from plone.browserlayer.utils import registered_layers
 from plone.registry.interfaces import IRegistry
 from zope.component import getUtility
+from zope.i18nmessageid import Message
 
 from collective.streamguard.interfaces import IStreamGuardLayer
 from collective.streamguard.interfaces import IStreamGuardSettings
@@ -73,6 +74,23 @@ class TestInstall(unittest.TestCase):
         addon = [a for a in installed if a["id"] == "collective.streamguard"][0]
         self.assertEqual(addon["install_profile_id"], "collective.streamguard:default")
         self.assertEqual(addon["uninstall_profile_id"], "collective.streamguard:uninstall")
+
+    def test_configlet_titles_are_translatable_in_our_domain(self):
+        titles = {
+            action.getId(): action.title
+            for action in self.portal.portal_controlpanel.listActions()
+            if action.getId().startswith("collective.streamguard")
+        }
+        self.assertEqual(
+            titles,
+            {
+                "collective.streamguard": "Stream guard",
+                "collective.streamguard.viewer": "Live logs",
+            },
+        )
+        for title in titles.values():
+            self.assertIsInstance(title, Message)
+            self.assertEqual(title.domain, "collective.streamguard")
 
 
 class TestUninstall(unittest.TestCase):

@@ -9,32 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import unittest
-import urllib.error
-import urllib.request
 
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import read_until
+from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
 from collective.streamguard.tests.zopeinstance import ZopeInstance
-
-
-def wait_until_serving(port, process, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"runwsgi exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # Zope answered
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"runwsgi did not answer within {timeout} s")
 
 
 class TestProcessShutdown(unittest.TestCase):

@@ -6,9 +6,11 @@ appends to it, rotates it, swaps it, while raw-socket clients follow it.
 
 import base64
 import http.client
+import json
 import os
 import re
 import shutil
+import socket
 import time
 
 import transaction
@@ -33,6 +35,27 @@ class TestFollowing(LogTestCase):
         self.assertNotIn(b"old line", data)  # started at the end
         self.write("another one\n")
         read_until(sock, b"another one\n")
+
+    def test_headers_come_at_once_on_a_quiet_log(self):
+        # Nothing is written to the log: without the headers a proxy in
+        # front would answer 504 after its read timeout.
+        sock, head = self.follow()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertEqual(len(live_streams.live()), 1)
+
+    def test_a_half_closed_client_gets_what_was_there_then_counts_as_gone(self):
+        # The request, then shutdown of the sending side (nc -N): the last
+        # lines were there when it asked, so it gets them; nginx and Go
+        # would count such a client as gone at once, and past that so do we.
+        recorder = Recorder.attach(self)
+        sock = self.connect().request(
+            "/plone/@@stream-log?log=app&lines=2", auth=("admin", "secret")
+        )
+        sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(sock.body(), b"first old line\nsecond old line\n")
+        self.assertTrue(wait_for(lambda: recorder.ended))
+        self.assertEqual(recorder.ended[0]["reason"], "client gone")
 
     def test_last_lines(self):
         sock, head = self.follow("log=app&lines=1")
@@ -280,27 +303,86 @@ class TestSecurity(LogTestCase):
         self.assertEqual(status, 404)
         self.assertNotIn(b"SECRET", body)
 
-    def test_symlink_swap_while_following_reads_nothing_outside(self):
+    def swap_while_following(self, swap, query="log=app"):
+        """Follow, then ``swap(secret)`` the log for another file; return the
+        whole body the stream sent and how it ended."""
+        recorder = Recorder.attach(self)
         secret = os.path.join(self.directory, "outside.txt")
         self.write("TOP SECRET\n", path=secret, mode="w")
-        sock, _ = self.follow()
+        sock, _ = self.follow(query)
         self.write("legit\n")
         read_until(sock, b"legit\n")
-        os.unlink(self.path)
-        os.symlink(secret, self.path)
+        swap(secret)
         self.write("MORE SECRET\n", path=secret)
-        sock.settimeout(3)
-        data = b""
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            data += chunk
-        self.assertNotIn(b"SECRET", data)
+        body = sock.body()  # the stream ends by itself
+        self.assertTrue(wait_for(lambda: recorder.ended))
+        self.assertNotIn(b"SECRET", body)
+        return body, recorder.ended[0]["reason"]
+
+    def test_symlink_swap_while_following_ends_the_stream_unsent(self):
+        def swap(secret):
+            os.unlink(self.path)
+            os.symlink(secret, self.path)
+
+        _, reason = self.swap_while_following(swap)
+        self.assertEqual(reason, "log unavailable")
+        status, _, body = self.request("log=app")
+        self.assertEqual(status, 404)
+        self.assertIn(b"The log app is configured but cannot be streamed", body)
+        self.assertIn(b"symbolic link", body)
+        self.assertGreaterEqual(self.status_json()["ended"]["log unavailable"], 1)
+
+    def test_hard_link_moved_in_place_ends_the_stream_unsent(self):
+        def swap(secret):
+            linked = os.path.join(self.directory, "linked.tmp")
+            os.link(secret, linked)
+            os.rename(linked, self.path)  # looks like a rotation
+
+        body, reason = self.swap_while_following(swap)
+        self.assertEqual(reason, "log unavailable")
+        self.assertIn(b"legit\n", body)
+        status, _, body = self.request("log=app&offset=0")
+        self.assertEqual(status, 404)
+        self.assertIn(b"2 hard links", body)
+
+    def test_sse_client_is_told_the_log_is_unavailable(self):
+        def swap(secret):
+            os.unlink(self.path)
+            os.symlink(secret, self.path)
+
+        body, reason = self.swap_while_following(swap, "log=app&format=sse")
+        self.assertEqual(reason, "log unavailable")
+        self.assertIn(b"event: error\ndata: The log cannot be read any more.\n\n", body)
+
+    def test_numbers_are_whole_numbers_only(self):
+        for query in ("log=app&lines=5%0A", "log=app&offset=5%0A", "log=app&lines=%205"):
+            status, _, body = self.request(query)
+            self.assertEqual(status, 400, query)
+            self.assertIn(b"must be a whole number", body)
+        status, _, body = self.request("log=app&lines=100001")
+        self.assertEqual(status, 400)
+        self.assertEqual(body, b"lines must be at most 100000.\n")
+
+    def test_head_is_answered_without_a_stream(self):
+        before = live_streams.snapshot()
+        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
+        token = base64.b64encode(b"admin:secret").decode()
+        connection.request(
+            "HEAD", "/plone/@@stream-log?log=app", headers={"Authorization": f"Basic {token}"}
+        )
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/plain; charset=utf-8")
+        self.assertEqual(live_streams.snapshot(), before)
+
+    def test_status_json_is_json_and_not_sniffed(self):
+        status, headers, body = self.get_as_manager("/plone/@@stream-status?format=json")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/json; charset=utf-8")
+        self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+        self.assertIn("ended", json.loads(body))
 
     def test_log_content_is_never_html_in_the_stream(self):
         sock, head = self.follow()

@@ -1,114 +1,126 @@
-"""Guarded streaming on classic ZServer: ``response.write()`` in the worker.
+"""Guarded streaming on the real classic ZServer: ``response.write()`` in the worker.
 
-ZServer itself only runs on Python 2.7, which cannot be had here.  These
-tests reproduce its contract with real asyncore sockets (the fixture of
-``zserver_standin``) plus a response whose ``write()`` pushes to the
-channel from the worker thread and silently drops data once the channel is
-closed, as ``ZServer.HTTPResponse`` does; its ``stdout`` is the
-``ChannelPipe`` that lets the probe find the request's channel.
+``stream_response`` sees ZServer's ``ChannelPipe`` and pushes the stream
+with ``ZServerHTTPResponse.write`` from the PubCore worker that runs the
+view (``streaming.write_in_this_thread``); the guard's probe of the channel
+is what stops the producer, since ZServer drops data for a closed channel
+without raising.  The layer runs ZServer's default two worker threads.
 """
 
-import threading
+import sys
+from unittest import mock
 
-from collective.streamguard.streaming import stream_response
+from collective.streamguard import streaming
 from collective.streamguard.streams import live_streams
-from collective.streamguard.tests.helpers import read_until
-from collective.streamguard.tests.zserver_standin import ZServerContractTestCase
+from collective.streamguard.tests import views
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.zservercases import SOON
+from collective.streamguard.tests.zservercases import ZServerTestCase
+
+STREAM = "/@@streamguard-test-stream"
 
 
-class ZServerResponse:
-    """What ``stream_response`` uses of ZServer's HTTPResponse."""
+class WriteModeTests(ZServerTestCase):
+    def open(self, query):
+        client = self.connect()
+        return client.request(f"{STREAM}?{query}")
 
-    def __init__(self, pipe, server):
-        self.stdout = pipe
-        self.server = server
-        self.headers = {}
-        self.status = 200
-        self.written = []
+    def assert_cleaned_up_once(self, tag, reason):
+        self.assertTrue(wait_for(lambda: views.events("cleanup", tag=tag), SOON), tag)
+        # A second cleanup would come while the stream is still ending.
+        self.assertTrue(wait_for(lambda: not live_streams.live(), SOON), live_streams.live())
+        self.assertEqual([e["reason"] for e in views.events("cleanup", tag=tag)], [reason])
 
-    def setStatus(self, status):
-        self.status = status
-
-    def setHeader(self, name, value):
-        self.headers[name.lower()] = value
-
-    def write(self, data):
-        channel = self.stdout._channel
-        if channel is None or channel.closed:
-            return  # ZServer drops data for a closed channel, never raises
-        if not self.written:
-            head = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
-            self.server.calls.put(lambda: channel.push(head.encode() + b"\r\n"))
-        self.written.append(data)
-        self.server.calls.put(lambda: channel.push(data))
-
-
-class ZServerRequest:
-    def __init__(self, fake, server):
-        self.environ = dict(fake.environ, REQUEST_METHOD="GET", PATH_INFO="/stream")
-        self.response = ZServerResponse(fake.response.stdout, server)
-        self.other = {}
-
-    def get(self, key, default=None):
-        return self.other.get(key, self.environ.get(key, default))
-
-
-class WriteModeTests(ZServerContractTestCase):
-    def serve(self, request, producer):
-        """Call the view in a worker thread, as ZServer does."""
-        result = {}
-        worker = threading.Thread(
-            target=lambda: result.setdefault("body", stream_response(request, producer)),
-            daemon=True,
-        )
-        worker.start()
-        return worker, result
+    def assert_both_workers_free(self):
+        """Two views that hold their worker both run: no worker streams."""
+        helds = [self.hold()[1] for _ in range(2)]
+        self.assertNotEqual(helds[0]["thread"], helds[1]["thread"])
+        for held in helds:
+            self.release(held)
 
     def test_chunks_reach_the_client_while_the_producer_runs(self):
-        sock, fake = self.connect()
-        request = ZServerRequest(fake, self.server)
-        gate, cleanups = threading.Event(), []
+        tag = self.tag()
+        client = self.open(f"tag={tag}&mode=gated")
+        status, headers = client.head()
+        client.read_until(f"first line of {tag}\n".encode())
+        # The first line arrived while the producer waits at its gate.
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["transfer-encoding"], "chunked")
+        self.assertNotIn("content-length", headers)
+        self.assertEqual(headers["x-accel-buffering"], "no")
+        self.assertEqual(headers["cache-control"], "no-store")
+        self.assertEqual(len(live_streams.live()), 1)
+        self.assertFalse(views.events("cleanup", tag=tag))
+        views.gate(tag).set()
+        body = client.body()
+        self.assertEqual(body, f"first line of {tag}\nafter the gate\n".encode())
+        self.assert_cleaned_up_once(tag, "finished")
 
-        def producer(guard):
-            guard.add_cleanup(lambda: cleanups.append(guard.reason.value))
-            yield b"first\n"
-            while not gate.is_set():
-                if guard.wait(0.05):
-                    return
-            yield b"second\n"
+    def test_finished_stream_keeps_the_connection_alive(self):
+        tag = self.tag()
+        client = self.open(f"tag={tag}&mode=finish")
+        self.assertEqual(client.body(), f"first line of {tag}\nsecond\nthird\n".encode())
+        self.assert_cleaned_up_once(tag, "finished")
+        # The next request on the same connection is served.
+        _, held = self.hold(client)
+        self.release(held)
+        client.read_until(b"released: gate\n")
 
-        worker, result = self.serve(request, producer)
-        read_until(sock, b"first\n")
-        self.assertTrue(worker.is_alive())
-        gate.set()
-        read_until(sock, b"second\n")
-        worker.join(5)
-        self.assertFalse(worker.is_alive())
-        self.assertEqual(result["body"], "")
-        self.assertEqual(cleanups, ["finished"])
-        self.assertEqual(request.response.headers["x-accel-buffering"], "no")
+    def assert_leaving_frees_the_worker(self, mode, leave):
+        tag = self.tag()
+        client = self.open(f"tag={tag}&mode={mode}")
+        client.read_until(b"line 3\n" if mode == "long" else f"first line of {tag}\n".encode())
+        leave(client)
+        self.assert_cleaned_up_once(tag, "client gone")
+        self.assertEqual(len(views.events("producer-finally", tag=tag)), 1)
+        self.assert_both_workers_free()
+        return tag
 
-    def test_client_leaving_stops_the_producer_and_frees_the_worker(self):
-        sock, fake = self.connect()
-        request = ZServerRequest(fake, self.server)
-        cleanups, finally_ran = [], []
+    def test_client_fin_stops_an_idle_stream_and_frees_the_worker(self):
+        self.assert_leaving_frees_the_worker("idle", lambda client: client.close())
 
-        def producer(guard):
-            guard.add_cleanup(lambda: cleanups.append(guard.reason.value))
-            try:
-                n = 0
-                while True:  # never asks the guard: the guard stops it
-                    n += 1
-                    yield f"line {n}\n".encode()
-                    threading.Event().wait(0.01)
-            finally:
-                finally_ran.append(True)
+    def test_client_reset_stops_an_idle_stream_and_frees_the_worker(self):
+        self.assert_leaving_frees_the_worker("idle", lambda client: client.reset())
 
-        worker, _ = self.serve(request, producer)
-        read_until(sock, b"line 3\n")
-        sock.close()
-        worker.join(5)
-        self.assertFalse(worker.is_alive(), "the worker thread is still streaming")
-        self.assertEqual(cleanups, ["client gone"])
-        self.assertEqual(finally_ran, [True])
-        self.assertEqual(live_streams.live(), [])
+    def test_client_leaving_a_busy_stream_closes_the_generator(self):
+        # The producer never asks the guard; the guard stops it at a yield.
+        tag = self.assert_leaving_frees_the_worker("long", lambda client: client.close())
+        self.assertEqual(len(views.events("generator-exit", tag=tag)), 1)
+
+
+class ThreadPoolTests(ZServerTestCase):
+    """ZServer's workers are ``zserver-threads`` (2 here), not waitress' 4:
+    one stream at most, so that one worker always serves pages."""
+
+    def test_cap_is_zserver_threads_minus_one(self):
+        _, held = self.hold()
+        self.release(held)
+        self.assertEqual(streaming.server_threads(held["environ"]), 2)
+        self.assertEqual(streaming.default_max_streams(held["environ"]), 1)
+
+    def test_cap_follows_zserver_threads(self):
+        config = sys.modules["ZServer.Zope2.Startup.config"]
+        environ = {"channel.creation_time": 1, "REMOTE_ADDR": "127.0.0.1"}
+        with mock.patch.object(config, "ZSERVER_THREADS", 6):
+            self.assertEqual(streaming.default_max_streams(environ), 5)
+
+    def test_second_stream_is_refused_and_pages_still_answer(self):
+        tag = self.tag()
+        streaming_client = self.connect().request(f"{STREAM}?tag={tag}&mode=idle")
+        streaming_client.read_until(f"first line of {tag}\n".encode())
+        refused = self.connect().request(
+            f"{STREAM}?tag={self.tag()}", headers={"Connection": "close"}
+        )
+        status, headers = refused.head()
+        self.assertEqual(status, 503)
+        self.assertEqual(headers["retry-after"], "10")
+        self.assertIn(b"Too many live streams", refused.body())
+        # The other worker still serves pages.
+        _, held = self.hold()
+        self.release(held)
+        streaming_client.close()
+        self.assertTrue(wait_for(lambda: views.events("cleanup", tag=tag), SOON))
+        self.assertTrue(wait_for(lambda: not live_streams.live(), SOON))
+        again = self.connect().request(f"{STREAM}?tag={self.tag()}&mode=finish")
+        self.assertEqual(again.head()[0], 200)
+        again.body()

@@ -5,6 +5,9 @@ driven by Selenium with the system browser and driver: no browser is
 downloaded.  A manager logs in, opens the viewer, sees appended lines arrive
 (as text, whatever HTML they hold), filters them, and closes the tab; the
 server-side stream must have ended within a second, as @@stream-status says.
+And what README.rst tells a Volto or other JavaScript client: a streaming
+``fetch()`` with a JSON web token from ``@login``, or an EventSource with
+the cookie ``@login`` sets.
 """
 
 import base64
@@ -13,6 +16,7 @@ import json
 import os
 import time
 
+from collective.streamguard.testing import STREAMGUARD_DISTRIBUTION_WAITRESS_TESTING
 from collective.streamguard.tests.streamcases import LogTestCase
 
 CHROMIUM = "/usr/bin/chromium"
@@ -49,7 +53,9 @@ def chromium_driver(profile):
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
-class TestViewerInChromium(LogTestCase):
+class ChromiumTestCase(LogTestCase):
+    """A headless Chromium for every test, quit before the streams are checked."""
+
     old_lines = "an old line\n"
 
     def setUp(self):
@@ -80,6 +86,8 @@ class TestViewerInChromium(LogTestCase):
         finally:
             connection.close()
 
+
+class TestViewerInChromium(ChromiumTestCase):
     def log_in(self):
         from selenium.webdriver.common.by import By
 
@@ -150,3 +158,95 @@ class TestViewerInChromium(LogTestCase):
             time.sleep(0.02)
         self.driver.switch_to.window(first)
         self.assertEqual(len(self.live_streams()), 1)
+
+
+#: Run in a page of the site: a JSON web token from plone.restapi's @login,
+#: then @@stream-log read with a streaming fetch() that sends it, as Volto
+#: can (EventSource cannot send an Authorization header).  No cookie goes
+#: either way (credentials: "omit"): the token alone lets the request in.
+FETCH_WITH_TOKEN = """
+const [loginUrl, streamUrl, login, password] = arguments;
+const state = (window.streamguardTest = {received: "", status: null, error: null, ended: false});
+(async () => {
+    const answer = await fetch(loginUrl, {
+        method: "POST",
+        credentials: "omit",
+        headers: {"Accept": "application/json", "Content-Type": "application/json"},
+        body: JSON.stringify({login, password}),
+    });
+    const {token} = await answer.json();
+    const response = await fetch(streamUrl, {
+        credentials: "omit",
+        headers: {"Authorization": "Bearer " + token},
+    });
+    state.status = response.status;
+    state.reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    for (;;) {
+        const {value, done} = await state.reader.read();
+        if (done) break;
+        state.received += decoder.decode(value, {stream: true});
+    }
+    state.ended = true;
+})().catch((error) => { state.error = String(error); });
+"""
+
+#: The other way: @login also sets Plone's ``__ac`` cookie, which an
+#: EventSource of the same origin sends.
+EVENTSOURCE_WITH_COOKIE = """
+const [loginUrl, streamUrl, login, password] = arguments;
+const state = (window.streamguardTest = {received: "", status: null, error: null});
+(async () => {
+    const answer = await fetch(loginUrl, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: {"Accept": "application/json", "Content-Type": "application/json"},
+        body: JSON.stringify({login, password}),
+    });
+    state.status = answer.status;
+    state.source = new EventSource(streamUrl, {withCredentials: true});
+    state.source.onmessage = (event) => { state.received += event.data + "\\n"; };
+})().catch((error) => { state.error = String(error); });
+"""
+
+
+class TestJavaScriptClients(ChromiumTestCase):
+    """What README.rst tells a Volto or other JavaScript client to do."""
+
+    layer = STREAMGUARD_DISTRIBUTION_WAITRESS_TESTING
+
+    def state(self, name):
+        return self.driver.execute_script(f"return window.streamguardTest.{name}")
+
+    def run_client(self, script, query):
+        # A page of the site, so that the client is of the same origin.
+        self.driver.get(f"{self.base}/robots.txt")
+        self.driver.execute_script(
+            script, f"{self.base}/@login", f"{self.base}/@@stream-log?{query}", "admin", "secret"
+        )
+        self.wait(
+            lambda: self.live_streams() or self.state("error"), message="the stream never started"
+        )
+        self.assertIsNone(self.state("error"))
+        [stream] = self.live_streams()
+        self.assertEqual(stream["user"], "admin")
+        self.write("2026-11-21 INFO a line for the JavaScript client\n")
+        self.wait(
+            lambda: "a line for the JavaScript client" in self.state("received"),
+            message="the appended line never reached the client",
+        )
+        self.assertEqual(self.state("status"), 200)
+        self.assertIsNone(self.state("error"))
+
+    def test_streaming_fetch_with_a_bearer_token(self):
+        self.run_client(FETCH_WITH_TOKEN, "log=app")
+        self.assertNotIn("__ac", {c["name"] for c in self.driver.get_cookies()})
+        # Cancelling the reader closes the connection: the stream ends.
+        self.driver.execute_script("window.streamguardTest.reader.cancel()")
+        self.wait(lambda: not self.live_streams(), message="the stream outlived its reader")
+
+    def test_eventsource_with_the_cookie_of_login(self):
+        self.run_client(EVENTSOURCE_WITH_COOKIE, "log=app&format=sse")
+        self.assertIn("__ac", {c["name"] for c in self.driver.get_cookies()})
+        self.driver.execute_script("window.streamguardTest.source.close()")
+        self.wait(lambda: not self.live_streams(), message="the stream outlived its EventSource")

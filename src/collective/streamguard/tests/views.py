@@ -268,3 +268,49 @@ class ProbeView(BrowserView):
         verdict = connection_state(self.request)
         self.request.response.setHeader("Content-Type", "text/plain")
         return f"{verdict.state.value} {verdict.probe}\n"
+
+
+#: What ``HoldView`` saw, by tag, for servers in the test process.
+HELD = {}
+
+
+class HoldView(BrowserView):
+    """``@@streamguard-test-hold?tag=T``: keeps its worker thread until the
+    test opens gate T or the client leaves (60 s at most).
+
+    It leaves in ``HELD[T]`` the request, a copy of its environ taken
+    before anything was cached in it, the connection that
+    ``client_connection(request)`` found (``probe=0``: none asked, so the
+    test can ask after the response ended), the response's stdout and
+    ZServer's channel (``stdout._channel``), then
+    ``released`` once it returns: "gate", "client gone" or "timeout".
+    """
+
+    def __call__(self):
+        from collective.streamguard import client_connection
+
+        tag = self.request.form.get("tag", "")
+        ask = self.request.form.get("probe", "1") != "0"
+        gate(tag).clear()
+        held = HELD[tag] = {
+            "tag": tag,
+            "request": self.request,
+            "environ": dict(self.request.environ),
+            "stdout": self.request.response.stdout,
+            # ZServer's ChannelPipe drops it when the response ends.
+            "channel": getattr(self.request.response.stdout, "_channel", None),
+            "thread": threading.current_thread().name,
+        }
+        held["connection"] = connection = client_connection(self.request) if ask else None
+        released = "gate"
+        deadline = time.monotonic() + 60
+        while not gate(tag).wait(0.01):
+            if connection is not None and not connection.is_open():
+                released = "client gone"
+                break
+            if time.monotonic() > deadline:
+                released = "timeout"
+                break
+        held["released"] = released
+        self.request.response.setHeader("Content-Type", "text/plain")
+        return f"released: {released}\n"
