@@ -203,15 +203,21 @@ class Hub:
         self._run_timers()
 
     def _socket_event(self, stream, mask):
-        if mask & _GONE:
-            stream.gone = True
+        if mask & (select.EPOLLHUP | select.EPOLLERR):
+            # Reset, or both sides shut: nothing more can be sent.
+            stream.gone = stream.broken = True
             self._unregister(stream)
             if stream.state is ENDING:
                 self._close(stream)
             else:
                 stream.resume(STOP, gone=True)
             return
-        if mask & select.EPOLLOUT:
+        if mask & select.EPOLLRDHUP:
+            # The client shut its side (a FIN, or a half close that still
+            # reads): the stream ends, what is queued still goes out.
+            stream.gone = True
+            stream.resume(STOP, gone=True)
+        if mask & select.EPOLLOUT or stream.state is ENDING:
             self._send(stream)
 
     def _send(self, stream):
@@ -219,10 +225,10 @@ class Hub:
             try:
                 empty = stream.out.send(stream.sock)
             except OSError:
-                stream.gone = True
+                stream.gone = stream.broken = True
                 empty = False
             state, size = stream.state, stream.out.size
-        if state is ENDING and (empty or stream.gone):
+        if state is ENDING and (empty or stream.broken):
             self._close(stream)
         elif stream.gone:
             stream.resume(STOP, gone=True)
@@ -314,7 +320,7 @@ class Hub:
     def _on_close(self, stream, version):
         if stream.state is CLOSED:
             return
-        if stream.gone or not stream.out.size:
+        if stream.broken or not stream.out.size:
             self._close(stream)
             return
         # Let the last bytes go out (EPOLLOUT), for LINGER at most.

@@ -148,7 +148,10 @@ class ParkedStream:
         #: client did not read, and just goes on when resumed).
         self.in_idle = True
         self.outcome = None
+        #: The client left or half-closed: produce no more.
         self.gone = False
+        #: Nothing more can be sent (a send failed, a reset).
+        self.broken = False
         self.version = 0
         self.resumes = 0
         self.armed = ()
@@ -258,7 +261,7 @@ class ParkedStream:
             try:
                 self.out.send(self.sock)
             except OSError:
-                self.gone = True
+                self.gone = self.broken = True
                 return False
         return True
 
@@ -303,21 +306,22 @@ class ParkedStream:
         self.scheduler.submit(self)
 
     def _finish(self, error):
-        """The stream has ended (its cleanups ran): last bytes, then close."""
-        reason = self.guard.reason
-        from collective.streamguard.streams import EndReason
+        """The stream has ended (its cleanups ran): last bytes, then close.
 
+        As waitress ends a body: the terminating chunk after every end but
+        an error, and what is queued goes out while the socket takes it (a
+        client that only half-closed still reads it)."""
         with self.lock:
             self.state = ENDING
-            if self.chunked and not error and reason is not EndReason.CLIENT_GONE:
+            if self.chunked and not error:
                 self.out.add(b"0\r\n\r\n")
-            if reason is EndReason.CLIENT_GONE or self.gone:
-                self.out.close()
-            else:
+            if not self.broken:
                 try:
                     self.out.send(self.sock)
                 except OSError:
-                    self.out.close()
+                    self.broken = True
+            if self.broken:
+                self.out.close()
         self.guard.parked = None
         self.hub.post("close", self, 0)
 

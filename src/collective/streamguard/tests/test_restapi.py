@@ -62,7 +62,10 @@ class TestStreamStatusService(RestAPITestCase):
         self.assertEqual(code, 200, answer)
         self.assertEqual(headers["content-type"], "application/json")
         self.assertEqual(headers["cache-control"], "no-store")
-        self.assertEqual(set(answer), {"live", "ended", "refused", "open_zodb_sessions"})
+        self.assertEqual(
+            set(answer),
+            {"live", "ended", "refused", "open_zodb_sessions", "parked", "holding_a_thread"},
+        )
         # The stream waits at its gate: nothing about it changes meanwhile.
         self.assertEqual(answer["live"], status()["live"])
         [stream] = answer["live"]
