@@ -247,7 +247,7 @@ class Hub:
             stream.gone = True
         self.streams[stream.fd] = stream
         with stream.lock:
-            stream.state = RUNNING  # what _park_again expects
+            stream.state = RUNNING  # what _park_again expects (was ADOPTING)
         # Parked as the producer asked, unless something happened meanwhile
         # (the leftovers of the server go out first, EPOLLOUT if they wait).
         if not stream.gone and stream._park_again():

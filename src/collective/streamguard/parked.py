@@ -39,6 +39,7 @@ SEND_SIZE = 256 << 10
 SMALL_PART = 64
 # States of a parked stream.  Every change happens under its lock.
 DETACHING = "detaching"  # the server is letting go of the socket
+ADOPTING = "adopting"  # it has: the hub is taking it over
 PARKED = "parked"  # watched by the hub, no thread
 QUEUED = "queued"  # a wake condition fired: waits for a runner
 RUNNING = "running"  # a step runs on a worker
@@ -172,6 +173,12 @@ class ParkedStream:
         with self.lock:
             if gone:
                 self.gone = True
+            if self.state is DETACHING and self.guard.live_streams.shutting_down.is_set():
+                # Shutdown before the server's I/O thread let go of the
+                # socket (it may never do so now: its loop is stopping).
+                # The stream ends anyway and leaves the socket to the server.
+                self.abandon()
+                return True
             if self.state is not PARKED:
                 return False
             if (
@@ -325,12 +332,23 @@ class ParkedStream:
         self.guard.parked = None
         self.hub.post("close", self, 0)
 
+    def abandon(self):
+        """End the stream without its socket, which stays the server's (our
+        lock held): ``waitress_park._detach`` then closes the channel."""
+        self.close_channel = None
+        self.gone = self.broken = True
+        self.state = QUEUED
+        self.outcome = STOP
+        self.scheduler.submit(self)
+
     def orphan(self):
         """The server closed the socket before it let go of it: end the
         stream on a worker, and leave the socket (not ours) alone."""
         with self.lock:
+            if self.state is not ADOPTING:
+                return  # abandoned at shutdown meanwhile
             self.close_channel = None
-            self.gone = True
+            self.gone = self.broken = True
             self.state = QUEUED
         self.scheduler.submit(self)
 

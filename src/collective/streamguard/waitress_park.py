@@ -296,6 +296,15 @@ def _detach(channel, stream):
     # The I/O thread, inside the trigger's handle_read with its lock held:
     # no pull_trigger(thunk) from here.
     try:
+        with stream.lock:
+            abandoned = stream.state is not parking.DETACHING
+            if not abandoned:
+                stream.state = parking.ADOPTING
+        if abandoned:
+            # Shutdown ended the stream before this thunk ran: the channel
+            # goes as waitress' end of request would close it.
+            _close_channel(channel)
+            return
         sock = channel.socket
         if (
             not channel.connected

@@ -51,6 +51,8 @@ class Stream:
         self.cleanups = []
         self.threads = set()
         self.pipe = None
+        #: ``&gate=1``: the producer waits for it after its first line.
+        self.gate = threading.Event()
 
 
 class App:
@@ -110,6 +112,8 @@ class App:
     def producer(self, guard, stream, query):
         try:
             yield b"start %s\n" % stream.tag.encode()
+            if "gate" in query:
+                stream.gate.wait(10)
             timeout = float(query["timeout"]) if "timeout" in query else None
             readable = [stream.pipe[0]] if stream.pipe else []
             while True:

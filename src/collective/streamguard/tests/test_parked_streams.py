@@ -214,6 +214,31 @@ class TestEndings(ParkedStreamsTestCase):
             self.assertEqual(stream.finally_ran, 1)
 
 
+class TestShutdownWhileDetaching(ParkedStreamsTestCase):
+    def test_shutdown_before_the_io_thread_lets_go_of_the_socket(self):
+        # At SIGTERM waitress' loop may stop before it runs the thunk that
+        # hands the socket over: the stream still ends and runs its cleanups.
+        client = self.connect("/idle?tag=a&gate=1")
+        self.assertTrue(wait_for(lambda: self.app.stream("a") and self.app.stream("a").guard))
+        stream = self.app.stream("a")
+        blocked, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def block_io_thread():
+            blocked.set()
+            release.wait(10)
+
+        self.server.trigger.pull_trigger(block_io_thread)
+        self.assertTrue(blocked.wait(10))
+        stream.gate.set()  # the producer idles: the stream parks, its thunk waits
+        self.assertTrue(wait_for(lambda: self.state("a") == "detaching"))
+        self.assertEqual(self.app.live_streams.shutdown(10), 0)
+        self.assertEqual(stream.cleanups, ["shutdown"])
+        self.assertEqual(stream.finally_ran, 1)
+        release.set()
+        self.assertTrue(client.closed())
+
+
 class TestFallback(ParkedStreamsTestCase):
     def test_a_blocking_producer_holds_its_thread_and_ends_on_disconnect(self):
         client = self.connect("/idle?tag=a&blocking=1")
@@ -354,4 +379,4 @@ class TestQueueWarnings(unittest.TestCase):
 
 if not (hubs.SUPPORTED and waitress_park.SUPPORTED):  # pragma: no cover
     del TestParking, TestEndings, TestFallback, TestBackpressure, TestManyStreams
-    del TestQueueWarnings
+    del TestQueueWarnings, TestShutdownWhileDetaching
