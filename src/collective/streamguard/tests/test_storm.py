@@ -89,4 +89,4 @@ class TestAbandonStorm(StreamingTestCase):
         self.assertEqual(threading.active_count(), threads)
         self.assertTrue(wait_for(lambda: fd_count() <= fds), (fd_count(), fds))
         self.assertTrue(wait_for(lambda: len(open_connections(db)) <= connections))
-        self.assertEqual(open_sessions(), 0)
+        self.assertTrue(wait_for(lambda: open_sessions() == 0), open_sessions())
