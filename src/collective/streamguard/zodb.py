@@ -210,6 +210,14 @@ class ZODBSession:
             if self.connection is not None:
                 # Anything a cleanup did after the ending is not kept.
                 self.transaction_manager.abort()
+                if self.request is not None:
+                    # Its EndRequestEvent is looked up in the site's
+                    # registry, which lives in this connection: close it
+                    # first (a site whose registry the producer never loaded
+                    # could not be read once the connection is closed).
+                    self.request.close()
+                    self.request = None
+                    self.transaction_manager.abort()
                 self.connection.close()
         finally:
             self.context = self.site = self.app = None

@@ -7,12 +7,14 @@ resumed step, commits when it finishes and aborts when the client leaves.
 """
 
 import resource
+import threading
 import unittest
 
 import transaction
 
 from collective.streamguard import parking
 from collective.streamguard.streams import live_streams
+from collective.streamguard.testing import STREAMGUARD_INTEGRATION_TESTING
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.streamcases import LogTestCase
@@ -190,3 +192,69 @@ class TestParkedCap(unittest.TestCase):
         self.assertEqual(parking.max_parked_streams(Settings()), 3)
         Settings.max_parked_streams = 0
         self.assertEqual(parking.max_parked_streams(Settings()), derived)
+
+
+class TestZODBSessionSteps(unittest.TestCase):
+    """What a parked zodb=True stream relies on, in one process: the step
+    hooks make the session current in any thread and give it back."""
+
+    layer = STREAMGUARD_INTEGRATION_TESTING
+
+    def test_each_step_sees_the_session_and_the_thread_gets_its_own_back(self):
+        from AccessControl.SecurityManagement import getSecurityManager
+        from AccessControl.SecurityManagement import setSecurityManager
+        from plone.app.testing import TEST_USER_ID
+        from zope.component.hooks import getSite
+        from zope.component.hooks import setSite
+
+        from collective.streamguard.guard import StreamGuard
+        from collective.streamguard.probes import UnknownConnection
+        from collective.streamguard.streams import LiveStreams
+        from collective.streamguard.zodb import ZODBSession
+
+        self.addCleanup(setSite, getSite())
+        self.addCleanup(setSecurityManager, getSecurityManager())
+        self.addCleanup(setattr, transaction.manager, "manager", transaction.manager.manager)
+        session = ZODBSession(self.layer["portal"], self.layer["request"])
+        guard = StreamGuard(UnknownConnection(), live_streams=LiveStreams())
+        before = transaction.manager.manager
+        session.open(guard)
+        self.assertIs(transaction.manager.manager, session.transaction_manager)
+        guard.leave_step()  # what waitress_park.park does before the first park
+        self.assertIs(transaction.manager.manager, before)
+        self.assertIsNone(getSite())
+        seen = {}
+
+        def step():
+            own = transaction.manager.manager
+            guard.enter_step()
+            seen["manager"] = transaction.manager.manager is session.transaction_manager
+            seen["site"] = getSite() is session.site
+            seen["user"] = getSecurityManager().getUser().getId()
+            seen["jar"] = session.context._p_jar is session.connection
+            guard.leave_step()
+            seen["restored"] = transaction.manager.manager is own and getSite() is None
+            seen["anonymous"] = getSecurityManager().getUser().getId() is None
+
+        for _ in range(3):  # three steps, each in a thread of its own
+            seen.clear()
+            thread = threading.Thread(target=step)
+            thread.start()
+            thread.join(10)
+            self.assertEqual(
+                seen,
+                dict(
+                    manager=True,
+                    site=True,
+                    user=TEST_USER_ID,
+                    jar=True,
+                    restored=True,
+                    anonymous=True,
+                ),
+            )
+        guard.enter_step()
+        guard.reason = None
+        session.end_transaction()  # not finished: aborted
+        session.close()
+        guard.leave_step()
+        self.assertIs(transaction.manager.manager, before)
