@@ -15,9 +15,7 @@ per-user inotify limit, ``fileno()`` is -1 and callers wait ``poll_interval``.
 """
 
 import codecs
-import ctypes
 import errno
-import functools
 import os
 import stat
 import sys
@@ -102,21 +100,9 @@ class Piece:
         return f"Piece({self.text!r:.60}, {self.offset})"
 
 
-@functools.cache
 def _inotify():
     """(inotify_init1, inotify_add_watch, inotify_rm_watch) or None."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        init = libc.inotify_init1
-        add = libc.inotify_add_watch
-        rm = libc.inotify_rm_watch
-    except (OSError, AttributeError):
-        return None
-    init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
-    add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    add.restype = ctypes.c_int
-    rm.argtypes, rm.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return init, add, rm
+    return inotify.api()
 
 
 #: The backward scan for the last N lines reads at most this much: a huge

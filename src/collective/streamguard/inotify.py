@@ -37,7 +37,8 @@ _EVENT = struct.Struct("iIII")
 
 
 @functools.cache
-def _api():
+def api():
+    """(inotify_init1, inotify_add_watch, inotify_rm_watch) from libc, or None."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         init, add, rm = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
@@ -91,7 +92,7 @@ class Subscriber:
 
 class SharedInotify:
     def __init__(self, hub):
-        init, self._add, self._rm = _api()
+        init, self._add, self._rm = api()
         self.ifd = init(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.ifd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
@@ -168,7 +169,7 @@ def shared():
     global _shared
     from collective.streamguard import hub
 
-    if not hub.SUPPORTED or _api() is None:
+    if not hub.SUPPORTED or api() is None:
         return None
     with _shared_lock:
         current = _shared
