@@ -2,20 +2,24 @@
 
 A log is streamed until the writer puts ``<<<<<EOFMARKER>>>>>`` at the start
 of a line.  Instead of reopening the file and sleeping on every turn, here
-``fileno()`` is an inotify fd for ``guard.wait(timeout, readable=[fd])`` and
-``read()`` returns what is there now, as ``Piece`` objects whose exact byte
-offsets serve as SSE event ids.  Rotation (rename and create, copytruncate,
+inotify reports changes (``on_change(guard.wake)``, or ``fileno()`` for
+``guard.wait(timeout, readable=[fd])``) and ``read()`` returns what is there
+now, as ``Piece`` objects whose exact byte offsets serve as SSE event ids.
+The followers of one path in a process share its descriptors, its watches
+and, once per change, their questions to the file system (``LogSource``).  Rotation (rename and create, copytruncate,
 delete and re-create) is followed by name.  The name is never followed through
 a symbolic link: the directory is pinned at ``open()``, the file is opened with
 ``O_NOFOLLOW`` and must be a regular file, and a name later swapped for a
 symbolic link or a non-regular file makes ``read()`` raise ``LogUnavailable``.
 
-Standard library only; Linux inotify through ctypes.  Elsewhere, or past the
-per-user inotify limit, ``fileno()`` is -1 and callers wait ``poll_interval``.
+Standard library only; Linux inotify through ctypes (the process' one
+instance, ``collective.streamguard.inotify``).  Elsewhere ``notifies`` is
+False, ``fileno()`` is -1 and callers wait ``poll_interval``.
 """
 
 import codecs
 import errno
+import logging
 import os
 import stat
 import sys
@@ -24,6 +28,8 @@ import threading
 from collective.streamguard import inotify
 from collective.streamguard.utf8 import InvalidUTF8
 from collective.streamguard.utf8 import check_utf8
+
+logger = logging.getLogger("collective.streamguard")
 
 END_MARKER = "<<<<<EOFMARKER>>>>>"
 
@@ -100,11 +106,6 @@ class Piece:
         return f"Piece({self.text!r:.60}, {self.offset})"
 
 
-def _inotify():
-    """(inotify_init1, inotify_add_watch, inotify_rm_watch) or None."""
-    return inotify.api()
-
-
 #: The backward scan for the last N lines reads at most this much: a huge
 #: ``lines=`` on a large log costs no more than this (then it starts at the
 #: first line that begins within it).
@@ -143,6 +144,210 @@ def _start_of_last_lines(fd, size, count, max_bytes=MAX_SCAN_BYTES):
     return last_newline if last_newline < size else floor
 
 
+# -- what the followers of one path share -------------------------------------
+
+
+class _OpenFile:
+    """One file open at (or once at) a followed name: its fd, its identity
+    (st_dev, st_ino) and its inotify watch, shared by the followers reading it."""
+
+    __slots__ = ("fd", "ident", "wd", "users")
+
+    def __init__(self, fd, ident):
+        self.fd, self.ident, self.wd, self.users = fd, ident, -1, 0
+
+
+class LogSource:
+    """What every follower of one path in this process shares.
+
+    One pinned directory fd, one fd per file open at the name (the current
+    file, and a rotated one while a follower still reads it), one
+    subscription to the process' inotify instance, and a count of the
+    changes inotify reported.  Ten thousand streams of the event log hold
+    two descriptors between them, not three each.
+
+    While inotify reports changes, what the followers ask of the file system
+    is answered once per change for all of them: the check of the name, the
+    size, and small reads (the tail of a fan-out: every follower reads the
+    same new line at the same offset).  A follower that read to the end
+    asks nothing at all until the count moves.  An answer is as fresh as
+    the last event: a write after it makes an event of its own, which moves
+    the count and wakes every follower, so nothing is missed.
+    """
+
+    _sources = {}  # path -> LogSource, see acquire()
+    _sources_lock = threading.Lock()
+    #: Small reads kept per change; larger ones (a catch-up) are the
+    #: reader's own.
+    _CACHED_READS = 16
+
+    def __init__(self, path):
+        self.path = path
+        self.dir, self.name = os.path.split(path)
+        self.users = 0
+        self.lock = threading.Lock()
+        self.files = {}  # ident -> _OpenFile
+        #: Told of every change, in the hub's thread: a tuple, replaced
+        #: whole, so the hub reads it without the lock.
+        self.listeners = ()
+        #: Moves at every inotify event (only the hub's thread changes it);
+        #: None while nothing reports changes: then every question goes to
+        #: the file system.
+        self.changes = None
+        self._subscriber = None
+        self._cache = {}
+        self._cache_at = None
+        self.dfd = None
+
+    @classmethod
+    def acquire(cls, path, use_inotify=True):
+        """The shared source of ``path`` (opened on first use); raises
+        ``LogUnavailable`` when its directory cannot be opened."""
+        with cls._sources_lock:
+            key = (path, bool(use_inotify), os.getpid())
+            source = cls._sources.get(key)
+            if source is None:
+                source = cls(path)
+                source._open(use_inotify)
+                cls._sources[key] = source
+                source.key = key
+            source.users += 1
+            return source
+
+    def release(self):
+        with self._sources_lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if self._sources.get(self.key) is self:
+                del self._sources[self.key]
+        if self._subscriber is not None:
+            self._subscriber.close()
+        os.close(self.dfd)
+
+    def _open(self, use_inotify):
+        try:
+            # Pinned once: a parent directory later swapped for a symbolic
+            # link cannot redirect the followers.  A directory that is a
+            # symbolic link at configuration time (/var/log) is fine.
+            self.dfd = os.open(self.dir, _DIR_FLAGS)
+        except OSError as error:
+            raise LogUnavailable(f"directory {self.dir}: {_reason(error)}") from None
+        shared = inotify.shared() if use_inotify and inotify.api() is not None else None
+        if shared is None:
+            return  # followers wait their poll_interval
+        subscriber = shared.subscribe(os.fsencode(self.name), self._changed)
+        if subscriber.watch(os.fsencode(self.dir), DIR_MASK | IN_ONLYDIR) < 0:
+            subscriber.close()
+            return
+        self._subscriber, self.changes = subscriber, 0
+
+    # -- changes (the hub's thread) -------------------------------------------
+
+    def _changed(self):
+        # No lock: the hub must not wait for a reader's system call.
+        self.changes += 1
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:
+                logger.exception("a listener of %s failed", self.path)
+
+    def listen(self, listener):
+        with self.lock:
+            self.listeners += (listener,)
+
+    def unlisten(self, listener):
+        with self.lock:
+            listeners = list(self.listeners)
+            if listener in listeners:
+                listeners.remove(listener)
+                self.listeners = tuple(listeners)
+
+    # -- the file system, once per change ---------------------------------------
+
+    def _cached(self, key, ask, shared):
+        """``ask()``'s answer, kept until the next change; ``shared``: an
+        answer kept since the last change will do."""
+        if not shared or self.changes is None:
+            return ask()
+        with self.lock:
+            changes = self.changes
+            if self._cache_at != changes:
+                self._cache.clear()
+                self._cache_at = changes
+            try:
+                answer = self._cache[key]
+            except KeyError:
+                pass
+            else:
+                if isinstance(answer, OSError):
+                    raise answer
+                return answer
+            try:
+                answer = ask()
+            except OSError as error:
+                answer = error
+            # Kept only if no event came meanwhile: the answer may be older.
+            if self.changes == changes and (
+                key[0] != "read" or len(self._cache) < self._CACHED_READS
+            ):
+                self._cache[key] = answer
+            if isinstance(answer, OSError):
+                raise answer
+            return answer
+
+    def stat_name(self, shared=False):
+        """os.stat of the name (not followed); raises OSError."""
+        return self._cached(("name",), self._stat_name, shared)
+
+    def _stat_name(self):
+        return os.stat(self.name, dir_fd=self.dfd, follow_symlinks=False)
+
+    def size(self, file, shared=False):
+        return self._cached(("size", file.ident), lambda: os.fstat(file.fd).st_size, shared)
+
+    def pread(self, file, count, offset, shared=False):
+        key = ("read", file.ident, count, offset)
+        return self._cached(key, lambda: os.pread(file.fd, count, offset), shared)
+
+    # -- open files ---------------------------------------------------------
+
+    def open_file(self):
+        """The file now at the name, shared (take it with ``take``); None
+        if there is none; raises ``_Refused(reason)`` or OSError."""
+        fd = os.open(self.name, _OPEN_FLAGS, dir_fd=self.dfd)
+        info = os.fstat(fd)
+        ident = (info.st_dev, info.st_ino)
+        with self.lock:
+            file = self.files.get(ident)
+            if file is not None:
+                file.users += 1
+                os.close(fd)  # the one we have is the same file
+                return file, info
+            file = self.files[ident] = _OpenFile(fd, ident)
+            file.users = 1
+        if self._subscriber is not None:
+            # The open fd's inode, through /proc: no race with a rename
+            # between our open() and the watch.  Without /proc, every write
+            # in the directory wakes us.
+            file.wd = self._subscriber.watch(f"/proc/self/fd/{fd}".encode(), FILE_MASK)
+            if file.wd < 0:
+                self._subscriber.watch(os.fsencode(self.dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
+        return file, info
+
+    def close_file(self, file):
+        with self.lock:
+            file.users -= 1
+            if file.users > 0:
+                return
+            if self.files.get(file.ident) is file:
+                del self.files[file.ident]
+        if file.wd >= 0 and self._subscriber is not None:
+            self._subscriber.unwatch(file.wd)
+        os.close(file.fd)
+
+
 class LogFollower:
     """Follow the file at ``path`` by name, like ``tail -F``.
 
@@ -151,6 +356,11 @@ class LogFollower:
     lines, or else at the end.  A line starting with ``end_marker`` (None or
     "" for none) ends the log: it and everything after it are never returned.
     Pieces cover at most ``max_piece`` bytes of the file.
+
+    The descriptors and watches are the path's ``LogSource``, shared with
+    every other follower of the path in the process; a follower itself
+    holds only its position.  ``on_change(callback)`` tells of changes
+    without any descriptor; ``fileno()`` makes one on demand.
     """
 
     def __init__(
@@ -169,7 +379,6 @@ class LogFollower:
         if (offset or 0) < 0 or (last_lines or 0) < 0:
             raise ValueError("offset and last_lines must not be negative")
         self.path = os.path.abspath(os.fspath(path))
-        self._dir, self._name = os.path.split(self.path)
         self._marker = (end_marker or "").encode("utf-8")
         self._nl_marker = b"\n" + self._marker
         # A held-back tail (marker prefix, or an incomplete UTF-8 sequence)
@@ -179,14 +388,19 @@ class LogFollower:
         self.poll_interval = poll_interval
         self._use_inotify = use_inotify
         self._start = (offset, last_lines)
-        self._dfd = self._fd = self._ifd = None
-        self._shared = None  # our part of the process' shared inotify instance
-        self._file_wd = -1
-        self._ident = None
+        self._source = None
+        self._file = None  # the source's _OpenFile we read, or None
+        self._callbacks = []  # see on_change()
+        self._eventfd = -1  # see fileno()
         self._pos = 0
         self._scan_lines = None  # last_lines, scanned at the first read()
         self._tail = b""  # the bytes just before _pos, see _rewritten()
         self._at_line_start = True
+        #: The source's change count when a read last reached the end of
+        #: the file: until it moves, there is nothing new to read.
+        self._read_up_to = None
+        self._seen = None  # the change count when read() last looked
+        self._shared = False  # this read() may use the source's answers
         self._ended = False
         self._error = None
         self._opened = self._closed = False
@@ -207,15 +421,43 @@ class LogFollower:
         with self._lock:
             self._open()
 
+    @property
+    def notifies(self):
+        """True when changes are reported (``on_change``, ``fileno()``):
+        else callers wait ``poll_interval`` between reads."""
+        return self._source is not None and self._source.changes is not None
+
+    def on_change(self, callback):
+        """Call ``callback()`` (in another thread, quickly) whenever the
+        file may have changed; ``guard.wake`` is the usual one."""
+        with self._lock:
+            self._callbacks.append(callback)
+
     def fileno(self):
         """An fd that becomes readable when the file may have changed, or -1
-        (no inotify: wait ``poll_interval`` between reads)."""
-        return -1 if self._ifd is None else self._ifd
+        (nothing reports changes: wait ``poll_interval`` between reads).
+        Made on first use: a follower waited on by its guard needs none."""
+        with self._lock:
+            if self._eventfd < 0 and self.notifies and not self._closed:
+                self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                # Readable at once if a change came since read() last looked.
+                # After the assignment: the hub counts a change before it
+                # calls _changed(), so one of the two writes it.
+                if self._source.changes != self._seen:
+                    os.eventfd_write(self._eventfd, 1)
+            return self._eventfd
 
-    def read(self, max_bytes=1 << 20):
+    def read(self, max_bytes=1 << 20, *, notified=False):
         """Everything available now (about ``max_bytes`` at most), never
         blocking; follows rotation.  Raises ``LogUnavailable`` once the name
-        is a symbolic link or not a regular file, and on every call after."""
+        is a symbolic link or not a regular file, and on every call after.
+
+        ``notified``: the caller is woken by ``on_change`` (``LogStream``),
+        so everything up to the last reported change is enough: answers
+        the path's other followers got since that change are reused, and a
+        follower that had read to the end gets [] without a system call.
+        A write after the change reports a change of its own.
+        """
         with self._lock:
             if self._closed or self._ended:
                 return []
@@ -223,19 +465,26 @@ class LogFollower:
             if self._error is not None:
                 raise LogUnavailable(self._error)
             self._drain()
-            if self._scan_lines is not None and self._fd is not None:
+            source = self._source
+            changes = self._seen = source.changes
+            if notified and changes is not None and changes == self._read_up_to:
+                return []  # read to the end, and nothing happened since
+            self._read_up_to = None
+            self._shared = notified and changes is not None
+            if self._scan_lines is not None and self._file is not None:
                 # Here, in the stream, not at open(): the request thread
                 # that opened the follower may not even get a stream slot.
                 count, self._scan_lines = self._scan_lines, None
                 try:
-                    size = os.fstat(self._fd).st_size
-                    self._pos = _start_of_last_lines(self._fd, size, count)
+                    size = os.fstat(self._file.fd).st_size
+                    self._pos = _start_of_last_lines(self._file.fd, size, count)
                     self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
                 except OSError as error:
                     self._fail(_reason(error))
             pieces = []
             try:
-                self._follow(pieces, max_bytes)
+                if self._follow(pieces, max_bytes) and self._shared:
+                    self._read_up_to = changes
             except LogUnavailable:
                 if not pieces:
                     raise
@@ -253,7 +502,7 @@ class LogFollower:
     def size(self):
         """Size of the file being followed (0 while there is none)."""
         with self._lock:
-            return 0 if self._fd is None else os.fstat(self._fd).st_size
+            return 0 if self._file is None else os.fstat(self._file.fd).st_size
 
     @property
     def offset(self):
@@ -261,20 +510,20 @@ class LogFollower:
         return self._pos
 
     def close(self):
-        """Close the file, directory and inotify fds; idempotent."""
+        """Let go of the shared file and directory; idempotent."""
         with self._lock:
             self._closed = True
-            if self._shared is not None:
-                shared, self._shared, self._ifd = self._shared, None, None
-                shared.close()
-            for name in ("_fd", "_ifd", "_dfd"):
-                fd = getattr(self, name)
-                setattr(self, name, None)
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+            source, self._source = self._source, None
+            if source is not None:
+                source.unlisten(self._changed)
+                if self._file is not None:
+                    source.close_file(self._file)
+                    self._file = None
+                source.release()
+            self._callbacks = []
+            fd, self._eventfd = self._eventfd, -1
+            if fd >= 0:
+                os.close(fd)
 
     def __enter__(self):
         self.open()
@@ -295,19 +544,17 @@ class LogFollower:
             raise ValueError("the follower is closed")
         self._opened = True
         try:
-            # Pinned once: a parent directory later swapped for a symbolic
-            # link cannot redirect the follower.  A directory that is a
-            # symbolic link at configuration time (/var/log) is fine.
-            self._dfd = os.open(self._dir, _DIR_FLAGS)
-        except OSError as error:
+            self._source = LogSource.acquire(self.path, self._use_inotify)
+        except LogUnavailable:
             self._opened = False
-            raise LogUnavailable(f"directory {self._dir}: {_reason(error)}") from None
+            raise
+        self._source.listen(self._changed)
+        self._seen = self._source.changes
         try:
-            self._start_inotify()
             if not self._open_file():
                 return  # followed from 0 once it exists
             offset, last_lines = self._start
-            size = os.fstat(self._fd).st_size
+            size = os.fstat(self._file.fd).st_size
             if last_lines is not None:
                 self._scan_lines = last_lines
                 self._pos = size
@@ -330,12 +577,11 @@ class LogFollower:
         if self._check_name() is _MISSING:
             return False
         try:
-            fd = os.open(self._name, _OPEN_FLAGS, dir_fd=self._dfd)
+            file, info = self._source.open_file()
         except FileNotFoundError:
             return False
         except OSError as error:
             self._fail(_reason(error))
-        info = os.fstat(fd)
         problem = None
         if not stat.S_ISREG(info.st_mode):  # swapped between lstat and open
             problem = "is not a regular file"
@@ -345,21 +591,20 @@ class LogFollower:
             # A procfs or sysfs file reads data while its size says 0: it
             # would be sent again from its start at every change.
             try:
-                if os.pread(fd, 1, 0):
+                if os.pread(file.fd, 1, 0):
                     problem = "reads data while its size is 0 (a pseudo-file)"
             except OSError as error:
                 problem = _reason(error)
         if problem is not None:
-            os.close(fd)
+            self._source.close_file(file)
             self._fail(problem)
-        self._fd, self._ident = fd, (info.st_dev, info.st_ino)
-        self._watch_file()
+        self._file = file
         return True
 
     def _check_name(self):
         """Where the name points now: our file, another file, or nowhere."""
         try:
-            info = os.stat(self._name, dir_fd=self._dfd, follow_symlinks=False)
+            info = self._source.stat_name(self._shared)
         except FileNotFoundError:
             return _MISSING
         except OSError as error:
@@ -372,7 +617,7 @@ class LogFollower:
             # A hard link to another file moved in place of the log: never
             # followed like a rotation.
             self._fail(f"has {info.st_nlink} hard links")
-        if self._fd is not None and (info.st_dev, info.st_ino) == self._ident:
+        if self._file is not None and (info.st_dev, info.st_ino) == self._file.ident:
             return _SAME
         return _OTHER
 
@@ -381,77 +626,44 @@ class LogFollower:
         raise LogUnavailable(self._error)
 
     def _close_file(self):
-        if self._file_wd >= 0 and self._shared is not None:
-            self._shared.unwatch(self._file_wd)
-        elif self._file_wd >= 0 and self._ifd is not None:
-            _inotify()[2](self._ifd, self._file_wd)
-        self._file_wd = -1
-        os.close(self._fd)
-        self._fd = self._ident = None
+        file, self._file = self._file, None
+        self._source.close_file(file)
 
-    # -- inotify ------------------------------------------------------------
+    # -- changes ------------------------------------------------------------
 
-    def _start_inotify(self):
-        api = _inotify() if self._use_inotify else None
-        if api is None:
-            return
-        # The process' one instance, with an eventfd of our own to wait on
-        # (collective.streamguard.inotify); else an instance of our own.
-        shared = inotify.shared()
-        if shared is not None:
-            subscriber = shared.subscribe(os.fsencode(self._name))
-            if subscriber.watch(os.fsencode(self._dir), DIR_MASK | IN_ONLYDIR) >= 0:
-                self._shared, self._ifd = subscriber, subscriber.fileno()
-                return
-            subscriber.close()
-        init, add, _rm = api
-        # IN_NONBLOCK and IN_CLOEXEC are O_NONBLOCK and O_CLOEXEC by definition.
-        ifd = init(os.O_NONBLOCK | os.O_CLOEXEC)
-        if ifd < 0:
-            return  # EMFILE: fs.inotify.max_user_instances (128) is reached
-        if add(ifd, os.fsencode(self._dir), DIR_MASK | IN_ONLYDIR) < 0:
-            os.close(ifd)
-            return
-        self._ifd = ifd
-
-    def _watch_file(self):
-        if self._ifd is None:
-            return
-        if self._shared is not None:
-            self._file_wd = self._shared.watch(f"/proc/self/fd/{self._fd}".encode(), FILE_MASK)
-            if self._file_wd < 0:
-                self._shared.watch(os.fsencode(self._dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
-            return
-        _init, add, _rm = _inotify()
-        # The open fd's inode, through /proc: no race with a rename between
-        # our open() and the watch.  Without /proc, fall back to reporting
-        # every write in the directory.
-        self._file_wd = add(self._ifd, f"/proc/self/fd/{self._fd}".encode(), FILE_MASK)
-        if self._file_wd < 0:
-            add(self._ifd, os.fsencode(self._dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
+    def _changed(self):
+        # The hub's thread, for every inotify event of the path.
+        if self._eventfd >= 0:
+            try:
+                os.eventfd_write(self._eventfd, 1)
+            except OSError:
+                pass  # closed meanwhile
+        for callback in self._callbacks:
+            callback()
 
     def _drain(self):
         # Drained before reading: a write after this point leaves the fd
         # readable, so no change is ever missed between read() and wait().
-        if self._ifd is None:
-            return
-        try:
-            while os.read(self._ifd, 65536):
+        if self._eventfd >= 0:
+            try:
+                os.eventfd_read(self._eventfd)
+            except BlockingIOError:
                 pass
-        except BlockingIOError:
-            pass
 
     # -- reading ------------------------------------------------------------
 
     def _follow(self, pieces, budget):
+        """Read what is there; True when the end of the file at the name
+        was reached (nothing more to read until the next change)."""
+        source = self._source
         while True:
             where = self._check_name()
-            if self._fd is None:
+            if self._file is None:
                 if where is _MISSING or not self._open_file():
-                    return
+                    return True
                 self._pos, self._at_line_start, self._tail = 0, True, b""
                 where = _SAME
-            elif os.fstat(self._fd).st_size < self._pos or self._rewritten():
+            elif source.size(self._file, self._shared) < self._pos or self._rewritten():
                 # copytruncate: the file shrank under us (or shrank and grew
                 # past our position before we looked); its new content
                 # starts at 0.
@@ -460,32 +672,39 @@ class LogFollower:
             # writer still had buffered: read it to its end, hold nothing back.
             used, at_end = self._read_into(pieces, budget, final=where is _OTHER)
             budget -= used
-            if self._ended or not at_end or where is not _OTHER:
-                return
+            if self._ended or not at_end:
+                return self._ended
+            if where is not _OTHER:
+                return True
             self._close_file()
 
     def _byte_before(self):
-        return os.pread(self._fd, 1, self._pos - 1)
+        return self._source.pread(self._file, 1, self._pos - 1, self._shared)
 
     def _rewritten(self):
         """True when the bytes before the read position are not the ones we
         read there: the file was truncated and written again."""
         tail = self._tail
-        return bool(tail) and os.pread(self._fd, len(tail), self._pos - len(tail)) != tail
+        if not tail:
+            return False
+        return self._source.pread(self._file, len(tail), self._pos - len(tail), self._shared) != tail
 
     def _read_into(self, pieces, budget, final):
         """Read from ``self._pos`` up to about ``budget`` bytes or the end of
         the file; return (bytes read, whether the end was reached)."""
         used = 0
+        file = self._file
         while used < budget:
             want = min(self.max_piece, max(budget - used, self._min_chunk))
             buffer = self._pooled_buffer() if want == self.max_piece >= _POOLED_FROM else None
             try:
-                if buffer is None:
-                    data = os.pread(self._fd, want, self._pos)
-                else:
-                    count = os.preadv(self._fd, [buffer], self._pos)
+                if buffer is not None:
+                    count = os.preadv(file.fd, [buffer], self._pos)
                     data = buffer if count == want else bytes(memoryview(buffer)[:count])
+                elif want < _POOLED_FROM:
+                    data = self._source.pread(file, want, self._pos, self._shared)
+                else:
+                    data = os.pread(file.fd, want, self._pos)
             except OSError as error:
                 self._fail(f"cannot be read: {_reason(error)}")
             used += len(data)

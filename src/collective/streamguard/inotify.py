@@ -3,11 +3,11 @@
 Linux allows 128 inotify instances per user (``fs.inotify.max_user_instances``):
 with one per follower the 129th log stream had none and polled every
 ``poll_interval``, which for thousands of parked log streams is thousands
-of resumes a second.  Here all followers share one instance.  Each
-follower gets an eventfd of its own (``Subscriber.fileno()``: one fd, and
-no instance limit) that becomes readable when one of its watches fires, so
-it is waited on like the inotify fd it replaces.  The shared instance is
-read by the hub's thread (``hub.Hub.watch_fd``), never by a worker.
+of resumes a second.  Here all followers share one instance, and the
+followers of one path share one ``Subscriber`` (``follow.LogSource``),
+whose ``wake()`` the hub's thread calls when one of its watches fires: no
+descriptor per follower.  The shared instance is read by the hub's thread
+(``hub.Hub.watch_fd``), never by a worker.
 
 inotify gives the same watch descriptor for the same inode within one
 instance and replaces its mask unless IN_MASK_ADD is given, so watches are
@@ -52,17 +52,15 @@ def api():
 
 
 class Subscriber:
-    """One follower's view of the shared instance: an eventfd to wait on."""
+    """One path's view of the shared instance: ``wake()`` is called in the
+    hub's thread when one of its watches fires."""
 
-    def __init__(self, inotify, name=None):
+    def __init__(self, inotify, name, wake):
         self.inotify = inotify
         #: Directory events wake it only for this file name (bytes).
         self.name = name
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake = wake
         self.masks = {}  # wd -> mask
-
-    def fileno(self):
-        return self.fd
 
     def watch(self, path, mask):
         """Add a watch for ``path`` (bytes); its wd, or -1."""
@@ -71,23 +69,8 @@ class Subscriber:
     def unwatch(self, wd):
         self.inotify.unwatch(self, wd)
 
-    def drain(self):
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
-
-    def wake(self):
-        try:
-            os.eventfd_write(self.fd, 1)
-        except OSError:
-            pass  # closed meanwhile
-
     def close(self):
         self.inotify.unsubscribe(self)
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
 
 
 class SharedInotify:
@@ -102,8 +85,10 @@ class SharedInotify:
         self.hub = hub
         hub.watch_fd(self.ifd, self._dispatch)
 
-    def subscribe(self, name=None):
-        return Subscriber(self, name)
+    def subscribe(self, name, wake):
+        """Watches whose events call ``wake()``; directory events only for
+        the file ``name`` (bytes; None: all)."""
+        return Subscriber(self, name, wake)
 
     def watch(self, subscriber, path, mask):
         # The add and the table entry under one lock: an event for a new wd
@@ -157,7 +142,10 @@ class SharedInotify:
                     for subscriber in self._watches.pop(wd, {}):
                         subscriber.masks.pop(wd, None)
         for subscriber in woken:
-            subscriber.wake()
+            try:
+                subscriber.wake()
+            except Exception:
+                logger.exception("a watcher of the shared inotify instance failed")
 
 
 _shared = None

@@ -53,8 +53,11 @@ class LogStream:
 
     def pieces(self, guard):
         follower = self.follower
-        fd = follower.fileno()
-        readable = [fd] if fd >= 0 else []
+        # Changes wake the guard: no descriptor of our own to wait on, so a
+        # parked log stream holds its socket and nothing else.
+        notifies = follower.notifies
+        if notifies:
+            follower.on_change(guard.wake)
         if self.sse:
             # Sent first: how long an EventSource waits to reconnect.
             yield RETRY
@@ -64,7 +67,7 @@ class LogStream:
         caught_up_at = follower.size
         while True:
             try:
-                pieces = follower.read()
+                pieces = follower.read(notified=notifies)
             except LogUnavailable as error:
                 # The file became something we must not read (a symlink, a
                 # hard link) or cannot be read: stop here, having sent
@@ -91,8 +94,8 @@ class LogStream:
             # the whole mechanism where there is no inotify).  A long one with
             # inotify: each timeout resumes a parked stream (thousands of
             # them would cost thousands of steps a second).
-            timeout = follower.poll_interval if fd < 0 else INOTIFY_SAFETY_NET
-            if (yield from guard.idle(timeout, readable)):
+            timeout = INOTIFY_SAFETY_NET if notifies else follower.poll_interval
+            if (yield from guard.idle(timeout)):
                 return
 
     def format(self, piece):

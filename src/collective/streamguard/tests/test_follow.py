@@ -436,7 +436,7 @@ class RotationWithoutInotifyTests(RotationTests):
         self.assertEqual(self.follower().fileno(), -1)
 
     def test_no_inotify_in_libc(self):
-        with mock.patch.object(follow, "_inotify", lambda: None):
+        with mock.patch.object(follow.inotify, "api", lambda: None):
             follower = LogFollower(self.path)
             self.addCleanup(follower.close)
             follower.open()
@@ -556,7 +556,7 @@ class SecurityTests(FollowTestCase):
         # A real EISDIR from pread(): the follower's fd swapped for a
         # directory's, as a failing disk would fail the read.
         directory_fd = os.open(self.dir, os.O_RDONLY)
-        os.dup2(directory_fd, follower._fd)
+        os.dup2(directory_fd, follower._file.fd)
         os.close(directory_fd)
         with self.assertRaisesRegex(LogUnavailable, "cannot be read"):
             follower._read_into([], 100, final=False)

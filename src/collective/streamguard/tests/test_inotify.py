@@ -1,20 +1,24 @@
-"""Followers share the process' one inotify instance (``inotify``).
+"""Followers share the process' one inotify instance (``inotify``), and the
+followers of one path share its descriptors (``follow.LogSource``).
 
 Linux allows 128 inotify instances per user: with one per follower the
-129th polled.  Each follower now waits on an eventfd of its own, which the
-hub's thread makes readable when the follower's watches fire.
+129th polled.  A parked log stream used to hold its file, its directory and
+an eventfd besides its socket; now the followers of a path hold two
+descriptors between them and are told of changes by a callback.
 """
 
 import os
 import select
 import shutil
 import tempfile
+import threading
 import time
 import unittest
 
 from collective.streamguard import hub as hubs
 from collective.streamguard import inotify
 from collective.streamguard.follow import LogFollower
+from collective.streamguard.follow import Piece
 
 
 def inotify_instances():
@@ -26,6 +30,10 @@ def inotify_instances():
         except OSError:
             pass
     return count
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
 
 
 def all_readable(fds, timeout=10.0):
@@ -41,7 +49,11 @@ def all_readable(fds, timeout=10.0):
     return waiting
 
 
-class SharedInotifyTests(unittest.TestCase):
+def text(pieces):
+    return "".join(piece.text for piece in pieces)
+
+
+class FollowersTestCase(unittest.TestCase):
     def setUp(self):
         if inotify.shared() is None:
             self.skipTest("no inotify here")
@@ -61,6 +73,8 @@ class SharedInotifyTests(unittest.TestCase):
             self.addCleanup(follower.close)
         return followers
 
+
+class SharedInotifyTests(FollowersTestCase):
     def test_more_followers_than_the_per_user_inotify_limit_all_wake(self):
         before = inotify_instances()
         followers = self.followers(300)
@@ -104,3 +118,55 @@ class SharedInotifyTests(unittest.TestCase):
         inotify.shared()  # as every new follower does
         self.append("after a new hub\n")
         self.assertEqual(all_readable([follower.fileno()]), set())
+
+
+class SharedSourceTests(FollowersTestCase):
+    def test_followers_of_one_path_hold_two_descriptors_between_them(self):
+        before = open_fds()
+        followers = self.followers(200)
+        # The pinned directory and the file: not 3 per follower.
+        self.assertEqual(open_fds() - before, 2)
+        for follower in followers:
+            follower.close()
+        self.assertEqual(open_fds(), before)
+
+    def test_on_change_tells_every_follower_and_notified_reads_agree(self):
+        followers = self.followers(50)
+        told = threading.Semaphore(0)
+        for follower in followers:
+            follower.on_change(told.release)
+            self.assertEqual(follower.read(notified=True), [])
+        self.append("one line\n")
+        for _ in followers:
+            self.assertTrue(told.acquire(timeout=10))
+        size = os.path.getsize(self.path)
+        for follower in followers:
+            self.assertEqual(follower.read(notified=True), [Piece("one line\n", size)])
+            # Read to the end: nothing until the next change.
+            self.assertEqual(follower.read(notified=True), [])
+
+    def test_a_rotated_file_stays_open_until_its_last_reader_has_read_it(self):
+        first, second = self.followers(2)
+        first.read(), second.read()
+        before = open_fds()
+        with open(self.path, "a") as writer:
+            os.rename(self.path, self.path + ".1")
+            self.append("new file\n")
+            writer.write("last words\n")
+        self.assertEqual(text(first.read()), "last words\nnew file\n")
+        # The rotated file stays open for the second follower, the new one
+        # is shared: one more descriptor than before, not two.
+        self.assertEqual(open_fds() - before, 1)
+        self.assertEqual(text(second.read()), "last words\nnew file\n")
+        self.assertEqual(open_fds() - before, 0)
+
+    def test_fileno_made_after_a_change_is_readable_at_once(self):
+        [follower] = self.followers(1)
+        follower.read()
+        told = threading.Event()
+        follower.on_change(told.set)
+        self.append("before fileno\n")
+        self.assertTrue(told.wait(10))
+        fd = follower.fileno()
+        self.assertEqual(all_readable([fd]), set())
+        self.assertEqual(text(follower.read()), "before fileno\n")
