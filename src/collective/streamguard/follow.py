@@ -74,7 +74,7 @@ class Piece:
     builds it.
     """
 
-    __slots__ = ("offset", "_text", "_data")
+    __slots__ = ("offset", "_text", "_data", "event")
 
     def __init__(self, text, offset, data=None):
         if not (text or data):
@@ -82,6 +82,9 @@ class Piece:
         self.offset = offset
         self._text = text
         self._data = data
+        #: The piece as a server-sent event, kept by its first formatter:
+        #: the followers of a path share their pieces in a fan-out.
+        self.event = None
 
     @property
     def text(self):
@@ -297,6 +300,27 @@ class LogSource:
                 raise answer
             return answer
 
+    def recall(self, key):
+        """What a follower in the state ``key`` read since the last change
+        (``remember``), or None."""
+        with self.lock:
+            if self._cache_at == self.changes:
+                return self._cache.get(("result", key))
+        return None
+
+    def remember(self, key, result, changes):
+        """Keep what a follower in the state ``key`` read at ``changes``,
+        for the others in the same state: in a fan-out every follower of
+        the path is, and reads the same line."""
+        with self.lock:
+            if self.changes != changes:
+                return  # an event came meanwhile: a later read may differ
+            if self._cache_at != changes:
+                self._cache.clear()
+                self._cache_at = changes
+            if len(self._cache) < 4 * self._CACHED_READS:
+                self._cache[("result", key)] = result
+
     def stat_name(self, shared=False):
         """os.stat of the name (not followed); raises OSError."""
         return self._cached(("name",), self._stat_name, shared)
@@ -481,10 +505,31 @@ class LogFollower:
                     self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
                 except OSError as error:
                     self._fail(_reason(error))
+            key = None
+            if self._shared and self._scan_lines is None and self._file is not None:
+                key = (
+                    self._file.ident,
+                    self._pos,
+                    self._at_line_start,
+                    self._tail,
+                    self._marker,
+                    self.max_piece,
+                    max_bytes,
+                )
+                known = source.recall(key)
+                if known is not None:
+                    pieces, self._pos, self._at_line_start, self._tail, self._ended = known
+                    self._read_up_to = changes
+                    return list(pieces)
             pieces = []
+            file = self._file
             try:
                 if self._follow(pieces, max_bytes) and self._shared:
                     self._read_up_to = changes
+                    if key is not None and self._file is file and _small(pieces):
+                        # Pieces are not changed once made: shared as they are.
+                        state = (self._pos, self._at_line_start, self._tail, self._ended)
+                        source.remember(key, (tuple(pieces), *state), changes)
             except LogUnavailable:
                 if not pieces:
                     raise
@@ -497,6 +542,17 @@ class LogFollower:
     def ended(self):
         """True once a line starting with the end marker was read."""
         return self._ended
+
+    @property
+    def at_end(self):
+        """True when a ``read(notified=True)`` reached the end of the file
+        and no change came since: the next one would return []."""
+        source = self._source
+        return (
+            source is not None
+            and self._read_up_to is not None
+            and self._read_up_to == source.changes
+        )
 
     @property
     def size(self):
@@ -787,6 +843,18 @@ class LogFollower:
                 return found + 1 if found >= 0 else -1
             index = data.find(first, index + 1)
         return -1
+
+
+def _small(pieces, limit=65536):
+    """Small enough to keep for the other followers, and no piece is a
+    follower's reused read buffer (a bytearray)."""
+    size = 0
+    for piece in pieces:
+        data = piece._data
+        if type(data) is bytearray:
+            return False
+        size += len(piece._text if data is None else data)
+    return size <= limit
 
 
 def _reason(error):

@@ -130,7 +130,14 @@ class StreamGuard:
             return self.reason
         if self.live_streams.shutting_down.is_set():
             return EndReason.SHUTDOWN
-        if self.connection.state().state is ConnectionState.CLOSED:
+        parked = self.parked
+        if parked is not None:
+            # The hub watches a parked stream's socket (EPOLLRDHUP, HUP,
+            # ERR) and marks it the moment the client leaves: no probe, no
+            # system call per step.
+            if parked.gone:
+                return EndReason.CLIENT_GONE
+        elif self.connection.state().state is ConnectionState.CLOSED:
             return EndReason.CLIENT_GONE
         if self.max_duration and time.monotonic() - self.started >= self.max_duration:
             return EndReason.TIMEOUT

@@ -82,8 +82,8 @@ class Hub:
 
     # -- any thread ---------------------------------------------------------
 
-    def post(self, what, stream, version):
-        self.inbox.append((what, stream, version))
+    def post(self, what, stream, detail):
+        self.inbox.append((what, stream, detail))
         if not self._signalled:
             self._signalled = True
             try:
@@ -198,8 +198,8 @@ class Hub:
             for stream in watchers:
                 stream.resume(READY)
         while self.inbox:
-            what, stream, version = self.inbox.popleft()
-            getattr(self, "_on_" + what)(stream, version)
+            what, stream, detail = self.inbox.popleft()
+            getattr(self, "_on_" + what)(stream, detail)
         self._run_timers()
 
     def _socket_event(self, stream, mask):
@@ -235,10 +235,10 @@ class Hub:
         elif state is PARKED and not stream.in_idle and size <= OUT_LOW:
             stream.resume(None)  # the client reads again: go on producing
 
-    def _on_stop(self, stream, version):
+    def _on_stop(self, stream, detail):
         self._stopping = True
 
-    def _on_adopt(self, stream, version):
+    def _on_adopt(self, stream, detail):
         try:
             self.epoll.register(stream.fd, _SOCKET_EVENTS)
             stream.registered = True
@@ -260,42 +260,37 @@ class Hub:
             stream.state = QUEUED
         stream.scheduler.submit(stream)
 
-    def _on_timer(self, stream, version):
-        if version != stream.version or stream.state is not PARKED:
-            return
-        guard = stream.guard
-        now = time.monotonic()
-        when = None if not stream.in_idle else guard.park_deadline
-        if guard.max_duration:
-            end = guard.started + guard.max_duration
-            when = end if when is None else min(when, end)
-        if stream.in_idle and guard.heartbeat is not None:
-            due = guard.last_output + guard.heartbeat_interval
-            when = due if when is None else min(when, due)
-        if when is not None:
-            heapq.heappush(self._timers, (max(when, now), next(self._seq), stream, version))
+    def _on_timer(self, stream, due):
+        heapq.heappush(self._timers, (due, next(self._seq), stream, due))
 
     def _run_timers(self):
         now = time.monotonic()
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _when, _seq, stream, version = heapq.heappop(timers)
-            if version == _LINGER:
+            _when, _seq, stream, due = heapq.heappop(timers)
+            if due == _LINGER:
                 if stream.state is ENDING:
                     self._close(stream)  # the client will not read its last bytes
                 continue
-            if version != stream.version or stream.state is not PARKED:
-                continue
+            with stream.lock:
+                if stream.timer_due != due:
+                    continue  # an earlier entry replaced this one
+                stream.timer_due = None
+                if stream.state is not PARKED:
+                    continue  # it asks again when it parks
             guard = stream.guard
             if guard.max_duration and now >= guard.started + guard.max_duration:
                 stream.resume(STOP)
-            elif stream.in_idle and guard.park_deadline is not None and now >= guard.park_deadline:
+                continue
+            if stream.in_idle and guard.park_deadline is not None and now >= guard.park_deadline:
                 stream.resume(TIMEOUT)
-            else:
-                if stream.in_idle and guard.heartbeat is not None:
-                    if now >= guard.last_output + guard.heartbeat_interval:
-                        self._heartbeat(stream)
-                self._on_timer(stream, version)
+                continue
+            if stream.in_idle and guard.heartbeat is not None:
+                if now >= guard.last_output + guard.heartbeat_interval:
+                    self._heartbeat(stream)
+            with stream.lock:
+                if stream.state is PARKED:
+                    stream._want_timer()
 
     def _heartbeat(self, stream):
         guard = stream.guard
@@ -317,7 +312,7 @@ class Hub:
             except OSError:
                 pass
 
-    def _on_close(self, stream, version):
+    def _on_close(self, stream, detail):
         if stream.state is CLOSED:
             return
         if stream.broken or not stream.out.size:
@@ -349,7 +344,7 @@ class Hub:
             stream.guard.parked = None
 
 
-#: The version of a timer entry that closes an ended stream after LINGER.
+#: The due of a timer entry that closes an ended stream after LINGER.
 _LINGER = -1
 
 

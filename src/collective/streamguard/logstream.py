@@ -87,7 +87,7 @@ class LogStream:
                 return
             if follower.offset >= caught_up_at:
                 guard.catching_up = False
-            if pieces:
+            if pieces and not follower.at_end:
                 continue
             guard.catching_up = False  # nothing more was there
             # inotify wakes us at once; the timeout is the safety net (and
@@ -101,6 +101,16 @@ class LogStream:
     def format(self, piece):
         if not self.sse:
             return piece.data  # the file's own bytes: nothing to re-encode
+        if self._after_cr:
+            return self._format(piece)
+        # In a fan-out the followers of a path share their pieces: the
+        # event is made once and kept on the piece.
+        if piece.event is None:
+            piece.event = (self._format(piece), self._after_cr)
+        event, self._after_cr = piece.event
+        return event
+
+    def _format(self, piece):
         # An SSE data line cannot hold CR or LF: one "data:" field per line;
         # EventSource joins them with "\n" again.  Done on the UTF-8 bytes
         # (no byte of a multi-byte character is CR or LF), with replace()

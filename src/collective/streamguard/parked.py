@@ -124,6 +124,16 @@ class OutQueue:
         self.size = 0
 
 
+#: Chunks up to this size are copied into their chunk framing.
+FRAMED_COPY = 16 << 10
+_last_framed = (None, None)  # (chunk, framed): replaced whole, never mutated
+
+
+def _set_last_framed(chunk, framed):
+    global _last_framed
+    _last_framed = (chunk, framed)
+
+
 class ParkedStream:
     """One stream the server has let go of: its socket, output and state.
 
@@ -153,7 +163,10 @@ class ParkedStream:
         self.gone = False
         #: Nothing more can be sent (a send failed, a reset).
         self.broken = False
-        self.version = 0
+        #: The time of this stream's live entry in the hub's timer heap, or
+        #: None (``_want_timer``).
+        self.timer_due = None
+        self.timer_in_idle = False  # it counted the idle deadline and heartbeat
         self.resumes = 0
         self.armed = ()
         self.linger_until = None
@@ -192,7 +205,6 @@ class ParkedStream:
                 return False
             self.state = QUEUED
             self.outcome = outcome
-            self.version += 1
             self.hub.disarm(self)
         self.scheduler.submit(self)
         return True
@@ -255,12 +267,24 @@ class ParkedStream:
 
     def _frame(self, chunk):
         # The bytes waitress' task.write() would send (its lock held).
-        if self.chunked:
+        if not self.chunked:
+            self.out.add(chunk)
+        elif len(chunk) > FRAMED_COPY:
             self.out.add(b"%X\r\n" % len(chunk))
             self.out.add(chunk)
             self.out.add(b"\r\n")
         else:
-            self.out.add(chunk)
+            # A small chunk is copied into its frame: one part to send.  In
+            # a fan-out every stream of a path yields the same chunk object
+            # (the followers share their pieces and events), so the frame
+            # is made once and shared too.
+            last = _last_framed
+            if last[0] is chunk:
+                framed = last[1]
+            else:
+                framed = b"%X\r\n%s\r\n" % (len(chunk), chunk)
+                _set_last_framed(chunk, framed)
+            self.out.add(framed)
 
     def _flush(self):
         """Send what is queued; False when the client has gone."""
@@ -283,10 +307,40 @@ class ParkedStream:
                 return False
             self.in_idle = True
             self.state = PARKED
-            self.version += 1
             self.hub.arm(self, guard.park_readable)
-            self.hub.post("timer", self, self.version)
+            self._want_timer()
         return True
+
+    def next_due(self):
+        """When the hub must look at this parked stream again: its idle
+        deadline, its next heartbeat or the end of ``max_duration``; None
+        for never."""
+        guard = self.guard
+        when = guard.park_deadline if self.in_idle else None
+        if guard.max_duration:
+            end = guard.started + guard.max_duration
+            when = end if when is None else min(when, end)
+        if self.in_idle and guard.heartbeat is not None:
+            due = guard.last_output + guard.heartbeat_interval
+            when = due if when is None else min(when, due)
+        return when
+
+    def _want_timer(self):
+        # Our lock held.  A live entry that is not later will do: deadlines
+        # only move later as the stream sends, and when it comes due the
+        # hub looks and pushes the real one.  So a fan-out that resumes
+        # every stream costs the hub no timer per stream.
+        if self.timer_due is not None and self.in_idle and self.timer_in_idle:
+            # The heartbeat and max_duration cannot come before the live
+            # entry now (last_output only grows); only a shorter idle
+            # timeout can.
+            deadline = self.guard.park_deadline
+            if deadline is None or deadline >= self.timer_due:
+                return
+        due = self.next_due()
+        if due is not None and (self.timer_due is None or due < self.timer_due):
+            self.timer_due, self.timer_in_idle = due, self.in_idle
+            self.hub.post("timer", self, due)
 
     def _pause(self):
         """A step that stopped with output pending or its slice used up."""
@@ -294,12 +348,11 @@ class ParkedStream:
             return  # parked again by _park_again
         self._flush()
         with self.lock:
-            self.version += 1
             if self.out.size > OUT_HIGH and not self.gone:
                 # The client does not read: the hub resumes us on EPOLLOUT
                 # below OUT_LOW, and keeps the timers running.
                 self.state = PARKED
-                self.hub.post("timer", self, self.version)
+                self._want_timer()
                 return
             self.state = QUEUED
         self.scheduler.submit(self)
