@@ -6,8 +6,9 @@ inotify reports changes (``on_change(guard.wake)``, or ``fileno()`` for
 ``guard.wait(timeout, readable=[fd])``) and ``read()`` returns what is there
 now, as ``Piece`` objects whose exact byte offsets serve as SSE event ids.
 The followers of one path in a process share its descriptors, its watches
-and, once per change, their questions to the file system (``LogSource``).  Rotation (rename and create, copytruncate,
-delete and re-create) is followed by name.  The name is never followed through
+and, once per change, their questions to the file system (``LogSource``).
+Rotation (rename and create, copytruncate, delete and re-create) is followed
+by name.  The name is never followed through
 a symbolic link: the directory is pinned at ``open()``, the file is opened with
 ``O_NOFOLLOW`` and must be a regular file, and a name later swapped for a
 symbolic link or a non-regular file makes ``read()`` raise ``LogUnavailable``.
@@ -743,7 +744,8 @@ class LogFollower:
         tail = self._tail
         if not tail:
             return False
-        return self._source.pread(self._file, len(tail), self._pos - len(tail), self._shared) != tail
+        before = self._source.pread(self._file, len(tail), self._pos - len(tail), self._shared)
+        return before != tail
 
     def _read_into(self, pieces, budget, final):
         """Read from ``self._pos`` up to about ``budget`` bytes or the end of
