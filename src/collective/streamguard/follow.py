@@ -8,10 +8,10 @@ now, as ``Piece`` objects whose exact byte offsets serve as SSE event ids.
 The followers of one path in a process share its descriptors, its watches
 and, once per change, their questions to the file system (``LogSource``).
 Rotation (rename and create, copytruncate, delete and re-create) is followed
-by name.  The name is never followed through
-a symbolic link: the directory is pinned at ``open()``, the file is opened with
-``O_NOFOLLOW`` and must be a regular file, and a name later swapped for a
-symbolic link or a non-regular file makes ``read()`` raise ``LogUnavailable``.
+by name.  The name is never followed through a symbolic link: the directory
+is pinned at ``open()``, the file is opened with ``O_NOFOLLOW`` and must be
+a regular file, and a name later swapped for a symbolic link or a
+non-regular file makes ``read()`` raise ``LogUnavailable``.
 
 Standard library only; Linux inotify through ctypes (the process' one
 instance, ``collective.streamguard.inotify``).  Elsewhere ``notifies`` is
