@@ -170,3 +170,25 @@ class SharedSourceTests(FollowersTestCase):
         fd = follower.fileno()
         self.assertEqual(all_readable([fd]), set())
         self.assertEqual(text(follower.read()), "before fileno\n")
+
+    def test_followers_in_different_states_each_read_their_own(self):
+        at_end = self.followers(3)
+        from_start = [LogFollower(self.path, offset=0) for _ in range(3)]
+        stopping = [LogFollower(self.path, end_marker="STOP") for _ in range(3)]
+        for follower in from_start + stopping:
+            follower.open()
+            self.addCleanup(follower.close)
+        everyone = at_end + from_start + stopping
+        told = threading.Semaphore(0)
+        for follower in everyone:
+            follower.on_change(told.release)
+        self.append("STOP here\nmore\n")
+        for _ in everyone:
+            self.assertTrue(told.acquire(timeout=10))
+        for follower in at_end:
+            self.assertEqual(text(follower.read(notified=True)), "STOP here\nmore\n")
+        for follower in from_start:
+            self.assertEqual(text(follower.read(notified=True)), "start\nSTOP here\nmore\n")
+        for follower in stopping:
+            self.assertEqual(follower.read(notified=True), [])
+            self.assertTrue(follower.ended)

@@ -6,6 +6,7 @@ own connection, transaction, site and user in whatever thread runs each
 resumed step, commits when it finishes and aborts when the client leaves.
 """
 
+import os
 import resource
 import threading
 import unittest
@@ -125,6 +126,36 @@ class TestStatusShowsParking(Installed, LogTestCase):
         views.gate(gated).set()
         blocking.read_until(b"after the gate\n")
         sock.close()
+
+
+class TestParkedLogStreams(Installed, LogTestCase):
+    COUNT = 40
+
+    def test_parked_log_streams_hold_their_socket_and_nothing_else(self):
+        # Before: the socket plus the follower's file, directory and eventfd.
+        # Now the followers of one log share its two descriptors and are
+        # woken by a callback, so each parked stream adds its socket only.
+        self.configure(max_streams_per_user=0)
+        first, _head = self.follow("log=app&format=sse")  # the shared ones open
+        self.assertTrue(wait_for(lambda: len(parked()) == 1))
+        before = len(os.listdir("/proc/self/fd"))
+        socks = [self.follow("log=app&format=sse")[0] for _ in range(self.COUNT)]
+        self.assertTrue(wait_for(lambda: len(parked()) == self.COUNT + 1))
+        # Both ends of each connection are in this process: 2 per stream.
+        self.assertLessEqual(len(os.listdir("/proc/self/fd")) - before, 2 * self.COUNT + 2)
+        self.write("one line for all\n")
+        for sock in [first, *socks]:
+            sock.read_until(b"data: one line for all\n")
+        # A stream that asked for the log's last lines reads its own bytes,
+        # not the shared ones of the streams beside it.
+        own, _head = self.follow("log=app&format=sse&lines=1")
+        own.read_until(b"data: one line for all\n")
+        self.write("and a second\n")
+        for sock in [first, own, *socks]:
+            sock.read_until(b"data: and a second\n")
+        for sock in [first, own, *socks]:
+            sock.close()
+        self.assertTrue(wait_for(lambda: not parked()))
 
 
 class TestParkedZODBProducer(Installed, StreamingTestCase):
