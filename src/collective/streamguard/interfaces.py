@@ -76,7 +76,7 @@ class IStreamGuardSettings(Interface):
         description=_(
             "Streams that park use file descriptors, not threads. 0 means: "
             "derived from the process' open-files limit (RLIMIT_NOFILE): "
-            "(limit - 256) / 4, which is also the most any value gives."
+            "the limit less 512, which is also the most any value gives."
         ),
         default=0,
         min=0,

@@ -6,8 +6,10 @@ request of each server (an ``IPubStart`` subscriber: at process start there
 is no server yet).  Parked streams have a cap of their own: what they use
 is file descriptors, not threads.  The default is derived from the
 process' open-files limit (``RLIMIT_NOFILE``, soft): what is left after
-FDS_KEPT for the rest of Zope, divided by FDS_PER_STREAM (the client
-socket, and a log stream's file, directory and inotify descriptors).
+FDS_KEPT for the rest of Zope (its storage, logs, page connections), one
+descriptor per stream: its client socket.  A parked log stream holds
+nothing else: the followers of a path share its file and directory
+(``follow.LogSource``), and are woken by a callback, not a descriptor.
 
 A stream that was given a parkable slot but holds its thread after all (a
 middleware between waitress and Zope, a producer that blocks in
@@ -24,8 +26,8 @@ from collective.streamguard.streams import live_streams
 
 logger = logging.getLogger("collective.streamguard")
 
-FDS_KEPT = 256
-FDS_PER_STREAM = 4
+FDS_KEPT = 512
+FDS_PER_STREAM = 1
 
 _installed = weakref.WeakSet()
 
