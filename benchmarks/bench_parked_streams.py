@@ -31,7 +31,8 @@ Run from the repository root, after ``make install-test``::
     .venv/bin/python benchmarks/bench_parked_streams.py [--counts 100,1000,5000]
 
 The open-files limit of this process is raised to its hard limit and
-inherited by both servers; N is skipped where 2 N + 500 fds do not fit.
+inherited by both servers; N is skipped where N + 600 fds do not fit (the
+server holds one per stream, and so does this process).
 Nothing is asserted.
 """
 
@@ -60,54 +61,10 @@ from collective.streamguard.tests.servers import executable  # noqa: E402
 from collective.streamguard.tests.servers import free_port  # noqa: E402
 from collective.streamguard.tests.zopeinstance import ZopeInstance  # noqa: E402
 
+#: Descriptors each process needs besides one per stream.
+FDS_KEPT = 600
 AUTH = "Basic " + base64.b64encode(b"admin:admin").decode()
 BATCH = 50
-
-ZOPE_INI = """\
-[app:main]
-use = egg:Zope#main
-zope_conf = %(here)s/zope.conf
-
-[server:main]
-use = egg:waitress#main
-host = {host}
-port = {port}
-threads = 4
-asyncore_use_poll = true
-connection_limit = {limit}
-
-[loggers]
-keys = root, streamguard
-
-[handlers]
-keys = eventlog, streamlog
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = WARNING
-handlers = eventlog
-
-[logger_streamguard]
-level = INFO
-handlers = streamlog
-qualname = collective.streamguard
-propagate = 0
-
-[handler_eventlog]
-class = FileHandler
-args = (r'{home}/var/event.log', 'a')
-formatter = generic
-
-[handler_streamlog]
-class = FileHandler
-args = (r'{home}/var/streams.log', 'a')
-formatter = generic
-
-[formatter_generic]
-format = %(asctime)s %(levelname)s [%(name)s] %(message)s
-"""
 
 SETTINGS_MODULE = """\
 from zope.interface import implementer
@@ -337,10 +294,12 @@ def status(port):
 def measure(kind, count):
     port = free_port()
     if kind == "zope":
-        instance = ZopeInstance(port)
+        instance = ZopeInstance(
+            port,
+            server_options={"asyncore_use_poll": "true", "connection_limit": count + 200},
+            stream_log=True,
+        )
         home = instance.home
-        with open(instance.zope_ini, "w") as f:
-            f.write(ZOPE_INI.format(home=home, host=HOST, port=port, limit=count + 200))
         with open(os.path.join(home, "etc", "site.zcml"), "w") as f:
             f.write(SITE_ZCML)
         with open(os.path.join(home, "benchsettings.py"), "w") as f:
@@ -348,9 +307,9 @@ def measure(kind, count):
         from Zope2.utilities.mkwsgiinstance import write_inituser
 
         write_inituser(os.path.join(home, "inituser"), "admin", "admin")
-        log_path = os.path.join(home, "var", "event.log")
+        log_path = instance.event_log
         open(log_path, "a").close()
-        ended_log, pattern = os.path.join(home, "var", "streams.log"), "ended (client gone)"
+        ended_log, pattern = instance.stream_log, "ended (client gone)"
         open(ended_log, "a").close()
         env = {**os.environ, **instance.env}
         env["PYTHONPATH"] = os.pathsep.join((home, env["PYTHONPATH"]))
@@ -443,7 +402,7 @@ def main():
     print(header)
     print("-" * len(header))
     for count in (int(c) for c in args.counts.split(",")):
-        if 2 * count + 500 > hard:
+        if count + FDS_KEPT > hard:  # the server's sockets, and ours
             print(f"# N={count} skipped: the open-files limit is {hard}")
             continue
         for kind in args.servers.split(","):

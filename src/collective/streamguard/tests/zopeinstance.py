@@ -54,18 +54,18 @@ use = egg:waitress#main
 host = {host}
 port = {port}
 threads = 4
-
+{server_options}
 [loggers]
-keys = root
+keys = root{stream_logger_key}
 
 [handlers]
-keys = eventlog
+keys = eventlog{stream_handler_key}
 
 [formatters]
 keys = generic
 
 [logger_root]
-level = INFO
+level = {root_level}
 handlers = eventlog
 
 [handler_eventlog]
@@ -73,8 +73,22 @@ class = FileHandler
 args = (r'{home}/var/event.log', 'a')
 formatter = generic
 
+{stream_log}
 [formatter_generic]
 format = %(asctime)s %(levelname)s [%(name)s] %(message)s
+"""
+
+STREAM_LOG = """\
+[logger_streamguard]
+level = INFO
+handlers = streamlog
+qualname = collective.streamguard
+propagate = 0
+
+[handler_streamlog]
+class = FileHandler
+args = (r'{home}/var/streams.log', 'a')
+formatter = generic
 """
 
 
@@ -82,9 +96,13 @@ class ZopeInstance:
     """``home`` holds etc/ and var/; ``env`` is what a server process needs.
 
     ``zeo``: the "host:port" of a ZEO server to use instead of a FileStorage.
+    ``server_options``: more settings of waitress (``[server:main]``).
+    ``stream_log``: the add-on's own lines (streams started and ended) go to
+    var/streams.log (``self.stream_log``), not to the event log, which a
+    benchmark's streams follow, and the event log takes only warnings.
     """
 
-    def __init__(self, port, zeo=None):
+    def __init__(self, port, zeo=None, server_options=None, stream_log=False):
         self.home = tempfile.mkdtemp(prefix="streamguard-zope-")
         os.makedirs(os.path.join(self.home, "etc"))
         os.makedirs(os.path.join(self.home, "var"))
@@ -92,13 +110,26 @@ class ZopeInstance:
         self.zope_ini = os.path.join(self.home, "etc", "zope.ini")
         self.events_path = os.path.join(self.home, "var", "events.jsonl")
         self.event_log = os.path.join(self.home, "var", "event.log")
+        self.stream_log = os.path.join(self.home, "var", "streams.log")
         with open(os.path.join(self.home, "etc", "site.zcml"), "w") as f:
             f.write(SITE_ZCML)
         with open(self.zope_conf, "w") as f:
             storage = ZEOCLIENT.format(zeo=zeo) if zeo else FILESTORAGE
             f.write(ZOPE_CONF.format(home=self.home, storage=storage))
         with open(self.zope_ini, "w") as f:
-            f.write(ZOPE_INI.format(home=self.home, host=HOST, port=port))
+            options = "".join(f"{k} = {v}\n" for k, v in (server_options or {}).items())
+            f.write(
+                ZOPE_INI.format(
+                    home=self.home,
+                    host=HOST,
+                    port=port,
+                    server_options=options,
+                    stream_logger_key=", streamguard" if stream_log else "",
+                    stream_handler_key=", streamlog" if stream_log else "",
+                    stream_log=STREAM_LOG.format(home=self.home) if stream_log else "",
+                    root_level="WARNING" if stream_log else "INFO",
+                )
+            )
         self.env = {
             "STREAMGUARD_TEST_EVENTS": self.events_path,
             "STREAMGUARD_ZOPE_CONF": self.zope_conf,
