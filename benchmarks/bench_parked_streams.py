@@ -405,8 +405,9 @@ def main():
         if count + FDS_KEPT > hard:  # the server's sockets, and ours
             print(f"# N={count} skipped: the open-files limit is {hard}")
             continue
+        results = {}
         for kind in args.servers.split(","):
-            r = measure(kind, count)
+            r = results[kind] = measure(kind, count)
             print(
                 f"{kind:<8} {count:>6} {r['served']:>6} {r['refused']:>7} {r['held']!s:>7} "
                 f"{r['page0'][0] * 1000:>9.1f}/{r['page0'][1] * 1000:<9.1f} "
@@ -419,6 +420,25 @@ def main():
             if REFUSALS:
                 print(f"# {kind} N={count} refused: {dict(REFUSALS)}", flush=True)
                 REFUSALS.clear()
+        if "zope" in results and "asyncio" in results:
+            print(f"# N={count} zope / asyncio: {ratios(results['zope'], results['asyncio'])}")
+
+
+def ratios(ours, theirs):
+    def ratio(a, b):
+        return f"{a / b:.1f}x" if b else "-"
+
+    return ", ".join(
+        (
+            f"page p50 {ratio(ours['pageN'][0], theirs['pageN'][0])}",
+            f"KiB/stream {ratio(ours['rss'], theirs['rss'])}",
+            f"fds/stream {ratio(ours['fds'], theirs['fds'])}",
+            f"CPU {ratio(ours['cpu'], theirs['cpu'])}",
+            f"fan-out p50 {ratio(ours['fan'][0], theirs['fan'][0])}",
+            f"fan-out p99 {ratio(ours['fan'][1], theirs['fan'][1])}",
+            f"disconnect {ratio(ours['gone'], theirs['gone'])}",
+        )
+    )
 
 
 if __name__ == "__main__":
