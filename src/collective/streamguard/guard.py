@@ -339,7 +339,8 @@ class GuardedStream:
     producer's first step (under Zope: after the request's transaction is
     over) and may add cleanups.  ``label``, ``user``, ``client`` and ``log`` are
     shown by status views and logged.  ``reserved``: the caller already
-    took a stream slot with ``live_streams.reserve``.  ``park``: how to park
+    took a stream slot with ``live_streams.reserve`` (``zodb``: with a
+    ``zodb_limit``).  ``park``: how to park
     the stream while its producer waits in ``guard.idle()``
     (``waitress_park.park``); None: it holds its thread throughout.
     """
@@ -358,6 +359,7 @@ class GuardedStream:
         reserved=False,
         park=None,
         kind="held",
+        zodb=False,
     ):
         self.guard = guard
         #: ``park(stream, frame)`` parks the stream (raising out of the
@@ -384,6 +386,7 @@ class GuardedStream:
             probe=guard.connection.probe,
             reserved=reserved,
             kind=kind,
+            zodb=zodb,
         )
         # A client that vanishes without FIN or reset is found by the
         # kernel's keepalive probes within a minute (connection.keep_alive).

@@ -28,6 +28,7 @@ around a producer, with the guard of ``collective.streamguard.guard``:
 import sys
 
 from AccessControl.SecurityManagement import getSecurityManager
+from Acquisition import aq_base
 from zope.component import queryUtility
 from zope.interface import implementer
 from ZPublisher.Iterators import IUnboundStreamIterator
@@ -59,6 +60,11 @@ TOO_MANY = "Too many live streams on this server; try again in a few seconds.\n"
 TOO_MANY_FOR_USER = (
     "You have as many live streams open as one user may; close one, or try again later.\n"
 )
+TOO_MANY_WITH_ZODB = (
+    "Too many live streams with a database connection of their own on this server; "
+    "try again in a few seconds.\n"
+)
+REFUSALS = {Refused.USER_LIMIT: TOO_MANY_FOR_USER, Refused.ZODB_BUSY: TOO_MANY_WITH_ZODB}
 
 
 @implementer(IUnboundStreamIterator)
@@ -92,6 +98,19 @@ def default_max_streams(environ):
     """One stream fewer than the server has threads, so that one always
     serves normal pages."""
     return max(1, server_threads(environ) - 1)
+
+
+def zodb_stream_limit(context, environ):
+    """How many streams may hold a ZODB connection of their own at once:
+    the database's connection pool (zope.conf ``pool-size``, 7 by default)
+    less one for each worker thread, which serves pages with its own.  A
+    parked ``zodb=True`` stream keeps its connection (and its object cache)
+    while it waits; past the pool ZODB logs a warning at every open, and
+    those lines would wake every stream that follows the event log."""
+    jar = getattr(aq_base(context), "_p_jar", None)
+    if jar is None:
+        return 1  # ZODBSession refuses it with a clear error
+    return max(1, jar.db().getPoolSize() - server_threads(environ))
 
 
 def site_settings():
@@ -181,6 +200,7 @@ def stream_response(
         _user_key(request, user),
         user_limit,
         kind=kind,
+        zodb_limit=zodb_stream_limit(context, request.environ) if zodb else None,
     )
     if refused is not None:
         _close_producer(producer)
@@ -190,7 +210,7 @@ def stream_response(
         response.setHeader("Cache-Control", "no-store")
         response.setHeader("X-Content-Type-Options", "nosniff")
         request.environ[TRANSFORMCHAIN_DISABLE] = True
-        return TOO_MANY_FOR_USER if refused is Refused.USER_LIMIT else TOO_MANY
+        return REFUSALS.get(refused, TOO_MANY)
     try:
         guard = StreamGuard(
             client_connection(request),
@@ -214,11 +234,12 @@ def stream_response(
             reserved=True,
             park=park,
             kind=kind,
+            zodb=zodb,
         )
         if park is not None:
             guard.on_hold = hold_or_end(stream, limit)
     except BaseException:
-        live_streams.release(_user_key(request, user), kind)
+        live_streams.release(_user_key(request, user), kind, zodb)
         raise
 
     _streaming_headers(request, content_type)

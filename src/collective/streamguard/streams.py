@@ -45,12 +45,16 @@ class EndReason(str, enum.Enum):  # noqa: UP042 (str() stays "EndReason.X")
 #: The two kinds of stream slots.
 HELD = "held"
 PARKABLE = "parkable"
+#: Counted besides the kind: streams with a ZODB connection of their own
+#: (``stream_response(zodb=True)``), which has a cap of its own.
+ZODB = "zodb"
 
 
 class Refused(str, enum.Enum):  # noqa: UP042
     """Why ``LiveStreams.reserve`` gave no slot."""
 
     BUSY = "busy"  # the process' cap
+    ZODB_BUSY = "zodb busy"  # the cap of streams with a ZODB connection of their own
     USER_LIMIT = "user limit"  # the user's own cap
     SHUTDOWN = "shutdown"
 
@@ -75,6 +79,8 @@ class StreamRecord:
     guard: object = field(default=None, repr=False, compare=False)
     #: The kind of slot it takes: HELD (a thread) or PARKABLE.
     kind: str = HELD
+    #: It holds a ZODB connection of its own (counted under ``ZODB``).
+    zodb: bool = False
 
     @property
     def parked(self):
@@ -98,19 +104,24 @@ class LiveStreams:
         self.refused = 0
         self.shutting_down = threading.Event()
 
-    def reserve(self, limit, user="", user_limit=None, kind=HELD):
+    def reserve(self, limit, user="", user_limit=None, kind=HELD, zodb_limit=None):
         """Take a stream slot for ``user``; None when taken, else a ``Refused``.
 
         A slot is refused when ``limit`` slots of this ``kind`` are taken,
         or ``user_limit`` by this user (None or below 1: no cap), whatever
-        the kind.  A reserved slot is given back by ``end`` or ``release``.
+        the kind.  ``zodb_limit`` (not None): the stream will hold a ZODB
+        connection of its own, and at most that many such streams live.  A
+        reserved slot is given back by ``end`` or ``release``.
         """
+        zodb = zodb_limit is not None
         with self._lock:
             refusal = None
             if self.shutting_down.is_set():
                 refusal = Refused.SHUTDOWN
             elif limit is not None and limit >= 1 and self._kinds[kind] >= limit:
                 refusal = Refused.BUSY
+            elif zodb and self._kinds[ZODB] >= max(zodb_limit, 1):
+                refusal = Refused.ZODB_BUSY
             elif user_limit is not None and user_limit >= 1 and self._by_user[user] >= user_limit:
                 refusal = Refused.USER_LIMIT
             if refusal is not None:
@@ -118,6 +129,7 @@ class LiveStreams:
                 return refusal
             self._reserved += 1
             self._kinds[kind] += 1
+            self._kinds[ZODB] += zodb
             self._by_user[user] += 1
             return None
 
@@ -135,18 +147,19 @@ class LiveStreams:
             record.kind = HELD
             return True
 
-    def _give_back(self, user, kind=HELD):
+    def _give_back(self, user, kind=HELD, zodb=False):
         self._reserved -= 1
         self._kinds[kind] -= 1
+        self._kinds[ZODB] -= zodb
         self._by_user[user] -= 1
         if self._by_user[user] <= 0:
             del self._by_user[user]
         self._ended.notify_all()
 
-    def release(self, user="", kind=HELD):
+    def release(self, user="", kind=HELD, zodb=False):
         """Give back a slot that was reserved but never started."""
         with self._lock:
-            self._give_back(user, kind)
+            self._give_back(user, kind, zodb)
 
     def start(
         self,
@@ -159,18 +172,21 @@ class LiveStreams:
         user_key=None,
         reserved=False,
         kind=HELD,
+        zodb=False,
     ):
         """Record a new stream; returns its ``StreamRecord``.
 
         ``user_key``: whom the slot counts against (default: ``user``).
         ``reserved``: the caller took a slot with ``reserve``; otherwise one
-        is taken here, whatever the cap.
+        is taken here, whatever the cap.  ``zodb``: it was reserved with a
+        ``zodb_limit``.
         """
         user_key = user if user_key is None else user_key
         with self._lock:
             if not reserved:
                 self._reserved += 1
                 self._kinds[kind] += 1
+                self._kinds[ZODB] += zodb
                 self._by_user[user_key] += 1
             record = StreamRecord(
                 id=next(self._ids),
@@ -182,6 +198,7 @@ class LiveStreams:
                 probe=probe,
                 guard=guard,
                 kind=kind,
+                zodb=zodb,
             )
             self._live[record.id] = record
             return record
@@ -192,7 +209,7 @@ class LiveStreams:
             if self._live.pop(record.id, None) is None:
                 return
             self.counters[reason] += 1
-            self._give_back(record.user_key, record.kind)
+            self._give_back(record.user_key, record.kind, record.zodb)
 
     def discard(self, record):
         """Forget a stream that was dropped without being run or closed.
@@ -207,7 +224,7 @@ class LiveStreams:
                 return
             # Publishing failed after the view returned the stream.
             self.counters[EndReason.ERROR] += 1
-            self._give_back(record.user_key, record.kind)
+            self._give_back(record.user_key, record.kind, record.zodb)
         logger.warning("stream %d was dropped before it ran: %s", record.id, record.label)
         if record.guard is not None:
             record.guard.reason = EndReason.ERROR
@@ -233,6 +250,7 @@ class LiveStreams:
                 "reserved": self._reserved,
                 "reserved_held": self._kinds[HELD],
                 "reserved_parkable": self._kinds[PARKABLE],
+                "reserved_zodb": self._kinds[ZODB],
                 "refused": self.refused,
                 "ended": {reason.value: count for reason, count in self.counters.items()},
             }

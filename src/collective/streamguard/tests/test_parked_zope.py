@@ -210,6 +210,42 @@ class TestParkedZODBProducer(Installed, StreamingTestCase):
         self.assertNotEqual(getattr(site, "_streamguard_resumed", None), tag)
 
 
+class TestZODBStreamCap(Installed, StreamingTestCase):
+    def open_zodb(self):
+        tag = self.tag()
+        sock = self.open(f"tag={tag}&mode=write&park=1", auth=True, path=ZODB_PATH)
+        return tag, sock
+
+    def test_streams_with_their_own_connection_leave_the_pool_to_pages(self):
+        # Each holds a connection of the DB's pool while it is parked; the
+        # pool's other connections are the 4 workers' (pages).
+        self.configure(max_streams_per_user=0)
+        limit = self.layer["zodbDB"].getPoolSize() - 4
+        self.assertGreaterEqual(limit, 1)
+        opened = []
+        for _ in range(limit):
+            tag, sock = self.open_zodb()
+            sock.read_until(b"marked\n")
+            opened.append((tag, sock))
+        self.assertTrue(wait_for(lambda: len(parked()) == limit))
+        _tag, refused = self.open_zodb()
+        status, headers = refused.head()
+        self.assertEqual((status, headers["retry-after"]), (503, "10"))
+        self.assertIn(b"database connection of their own", refused.body())
+        status, _, _ = self.get("/plone")  # pages still have connections
+        self.assertEqual(status, 200)
+        # One leaves: its connection is back, and the next stream gets one.
+        tag, sock = opened.pop()
+        sock.close()
+        self.assert_cleaned_up_once(tag, "client gone")
+        tag, sock = self.open_zodb()
+        sock.read_until(b"marked\n")
+        opened.append((tag, sock))
+        for tag, sock in opened:
+            sock.close()
+            self.assert_cleaned_up_once(tag, "client gone")
+
+
 class TestParkedCap(unittest.TestCase):
     def test_the_cap_never_passes_what_the_open_files_limit_allows(self):
         class Settings:
