@@ -76,6 +76,27 @@ class TestWhatAParkedStreamKeeps(LogTestCase):
             }
         )
 
+    def test_a_parked_stream_reaches_none_of_its_request(self):
+        sock, _head = self.follow("log=app&format=sse")
+        self.assertTrue(wait_for(lambda: len(parked()) == 1), live_streams.live())
+        (record,) = parked()
+        (published,) = self.published
+        reached = reachable(record.guard.parked)
+        found = [
+            name
+            for name, ref in published.items()
+            if ref() is not None and reached.get(id(ref())) is ref()
+        ]
+        self.assertEqual(found, [])
+        environs = [o for o in reached.values() if type(o) is dict and "wsgi.input" in o]
+        self.assertEqual(environs, [])
+        # Still a stream: it follows the log, and its client is watched.
+        self.write("a line while parked\n")
+        sock.read_until(b"data: a line while parked")
+        self.assertTrue(wait_for(lambda: len(parked()) == 1))
+        sock.close()
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
+
     def test_an_ended_stream_is_not_kept_by_its_record(self):
         sock, _head = self.follow("log=app&format=sse")
         self.assertTrue(wait_for(lambda: len(parked()) == 1), live_streams.live())
