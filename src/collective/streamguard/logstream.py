@@ -92,6 +92,9 @@ class LogStream:
             # inotify: each timeout resumes a parked stream (thousands of
             # them would cost thousands of steps a second).
             timeout = follower.poll_interval if fd < 0 else INOTIFY_SAFETY_NET
+            # The last piece sent is not kept while idle: its data may be a
+            # whole read buffer (1 MiB for text), for hours.
+            piece = None
             if (yield from guard.idle(timeout, readable)):
                 return
 
