@@ -315,8 +315,10 @@ def wait_status(port, predicate, timeout=120):
 
 def show(result, count, label):
     kib = 1024 * count
-    print(f"\n== {label}: {result['traced'] / kib:.1f} KiB traced per stream "
-          f"({result['blocks'] / count:.0f} blocks), {result['timers']} timer entries")
+    print(
+        f"\n== {label}: {result['traced'] / kib:.1f} KiB traced per stream "
+        f"({result['blocks'] / count:.0f} blocks), {result['timers']} timer entries"
+    )
     print("-- by allocation site (innermost frame in the add-on/waitress/Zope), B/stream")
     for where, size in result["by_site"]:
         if size / count >= 16:
@@ -390,18 +392,21 @@ def main():
         time.sleep(2)
         rss1, fds1 = bench.rss_and_fds(process.pid)
         served = len(socks)
-        print(f"# {served} streams parked ({refused} refused); RSS "
-              f"{(rss1 - rss0) / 1024 / served:.1f} KiB/stream"
-              f"{' (with tracemalloc)' if not args.no_trace else ''}, "
-              f"fds {(fds1 - fds0) / served:.2f}/stream")
+        print(
+            f"# {served} streams parked ({refused} refused); RSS "
+            f"{(rss1 - rss0) / 1024 / served:.1f} KiB/stream"
+            f"{' (with tracemalloc)' if not args.no_trace else ''}, "
+            f"fds {(fds1 - fds0) / served:.2f}/stream"
+        )
         if not args.no_trace:
             show(ask(process, home, f"report {served}"), served, "parked")
         if args.idle:
             time.sleep(args.idle)
             rss2, _ = bench.rss_and_fds(process.pid)
-            print(f"# after {args.idle:.0f} s idle: RSS {(rss2 - rss0) / 1024 / served:.1f} KiB/stream")
+            idle = f"after {args.idle:.0f} s idle"
+            print(f"# {idle}: RSS {(rss2 - rss0) / 1024 / served:.1f} KiB/stream")
             if not args.no_trace:
-                show(ask(process, home, f"report {served}"), served, f"after {args.idle:.0f} s idle")
+                show(ask(process, home, f"report {served}"), served, idle)
         for sock in socks:
             sock.close()
     finally:
