@@ -15,6 +15,7 @@ live in ``probes``; on-close callbacks run in ``watcher``'s one thread.
 """
 
 import enum
+import functools
 import logging
 import os
 import select
@@ -131,9 +132,7 @@ class ClientConnection:
     def __init__(self, probe=None):
         if probe is not None:
             self.probe = probe
-        self._open = Verdict(ConnectionState.OPEN, self.probe)
-        self._closed = Verdict(ConnectionState.CLOSED, self.probe)
-        self._unknown = Verdict(ConnectionState.UNKNOWN, self.probe)
+        self._open, self._closed, self._unknown = _verdicts(self.probe)
         self._gone = False
 
     def __repr__(self):
@@ -205,6 +204,14 @@ class ClientConnection:
         from collective.streamguard.watcher import watch
 
         return watch(self, callback)
+
+
+@functools.cache
+def _verdicts(probe):
+    """The three verdicts of a probe, shared by all its connections (they
+    are frozen; a parked stream keeps its connection for hours)."""
+    states = (ConnectionState.OPEN, ConnectionState.CLOSED, ConnectionState.UNKNOWN)
+    return tuple(Verdict(state, probe) for state in states)
 
 
 def _environ_of(request_or_environ):

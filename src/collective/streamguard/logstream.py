@@ -95,6 +95,9 @@ class LogStream:
             # inotify: each timeout resumes a parked stream (thousands of
             # them would cost thousands of steps a second).
             timeout = INOTIFY_SAFETY_NET if notifies else follower.poll_interval
+            # The last pieces sent are not kept while idle: their data may be
+            # a whole read buffer (1 MiB for text), for hours.
+            pieces = piece = None
             if (yield from guard.idle(timeout)):
                 return
 

@@ -51,21 +51,30 @@ class OutQueue:
     """What waits to be sent on one socket: memoryviews and server buffers
     (anything with ``get``/``skip``/``close`` and ``len``), in order."""
 
+    __slots__ = ("parts", "size")
+
     def __init__(self):
-        self.parts = collections.deque()
+        # A deque only while there is output: an idle stream's queue is
+        # empty, and an empty deque costs 760 bytes.
+        self.parts = None
         self.size = 0
 
     def __len__(self):
         return self.size
 
+    def _parts(self):
+        if self.parts is None:
+            self.parts = collections.deque()
+        return self.parts
+
     def add(self, data):
         if len(data):
-            self.parts.append(memoryview(data))
+            self._parts().append(memoryview(data))
             self.size += len(data)
 
     def add_buffer(self, buffer):
         if len(buffer):
-            self.parts.append(buffer)
+            self._parts().append(buffer)
             self.size += len(buffer)
         else:
             buffer.close()
@@ -94,6 +103,7 @@ class OutQueue:
             self._consume(sent)
             if sent < len(data):
                 return False
+        self.parts = None
         return True
 
     def _consume(self, count):
@@ -114,13 +124,13 @@ class OutQueue:
                 head.close()
 
     def close(self):
-        for part in self.parts:
+        parts, self.parts = self.parts, None
+        for part in parts or ():
             if type(part) is not memoryview:
                 try:
                     part.close()
                 except Exception:
                     logger.exception("closing a buffer of a parked stream failed")
-        self.parts.clear()
         self.size = 0
 
 

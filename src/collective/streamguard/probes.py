@@ -84,9 +84,16 @@ class WaitressConnection(SocketConnection):
         self._channel = channel
 
     def _probe(self):
-        if not self._channel.connected:
+        channel = self._channel
+        if channel is not None and not channel.connected:
             return self._closed
         return super()._probe()
+
+    def release_channel(self):
+        """waitress has let go of the socket (``waitress_park``): it never
+        reads, sends on or closes it again, so its channel has nothing more
+        to tell, and the socket alone is asked from now on."""
+        self._channel = None
 
 
 class FdConnection(ClientConnection):

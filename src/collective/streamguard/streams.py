@@ -76,6 +76,7 @@ class StreamRecord:
     bytes_sent: int = 0
     #: Of bytes_sent, those queued on waitress' channel without a copy.
     bytes_direct: int = 0
+    #: The stream's guard while it is live; None once it has ended.
     guard: object = field(default=None, repr=False, compare=False)
     #: The kind of slot it takes: HELD (a thread) or PARKABLE.
     kind: str = HELD
@@ -210,6 +211,11 @@ class LiveStreams:
                 return
             self.counters[reason] += 1
             self._give_back(record.user_key, record.kind, record.zodb)
+        # The record outlives the stream (the GuardedStream's finalizer
+        # holds it): through its guard it would keep the stream itself, its
+        # producer and its connection alive for good, and the finalizer
+        # would never run.
+        record.guard = None
 
     def discard(self, record):
         """Forget a stream that was dropped without being run or closed.
@@ -226,9 +232,10 @@ class LiveStreams:
             self.counters[EndReason.ERROR] += 1
             self._give_back(record.user_key, record.kind, record.zodb)
         logger.warning("stream %d was dropped before it ran: %s", record.id, record.label)
-        if record.guard is not None:
-            record.guard.reason = EndReason.ERROR
-            record.guard.run_cleanups()
+        guard, record.guard = record.guard, None
+        if guard is not None:
+            guard.reason = EndReason.ERROR
+            guard.run_cleanups()
 
     def live(self):
         """A snapshot (list of ``StreamRecord``) of the live streams."""

@@ -32,6 +32,7 @@ or ``task.finish`` on a detached channel (above the high watermark they wait
 on a condition nobody notifies any more).
 """
 
+import errno
 import functools
 import logging
 import threading
@@ -245,6 +246,10 @@ def park(stream, frame):
     # expects (a zodb=True producer's transaction manager, site, user).
     stream.guard.leave_step()
     stream.guard.parked = parked
+    # A parked stream never holds its thread (its steps run with
+    # guard.parked set): the thread cap's hook, which refers to the stream
+    # and its record, is not needed any more.
+    stream.guard.on_hold = None
     stream._parking = True  # execute's finally calls close(): not an end
     raise Parked(parked)
 
@@ -326,10 +331,40 @@ def _detach(channel, stream):
                 buffer.close()
             leftovers = ()
         channel.del_channel()  # out of waitress' map and active_channels
+        _let_go(channel, stream)
         stream.hub.adopt(stream, leftovers)
     except Exception:
         logger.exception("cannot park %r", stream)
         stream.orphan()
+
+
+def _let_go(channel, stream):
+    # Out of waitress' map, the channel is never served again: its request
+    # parsers (the stream's request, and any pipelined one, never served
+    # now) are closed at once, and the stream keeps only the socket.  The
+    # channel, its locks and Condition, its parsers' headers and buffers
+    # then go (about 3 KB per parked stream).
+    with channel.requests_lock:
+        parsers = [*channel.requests, channel.request]
+        channel.requests = []
+        channel.request = None
+    for parser in parsers:
+        if parser is not None:
+            parser.close()
+    stream.close_channel = functools.partial(_close_socket, channel.socket)
+    stream.guard.connection.release_channel()
+
+
+def _close_socket(sock):
+    # The hub thread, after the socket left its epoll set: what is left of
+    # waitress' handle_close() for a channel already out of its map (its
+    # output buffers are the stream's now, its parsers closed): the close,
+    # ignoring the errors wasyncore's dispatcher.close() ignores.
+    try:
+        sock.close()
+    except OSError as error:
+        if error.errno not in (errno.ENOTCONN, errno.EBADF):
+            raise
 
 
 def _close_channel(channel):
