@@ -277,24 +277,27 @@ class ParkedStream:
 
     def _frame(self, chunk):
         # The bytes waitress' task.write() would send (its lock held).
-        if not self.chunked:
-            self.out.add(chunk)
-        elif len(chunk) > FRAMED_COPY:
+        if self.chunked and len(chunk) > FRAMED_COPY:
             self.out.add(b"%X\r\n" % len(chunk))
             self.out.add(chunk)
             self.out.add(b"\r\n")
         else:
-            # A small chunk is copied into its frame: one part to send.  In
-            # a fan-out every stream of a path yields the same chunk object
-            # (the followers share their pieces and events), so the frame
-            # is made once and shared too.
-            last = _last_framed
-            if last[0] is chunk:
-                framed = last[1]
-            else:
-                framed = b"%X\r\n%s\r\n" % (len(chunk), chunk)
-                _set_last_framed(chunk, framed)
-            self.out.add(framed)
+            self.out.add(self.framed(chunk))
+
+    def framed(self, chunk):
+        """A small chunk as waitress frames it, as one bytes object."""
+        if not self.chunked:
+            return chunk
+        # In a fan-out every stream of a path yields the same chunk object
+        # (the followers share their pieces and events), and every SSE
+        # stream beats with the same heartbeat: the frame is made once
+        # and shared too.
+        last = _last_framed
+        if last[0] is chunk:
+            return last[1]
+        framed = b"%X\r\n%s\r\n" % (len(chunk), chunk)
+        _set_last_framed(chunk, framed)
+        return framed
 
     def _flush(self):
         """Send what is queued; False when the client has gone."""
@@ -335,7 +338,7 @@ class ParkedStream:
             when = due if when is None else min(when, due)
         return when
 
-    def _want_timer(self):
+    def _want_timer(self, push=None):
         # Our lock held.  A live entry that is not later will do: deadlines
         # only move later as the stream sends, and when it comes due the
         # hub looks and pushes the real one.  So a fan-out that resumes
@@ -350,7 +353,10 @@ class ParkedStream:
         due = self.next_due()
         if due is not None and (self.timer_due is None or due < self.timer_due):
             self.timer_due, self.timer_in_idle = due, self.in_idle
-            self.hub.post("timer", self, due)
+            if push is not None:
+                push(self, due)  # the hub's own thread: straight into its heap
+            else:
+                self.hub.post("timer", self, due)
 
     def _pause(self):
         """A step that stopped with output pending or its slice used up."""
