@@ -298,31 +298,45 @@ def status(port):
         return json.loads(response.read())
 
 
+#: What the Zope server's clients ask for.
+ZOPE_PATH = "/@@stream-log?log=app&format=sse"
+ZOPE_HEADERS = f"Authorization: {AUTH}\r\n"
+
+
+def zope_instance(port, count, settings_extra=""):
+    """The benchmark's Zope instance for ``count`` streams:
+    (instance, the followed log's path, the environment for runwsgi).
+    ``settings_extra``: code appended to its settings module."""
+    instance = ZopeInstance(
+        port,
+        server_options={"asyncore_use_poll": "true", "connection_limit": count + 200},
+        stream_log=True,
+    )
+    home = instance.home
+    with open(os.path.join(home, "etc", "site.zcml"), "w") as f:
+        f.write(SITE_ZCML)
+    # Not the event log: waitress writes "Task queue depth" warnings there
+    # while it is busy (opening thousands of streams), and every line would
+    # wake every stream (README: Deployment).
+    log_path = os.path.join(home, "var", "app.log")
+    with open(os.path.join(home, "benchsettings.py"), "w") as f:
+        f.write(SETTINGS_MODULE.format(log=log_path) + settings_extra)
+    from Zope2.utilities.mkwsgiinstance import write_inituser
+
+    write_inituser(os.path.join(home, "inituser"), "admin", "admin")
+    for path in (log_path, instance.stream_log):
+        open(path, "a").close()
+    env = {**os.environ, **instance.env}
+    env["PYTHONPATH"] = os.pathsep.join((home, env["PYTHONPATH"]))
+    return instance, log_path, env
+
+
 def measure(kind, count):
     port = free_port()
     if kind == "zope":
-        instance = ZopeInstance(
-            port,
-            server_options={"asyncore_use_poll": "true", "connection_limit": count + 200},
-            stream_log=True,
-        )
+        instance, log_path, env = zope_instance(port, count)
         home = instance.home
-        with open(os.path.join(home, "etc", "site.zcml"), "w") as f:
-            f.write(SITE_ZCML)
-        with open(os.path.join(home, "benchsettings.py"), "w") as f:
-            f.write(SETTINGS_MODULE.format(log=os.path.join(home, "var", "app.log")))
-        from Zope2.utilities.mkwsgiinstance import write_inituser
-
-        write_inituser(os.path.join(home, "inituser"), "admin", "admin")
-        # Not the event log: waitress writes "Task queue depth" warnings
-        # there while it is busy (opening thousands of streams), and every
-        # line would wake every stream (README: Deployment).
-        log_path = os.path.join(home, "var", "app.log")
-        open(log_path, "a").close()
         ended_log, pattern = instance.stream_log, "ended (client gone)"
-        open(ended_log, "a").close()
-        env = {**os.environ, **instance.env}
-        env["PYTHONPATH"] = os.pathsep.join((home, env["PYTHONPATH"]))
         process = subprocess.Popen(
             [executable("runwsgi"), instance.zope_ini],
             env=env,
@@ -330,11 +344,7 @@ def measure(kind, count):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        path, first, headers = (
-            "/@@stream-log?log=app&format=sse",
-            b"retry:",
-            f"Authorization: {AUTH}\r\n",
-        )
+        path, first, headers = ZOPE_PATH, b"retry:", ZOPE_HEADERS
         page = "/"
         cleanup = instance.remove
     else:

@@ -2,7 +2,7 @@
 
 The Zope of ``bench_parked_streams.py`` (``runwsgi``, waitress with 4
 threads, ``asyncore_use_poll``) serves N idle server-sent-event streams of
-``@@stream-log?log=event``, opened by this process.  Inside the server a
+``@@stream-log?log=app`` (a log of its own), opened by this process.  Inside the server a
 small probe (``PROBE`` below, loaded by the instance's settings module)
 answers SIGUSR1: ``start`` begins tracing after a warm-up (20 streams opened
 and closed, so that the hub, the shared inotify instance, the ZODB
@@ -42,10 +42,9 @@ sys.path.insert(0, HERE)
 import bench_parked_streams as bench  # noqa: E402
 
 from collective.streamguard.tests.servers import executable  # noqa: E402
-from collective.streamguard.tests.zopeinstance import ZopeInstance  # noqa: E402
 
-PATH = "/@@stream-log?log=event&format=sse"
-HEADERS = f"Authorization: {bench.AUTH}\r\n"
+PATH = bench.ZOPE_PATH
+HEADERS = bench.ZOPE_HEADERS
 
 PROBE = r'''
 import collections, gc, json, linecache, os, signal, sys, traceback, tracemalloc
@@ -352,22 +351,12 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     count = args.count
     port = bench.free_port()
-    instance = ZopeInstance(port)
+    instance, _log_path, env = bench.zope_instance(
+        port, count, settings_extra="\nimport memprobe  # noqa\n"
+    )
     home = instance.home
-    with open(instance.zope_ini, "w") as f:
-        f.write(bench.ZOPE_INI.format(home=home, host=bench.HOST, port=port, limit=count + 200))
-    with open(os.path.join(home, "etc", "site.zcml"), "w") as f:
-        f.write(bench.SITE_ZCML)
-    with open(os.path.join(home, "benchsettings.py"), "w") as f:
-        f.write(bench.SETTINGS_MODULE + "\nimport memprobe  # noqa\n")
     with open(os.path.join(home, "memprobe.py"), "w") as f:
         f.write(PROBE)
-    from Zope2.utilities.mkwsgiinstance import write_inituser
-
-    write_inituser(os.path.join(home, "inituser"), "admin", "admin")
-    open(os.path.join(home, "var", "event.log"), "a").close()
-    env = {**os.environ, **instance.env}
-    env["PYTHONPATH"] = os.pathsep.join((home, env["PYTHONPATH"]))
     process = subprocess.Popen(
         [executable("runwsgi"), instance.zope_ini],
         env=env,
