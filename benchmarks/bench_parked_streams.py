@@ -331,19 +331,24 @@ def zope_instance(port, count, settings_extra=""):
     return instance, log_path, env
 
 
+def start_zope(instance, env):
+    """runwsgi serving ``instance`` (from ``zope_instance``)."""
+    return subprocess.Popen(
+        [executable("runwsgi"), instance.zope_ini],
+        env=env,
+        cwd=instance.home,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def measure(kind, count):
     port = free_port()
     if kind == "zope":
         instance, log_path, env = zope_instance(port, count)
         home = instance.home
         ended_log, pattern = instance.stream_log, "ended (client gone)"
-        process = subprocess.Popen(
-            [executable("runwsgi"), instance.zope_ini],
-            env=env,
-            cwd=home,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = start_zope(instance, env)
         path, first, headers = ZOPE_PATH, b"retry:", ZOPE_HEADERS
         page = "/"
         cleanup = instance.remove

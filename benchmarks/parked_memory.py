@@ -32,7 +32,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 
@@ -40,8 +39,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_parked_streams as bench  # noqa: E402
-
-from collective.streamguard.tests.servers import executable  # noqa: E402
 
 PATH = bench.ZOPE_PATH
 HEADERS = bench.ZOPE_HEADERS
@@ -357,13 +354,7 @@ def main():
     home = instance.home
     with open(os.path.join(home, "memprobe.py"), "w") as f:
         f.write(PROBE)
-    process = subprocess.Popen(
-        [executable("runwsgi"), instance.zope_ini],
-        env=env,
-        cwd=home,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = bench.start_zope(instance, env)
     try:
         bench.wait_until_serving(port, process)
         bench.page_latencies(port, "/", 20)
