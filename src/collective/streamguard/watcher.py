@@ -73,6 +73,8 @@ class Watcher:
         # Owned by the watcher thread alone.
         self._entries = set()
         self._by_fd = {}
+        #: Sweeps done so far (the watcher's thread counts them).
+        self.sweeps = 0
         self._epoll = select.epoll() if use_epoll and hasattr(select, "epoll") else None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -236,6 +238,7 @@ class Watcher:
     def _sweep(self):
         for entry in list(self._entries):
             self._settle(entry)
+        self.sweeps += 1
 
     def _forget(self, entry):
         self._entries.discard(entry)

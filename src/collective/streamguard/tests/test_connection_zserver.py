@@ -15,6 +15,7 @@ from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.zservercases import SOON
 from collective.streamguard.tests.zservercases import ZServerTestCase
 from collective.streamguard.tests.zservercases import channel_of_client
+from collective.streamguard.watcher import _current as _current_watcher
 
 with warnings.catch_warnings():
     # Deprecated since 3.6, removed in 3.12; ZServer is built on it.
@@ -110,7 +111,11 @@ class ExactChannelTests(ZServerTestCase):
         self.assertTrue(connection.wait_closed(SOON))
         self.assertLess(time.monotonic() - started, SOON)
         self.assertTrue(fired.wait(SOON))
-        time.sleep(1.2)  # past a watcher sweep: a second call would come now
+        # A whole sweep after the call, which asks every entry again: a
+        # second call would come in it.
+        watcher = _current_watcher()
+        sweeps = watcher.sweeps
+        self.assertTrue(wait_for(lambda: watcher.sweeps >= sweeps + 2, timeout=SOON))
         self.assertEqual(called, [1])
 
     def test_finished_response_falls_back_to_the_scan(self):

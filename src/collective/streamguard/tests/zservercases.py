@@ -8,7 +8,6 @@ after a probe may already have seen the socket closed.
 
 import contextlib
 import threading
-import time
 import unittest
 import uuid
 
@@ -136,7 +135,5 @@ class ZServerTestCase(unittest.TestCase):
             resume.set()
 
     def assert_becomes(self, connection, state, timeout=SOON):
-        deadline = time.monotonic() + timeout
-        while connection.state().state is not state and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: connection.state().state is state, timeout)
         self.assertIs(connection.state().state, state)
