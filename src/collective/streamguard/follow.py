@@ -185,8 +185,9 @@ class LogSource:
     #: reader's own.
     _CACHED_READS = 16
 
-    def __init__(self, path):
+    def __init__(self, path, key):
         self.path = path
+        self.key = key  # in _sources
         self.dir, self.name = os.path.split(path)
         self.users = 0
         self.lock = threading.Lock()
@@ -211,10 +212,9 @@ class LogSource:
             key = (path, bool(use_inotify), os.getpid())
             source = cls._sources.get(key)
             if source is None:
-                source = cls(path)
+                source = cls(path, key)
                 source._open(use_inotify)
                 cls._sources[key] = source
-                source.key = key
             source.users += 1
             return source
 
