@@ -60,6 +60,26 @@ PARK = _Park()
 #: cost less to copy than to hand over.
 DIRECT_MIN = 64 * 1024
 
+#: A stream that may park but keeps its thread longer than this without
+#: parking (a busy producer, or one that sleeps with ``time.sleep``,
+#: ``wait_closed`` or ``wait_for_disconnect``) counts against the thread cap
+#: from then on, until it parks.  Long enough for a log stream to send its
+#: last lines before it parks, short against a page's wait.
+HOLD_GRACE = 1.0
+
+
+class StreamError(Exception):
+    """Raise it (or a subclass) from a producer or an ending to end the
+    stream as failed (``EndReason.ERROR``) with a message: one warning line
+    in the log, no traceback.  Any other exception is logged with its
+    traceback."""
+
+
+class StreamFailed(Exception):
+    """What a server other than waitress gets from a stream that failed
+    after its headers went out: it then drops the connection without the
+    body's clean end, and the client can tell (waitress is told directly)."""
+
 
 class StreamGuard:
     """What a producer sees of its stream: the client, the clock, its cleanups.
@@ -116,9 +136,10 @@ class StreamGuard:
         self.park_readable = ()
         #: The hub's record of the stream once it has parked, else None.
         self.parked = None
-        #: Called once when a stream that may park turns out to hold its
-        #: thread (it cannot park, or it waits in ``wait()``): where the
-        #: thread cap is applied (``streaming``).
+        #: ``on_hold(why)``: called when a stream that may park turns out to
+        #: hold its thread (it cannot park, it waits in ``wait()``, or it
+        #: keeps its thread without parking): where the thread cap is
+        #: applied (``streaming``).
         self.on_hold = None
         self._outcome = None
 
@@ -216,7 +237,7 @@ class StreamGuard:
         self.parkable = False
         on_hold, self.on_hold = self.on_hold, None
         if on_hold is not None:
-            on_hold()
+            on_hold("it cannot park, or waits in guard.wait()")
 
     def add_step_hooks(self, enter, leave):
         """Run ``enter()`` before and ``leave()`` after each step of the
@@ -300,11 +321,17 @@ class StreamGuard:
         self._endings.append((function, args, kwargs))
 
     def run_cleanups(self):
+        """Run the endings, then the cleanups, once each.  An ending that
+        raises ``StreamError`` turns the end into a failure (``reason``
+        becomes ERROR): a commit that was refused, say."""
         for calls in (self._endings, self._cleanups):
             while calls:
                 function, args, kwargs = calls.pop()
                 try:
                     function(*args, **kwargs)
+                except StreamError as error:
+                    self.reason = EndReason.ERROR
+                    logger.warning("a stream failed as it ended: %s", error)
                 except Exception:
                     logger.exception("ending or cleanup %r of a stream failed", function)
         fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
@@ -314,6 +341,20 @@ class StreamGuard:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def explain(error):
+    """A hint for the log line of a producer's exception, where one helps:
+    a producer that touched the request's persistent objects (closed with
+    the request's connection before the body runs) needs ``zodb=True``."""
+    if type(error).__name__ == "ConnectionStateError":
+        return (
+            ": it used a persistent object of the request, whose database "
+            "connection closed before the stream began; capture plain values in "
+            "the view, or pass zodb=True and context= to stream_response() and "
+            "use guard.zodb"
+        )
+    return ""
 
 
 def _caller_frame():
@@ -343,6 +384,8 @@ class GuardedStream:
     ``zodb_limit``).  ``park``: how to park
     the stream while its producer waits in ``guard.idle()``
     (``waitress_park.park``); None: it holds its thread throughout.
+    ``error_chunk``: the last bytes of a stream that fails (an SSE error
+    event); text streams end without the chunked body's clean end instead.
     """
 
     def __init__(
@@ -360,8 +403,19 @@ class GuardedStream:
         park=None,
         kind="held",
         zodb=False,
+        error_chunk=None,
     ):
         self.guard = guard
+        #: Sent as the last chunk when the stream fails (SSE: an ``error``
+        #: event), before the connection is dropped without a clean end.
+        self.error_chunk = error_chunk
+        #: The producer's exception, re-raised to a server that is not
+        #: told directly (``StreamFailed`` when there is none).
+        self._failure = None
+        #: When the server's thread started to iterate us (``HOLD_GRACE``).
+        self._on_thread_since = None
+        #: Counted against the thread cap for now (it was busy), until it parks.
+        self._busy_held = False
         #: ``park(stream, frame)`` parks the stream (raising out of the
         #: server's loop) or returns when it cannot: ``waitress_park.park``.
         self._park_with = park
@@ -411,17 +465,30 @@ class GuardedStream:
             # Who iterates us: waitress itself, or anything else.  Asked
             # once, at the first step, from the caller's frame.
             self._direct = _direct_output(_caller_frame()) or False
+            self._on_thread_since = time.monotonic()
             if self._direct:
                 self.guard.before_wait = self._flush_direct
                 self._direct.send_headers()
-        while True:
-            chunk = self.step()
-            if chunk is not PARK:
-                break
-            # idle() asks to let the thread go: the stream parks (this
-            # raises out of the server's loop), or it cannot and the
-            # producer's idle() then waits in this thread, as it always did.
-            self._park(_caller_frame())
+        try:
+            while True:
+                chunk = self.step()
+                if chunk is not PARK:
+                    break
+                # idle() asks to let the thread go: the stream parks (this
+                # raises out of the server's loop), or it cannot and the
+                # producer's idle() then waits in this thread, as it always did.
+                self._park(_caller_frame())
+        except StopIteration:
+            if self.guard.reason is EndReason.ERROR:
+                return self._fail()
+            raise
+        except Exception as error:
+            # Logged and ended by step(); the client is told below.
+            self._failure = error
+            return self._fail()
+        if self.guard.parkable and not self._busy_held and self.guard.parked is None:
+            if time.monotonic() - self._on_thread_since > HOLD_GRACE:
+                self._hold_busy()
         if len(chunk) >= DIRECT_MIN and self._direct:
             if self._direct.ready():
                 self._direct.write(chunk, self._stopping, batch=self.guard.batch_output)
@@ -464,10 +531,14 @@ class GuardedStream:
             # transaction is aborted rather than committed.
             self._end(self.guard.check() or EndReason.FINISHED)
             raise
-        except Exception:
+        except StreamError as error:
+            logger.warning("stream %d failed: %s", self.record.id, error)
+            self._end(EndReason.ERROR)
+            raise
+        except Exception as error:
             # Exceptions in a body iterator get no Zope error view and no
             # error_log entry: log it here, with the stream it ended.
-            logger.exception("stream %d failed", self.record.id)
+            logger.exception("stream %d failed%s", self.record.id, explain(error))
             self._end(EndReason.ERROR)
             raise
         if chunk is PARK:
@@ -484,6 +555,10 @@ class GuardedStream:
 
     def _park(self, frame):
         if self._park_with is not None:
+            if self._busy_held:
+                # It parks now, and holds a thread no more.
+                self._busy_held = False
+                self.guard.live_streams.unhold(self.record)
             try:
                 # Raises waitress_park.Parked when the stream parks.
                 self._park_with(self, frame)
@@ -492,6 +567,34 @@ class GuardedStream:
         # Cannot park here: never ask again, the producer waits in idle().
         self._park_with = None
         self.guard.hold()
+
+    def _hold_busy(self):
+        """The stream has kept its thread for HOLD_GRACE without parking:
+        from now until it parks it counts against the thread cap, and ends
+        (as failed) when no thread is left for it."""
+        self._busy_held = True
+        on_hold = self.guard.on_hold
+        if on_hold is not None:
+            on_hold(
+                f"it has kept its thread for over {HOLD_GRACE:g} s without parking "
+                "(a producer that works, or sleeps outside guard.idle())"
+            )
+
+    def _fail(self):
+        """The stream has failed (its cleanups ran): send the error chunk, then
+        end so that the client can tell (no clean end of the body)."""
+        chunk, self.error_chunk = self.error_chunk, None
+        if chunk:
+            self._flush_direct(quiet=True)
+            return chunk
+        if self._direct:
+            # One log line (ours): waitress is told directly, it logs nothing.
+            self._direct.end_unfinished()
+            raise StopIteration
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        raise StreamFailed(f"stream {self.record.id} failed (see the log above)")
 
     def _stopping(self):
         return self.guard.stopping
@@ -538,6 +641,8 @@ class GuardedStream:
             logger.exception("stream %d: the producer failed while stopping", self.record.id)
         finally:
             guard.run_cleanups()
+            # An ending may have turned it into a failure (a refused commit).
+            reason = guard.reason
             guard.live_streams.end(self.record, reason)
             logger.info(
                 "stream %d ended (%s): %d bytes (%d queued without a copy) in %.1f s",

@@ -19,6 +19,7 @@ import time
 from collective.streamguard.guard import PARK
 from collective.streamguard.guard import READY
 from collective.streamguard.guard import STOP
+from collective.streamguard.streams import EndReason
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -236,7 +237,7 @@ class ParkedStream:
             if outcome is READY:
                 guard._woken = False
             guard._outcome = outcome
-        ended, error = False, False
+        ended = False
         produced = 0
         deadline = time.monotonic() + SLICE
         guard.enter_step()
@@ -267,11 +268,13 @@ class ParkedStream:
         except StopIteration:
             ended = True
         except Exception:
-            ended = error = True  # logged and ended by the body (ERROR)
+            ended = True  # logged and ended by the body (ERROR)
         finally:
             guard.leave_step()
         if ended:
-            self._finish(error)
+            # Failed: the producer raised, or the stream was stopped as
+            # failed (its commit refused, say).
+            self._finish(error=guard.reason is EndReason.ERROR)
         else:
             self._pause()
 
@@ -389,6 +392,8 @@ class ParkedStream:
         client that only half-closed still reads it)."""
         with self.lock:
             self.state = ENDING
+            if error and self.body.error_chunk:
+                self._frame(self.body.error_chunk)
             if self.chunked and not error:
                 self.out.add(b"0\r\n\r\n")
             if not self.broken:

@@ -13,8 +13,12 @@ nothing else: the followers of a path share its file and directory
 
 A stream that was given a parkable slot but holds its thread after all (a
 middleware between waitress and Zope, a producer that blocks in
-``guard.wait()``) moves to a held slot, under the thread cap; when none is
-left it ends at once (ERROR, logged) rather than take the last thread.
+``guard.wait()``, or one that keeps its thread for ``guard.HOLD_GRACE``
+without parking) moves to a held slot, under the thread cap; when none is
+left it ends at once as failed (ERROR, logged; its client sees no clean
+end) rather than take the last thread.  A plain iterable never sees its
+guard, so it can never park: ``stream_response`` gives it a held slot from
+the start, before its first byte.
 """
 
 import functools
@@ -87,9 +91,13 @@ def hold_or_end(stream, thread_limit):
     return functools.partial(_hold_or_end, stream, thread_limit)
 
 
-def _hold_or_end(stream, thread_limit):
+def _hold_or_end(stream, thread_limit, why="it cannot park"):
     if not live_streams.hold(stream.record, thread_limit):
+        # Ended as failed, so that its client can tell (no clean end of the
+        # body, an SSE error event): it did not end normally.
         logger.warning(
-            "stream %d cannot park and no thread is left for it: ending it", stream.record.id
+            "stream %d holds a thread (%s) and no thread is left for it (max_streams): ending it",
+            stream.record.id,
+            why,
         )
         stream.guard.stop(EndReason.ERROR)

@@ -62,8 +62,12 @@ TOO_MANY_FOR_USER = (
 )
 TOO_MANY_WITH_ZODB = (
     "Too many live streams with a database connection of their own on this server; "
-    "try again in a few seconds.\n"
+    "try again in a few seconds.  (At most the database's pool-size in zope.conf, "
+    "less one per worker thread, live at once: raise pool-size for more.)\n"
 )
+#: The last event of a server-sent event stream that failed: EventSource
+#: dispatches it as an ``error`` event, then reconnects.
+SSE_ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
 REFUSALS = {Refused.USER_LIMIT: TOO_MANY_FOR_USER, Refused.ZODB_BUSY: TOO_MANY_WITH_ZODB}
 
 
@@ -192,8 +196,10 @@ def stream_response(
     user = getSecurityManager().getUser()
     user_name = user.getUserName() if user is not None else ""
     # A stream that may park (collective.streamguard.parking) does not count
-    # against the thread cap unless it turns out to hold its thread.
-    park = park_function(request.environ, defaults)
+    # against the thread cap unless it turns out to hold its thread.  A
+    # plain iterable never sees the guard, so it can never park: it counts
+    # from the start, and is refused before its first byte.
+    park = park_function(request.environ, defaults) if takes_guard(producer) else None
     kind = HELD if park is None else PARKABLE
     refused = live_streams.reserve(
         limit if park is None else max_parked_streams(defaults),
@@ -235,6 +241,7 @@ def stream_response(
             park=park,
             kind=kind,
             zodb=zodb,
+            error_chunk=SSE_ERROR_EVENT if is_event_stream(content_type) else None,
         )
         if park is not None:
             guard.on_hold = hold_or_end(stream, limit)
@@ -246,6 +253,16 @@ def stream_response(
     if _zserver_response(response):
         return write_in_this_thread(response, stream)
     return stream
+
+
+def takes_guard(producer):
+    """True for a producer that is a callable taking the guard (it may wait
+    in ``guard.idle()`` and park), False for a plain iterable."""
+    return callable(producer) and not hasattr(producer, "__iter__")
+
+
+def is_event_stream(content_type):
+    return content_type.split(";")[0].strip().lower() == "text/event-stream"
 
 
 def _user_key(request, user):

@@ -148,6 +148,16 @@ class LiveStreams:
             record.kind = HELD
             return True
 
+    def unhold(self, record):
+        """A stream that took a HELD slot with ``hold`` parks after all:
+        back to its PARKABLE slot."""
+        with self._lock:
+            if record.kind != HELD or record.id not in self._live:
+                return
+            self._kinds[HELD] -= 1
+            self._kinds[PARKABLE] += 1
+            record.kind = PARKABLE
+
     def _give_back(self, user, kind=HELD, zodb=False):
         self._reserved -= 1
         self._kinds[kind] -= 1

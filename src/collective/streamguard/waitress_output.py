@@ -157,6 +157,15 @@ class DirectOutput:
             and (task.chunked_response or task.content_length is None)
         )
 
+    def end_unfinished(self):
+        """End the response without the clean end of its body: no last
+        chunk of a chunked body, and the connection closes.  A client can
+        then tell that the stream failed (curl: "transfer closed with
+        outstanding read data remaining").  ``WSGITask.finish`` sends the
+        last chunk only while ``chunked_response`` is set."""
+        self.task.chunked_response = False
+        self.task.close_on_finish = True
+
     def write(self, data, stopping=None, batch=False):
         """Send ``data`` now or, with ``batch``, with the next chunks while
         the I/O thread is busy (``flush()`` sends what is held).  Raises

@@ -44,8 +44,13 @@ class HTTPClient:
     ``shutdown``, ``setsockopt``, ...) goes to the socket.
     """
 
-    def __init__(self, address, timeout=10.0):
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address, timeout=10.0, source=None):
+        """``source``: the local address to connect from (any 127.x.y.z on
+        loopback), for tests of per-address limits."""
+        source_address = None if source is None else (source, 0)
+        self.sock = socket.create_connection(
+            address, timeout=timeout, source_address=source_address
+        )
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
         #: Every byte received, for ``body()``.

@@ -52,7 +52,8 @@ class StreamView(BrowserView):
     ``gated`` (one line, then waits for the test's gate, then one more),
     ``finish`` (three lines), ``error`` (one line, then raises),
     ``heartbeat`` (waits with heartbeats), ``long`` (yields lines forever
-    and never asks the guard).
+    and never asks the guard), ``busy`` (yields a line every 50 ms until
+    the guard says stop, never parking).
     """
 
     def __call__(self):
@@ -83,6 +84,14 @@ class StreamView(BrowserView):
                         if guard.wait(0.05):
                             return
                     yield "after the gate\n"
+                elif mode == "busy":
+                    # Works (or sleeps) outside guard.idle(): it keeps its
+                    # thread, though it could park.
+                    n = 0
+                    while not guard.stopping:
+                        n += 1
+                        yield f"busy {n}\n"
+                        time.sleep(0.05)
                 elif mode == "long":
                     # A naive producer that never asks the guard: the guard
                     # must stop it at a yield.
@@ -314,3 +323,39 @@ class HoldView(BrowserView):
         held["released"] = released
         self.request.response.setHeader("Content-Type", "text/plain")
         return f"released: {released}\n"
+
+
+class PlainStreamView(BrowserView):
+    """``@@streamguard-test-plain?tag=T&mode=M``: a plain generator producer,
+    as a newcomer writes one from the README (it never sees the guard).
+
+    Modes: ``sleep`` (a line, then ``time.sleep`` between checks of
+    ``is_browser_connection_open``), ``wait_closed`` (a line, then
+    ``connection.wait_closed(1.0)`` in a loop).
+    """
+
+    def __call__(self):
+        from collective.streamguard import client_connection
+        from collective.streamguard import is_browser_connection_open
+
+        tag = self.request.form.get("tag", "")
+        mode = self.request.form.get("mode", "sleep")
+        connection = client_connection(self.request)
+        environ = self.request.environ
+
+        def body():
+            record("start", tag=tag)
+            try:
+                yield f"first line of {tag}\n"
+                while True:
+                    if mode == "wait_closed":
+                        if connection.wait_closed(timeout=1.0):
+                            return
+                    else:
+                        time.sleep(0.05)
+                        if not is_browser_connection_open(environ):
+                            return
+            finally:
+                record("producer-finally", tag=tag)
+
+        return stream_response(self.request, body())
