@@ -39,6 +39,22 @@ class IStreamSettingsProvider(Interface):
         """Return the settings object, or None."""
 
 
+class IStreamWritePolicy(Interface):
+    """A utility that decides, while the view runs, whether the writes of a
+    ``zodb=True`` stream of this request may be committed.
+
+    The stream's transaction is not the request's: no CSRF check of the
+    request ever sees it.  In Plone the add-on applies plone.protect's rule
+    (``collective.streamguard.csrf``).
+    """
+
+    def __call__(request):
+        """None where the stream may write; else a callable taking the
+        stream's ``ZODBSession`` that raises
+        ``collective.streamguard.zodb.WriteRefused`` when the transaction
+        about to be committed writes."""
+
+
 class IStreamGuardSettings(Interface):
     """Settings of collective.streamguard, kept in plone.registry.
 

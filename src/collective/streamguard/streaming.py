@@ -40,6 +40,7 @@ from collective.streamguard.interfaces import DEFAULT_HEARTBEAT_INTERVAL
 from collective.streamguard.interfaces import DEFAULT_MAX_DURATION
 from collective.streamguard.interfaces import DEFAULT_MAX_STREAMS_PER_USER
 from collective.streamguard.interfaces import IStreamSettingsProvider
+from collective.streamguard.interfaces import IStreamWritePolicy
 from collective.streamguard.parking import hold_or_end
 from collective.streamguard.parking import max_parked_streams
 from collective.streamguard.parking import park_function
@@ -121,6 +122,13 @@ def site_settings():
     """The current site's settings (``IStreamSettingsProvider``), or None."""
     provider = queryUtility(IStreamSettingsProvider)
     return provider() if provider is not None else None
+
+
+def write_policy(request):
+    """What ``IStreamWritePolicy`` says of this request's ``zodb=True``
+    stream (in Plone: plone.protect's CSRF rule), or None: it may write."""
+    policy = queryUtility(IStreamWritePolicy)
+    return policy(request) if policy is not None else None
 
 
 def _setting(explicit, defaults, name, fallback):
@@ -227,7 +235,7 @@ def stream_response(
             ),
         )
         guard.catching_up = catch_up
-        session = ZODBSession(context, request) if zodb else None
+        session = ZODBSession(context, request, write_policy(request)) if zodb else None
         stream = StreamIterator(
             producer,
             guard,

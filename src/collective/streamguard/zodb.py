@@ -46,6 +46,7 @@ from zope.globalrequest import clearRequest
 from zope.globalrequest import getRequest
 from zope.globalrequest import setRequest
 
+from collective.streamguard.guard import StreamError
 from collective.streamguard.streams import EndReason
 
 logger = logging.getLogger("collective.streamguard")
@@ -76,6 +77,11 @@ def open_sessions():
         return len(_open_sessions)
 
 
+class WriteRefused(StreamError):
+    """The stream's transaction writes, and its request may not write
+    (``IStreamWritePolicy``): it is aborted, and the stream fails."""
+
+
 class ZODBSession:
     """Captured in the view; opened in the serving thread; closed once.
 
@@ -84,7 +90,10 @@ class ZODBSession:
     ``transaction_manager`` and ``commit()`` for long batch work.
     """
 
-    def __init__(self, context, request):
+    def __init__(self, context, request, write_check=None):
+        """``write_check(session)``: what ``IStreamWritePolicy`` answered for
+        ``request``; run before every commit, it raises ``WriteRefused``."""
+        self.write_check = write_check
         jar = aq_base(context)._p_jar
         if jar is None:
             raise TypeError(f"{context!r} is not stored in the ZODB: nothing to reopen")
@@ -182,9 +191,35 @@ class ZODBSession:
         return user if hasattr(user, "aq_parent") else user.__of__(user_folder)
 
     def commit(self):
-        """Commit what the producer did so far and go on in a new transaction."""
+        """Commit what the producer did so far and go on in a new transaction.
+
+        Raises ``WriteRefused`` (the transaction is aborted, the stream
+        fails) where the request may not write: in Plone, a request without
+        plone.protect's CSRF protection."""
+        self.check_writes()
         self.transaction_manager.commit()
         self.transaction_manager.begin()
+
+    def check_writes(self):
+        """Abort and raise ``WriteRefused`` if the transaction writes and the
+        request may not."""
+        if self.write_check is None:
+            return
+        try:
+            self.write_check(self)
+        except WriteRefused:
+            self.transaction_manager.abort()
+            raise
+
+    def registered_objects(self):
+        """The persistent objects this transaction has changed, in every
+        database of the connection (plone.protect looks at the same)."""
+        return [
+            obj
+            for name, connection in self.connection.connections.items()
+            if name != "temporary"  # session data, written on every read
+            for obj in connection._registered_objects
+        ]
 
     def end_transaction(self):
         """Commit if the producer finished, abort otherwise.
@@ -196,6 +231,8 @@ class ZODBSession:
         if self.connection is None:
             return  # open() failed before it had a connection
         if self._guard.reason is EndReason.FINISHED:
+            # WriteRefused goes up: the stream then ends as failed.
+            self.check_writes()
             try:
                 tm.commit()
                 return

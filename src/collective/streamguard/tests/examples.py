@@ -50,15 +50,32 @@ from collective.streamguard.streaming import stream_response  # noqa: E402, F811
 
 BATCH_SIZE = 100
 
+FORM = """<!DOCTYPE html>
+<html><body>
+<form method="post">
+  {authenticator}
+  <button type="submit">Upper-case every document's title</button>
+</form>
+</body></html>
+"""
+
 
 class RetitleDocuments(BrowserView):
     """@@retitle-documents: a long batch job that reports its progress.
 
-    It commits every BATCH_SIZE documents; when the browser goes away, the
-    documents done since the last commit are aborted and the job stops.
+    A GET shows a form; posting it (with plone.protect's authenticator)
+    runs the job.  It commits every BATCH_SIZE documents; when the browser
+    goes away, the documents done since the last commit are aborted and
+    the job stops.
     """
 
     def __call__(self):
+        if self.request.get("REQUEST_METHOD") != "POST":
+            authenticator = self.context.restrictedTraverse("@@authenticator")
+            return FORM.format(authenticator=authenticator.authenticator())
+        # A stream writes in its own transaction, which plone.protect never
+        # sees: stream_response applies its rule to it.  Without a valid
+        # _authenticator, the first commit is refused and nothing is written.
         return stream_response(
             self.request, retitle_documents, zodb=True, context=self.context
         )

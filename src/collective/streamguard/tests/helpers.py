@@ -17,6 +17,7 @@ import struct
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 
 HOST = "127.0.0.1"
@@ -68,14 +69,20 @@ class HTTPClient:
     def __exit__(self, *exc_info):
         self.sock.close()
 
-    def request(self, path, method="GET", headers=None, version="1.1", auth=None):
-        """Send one request; ``auth`` is (user, password) for basic auth."""
+    def request(self, path, method="GET", headers=None, version="1.1", auth=None, form=None):
+        """Send one request; ``auth`` is (user, password) for basic auth;
+        ``form`` a dict sent as an urlencoded body (a POSTed form)."""
         lines = [f"{method} {path} HTTP/{version}", "Host: localhost"]
         if auth is not None:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             lines.append(f"Authorization: Basic {token}")
+        body = b""
+        if form is not None:
+            body = urllib.parse.urlencode(form).encode()
+            lines.append("Content-Type: application/x-www-form-urlencoded")
+            lines.append(f"Content-Length: {len(body)}")
         lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         return self
 
     def _receive(self, deadline):

@@ -8,6 +8,8 @@ import re
 import unittest
 
 import transaction
+from plone.app.testing import SITE_OWNER_NAME
+from plone.app.testing import SITE_OWNER_PASSWORD
 
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests import examples
@@ -15,6 +17,7 @@ from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.streamcases import StreamingTestCase
 
+OWNER = (SITE_OWNER_NAME, SITE_OWNER_PASSWORD)
 README = os.path.join(os.path.dirname(__file__), *[os.pardir] * 4, "README.rst")
 
 
@@ -93,10 +96,70 @@ class TestExampleViews(StreamingTestCase):
         status, _, _ = self.get("/plone/@@documents-csv")
         self.assertIn(status, (302, 401))
 
+    def authenticator(self):
+        """The _authenticator of the job's form, as a browser finds it."""
+        status, _, body = self.get_as_owner("/plone/@@retitle-documents")
+        self.assertEqual(status, 200)
+        match = re.search(rb'name="_authenticator" value="([^"]+)"', body)
+        self.assertIsNotNone(match, body[:2000])
+        return match.group(1).decode()
+
+    def get_as_owner(self, path):
+        sock = self.open("", auth=True, path=path)
+        status, _ = sock.head()
+        return status, None, sock.body()
+
+    def post_job(self, form):
+        return self.connect().request(
+            "/plone/@@retitle-documents", method="POST", auth=OWNER, form=form
+        )
+
+    def titles(self):
+        return [self.site()[f"doc-{n:02d}"].title for n in range(40)]
+
+    def test_batch_job_shows_a_form_with_the_authenticator_on_get(self):
+        self.assertTrue(self.authenticator())
+        self.assertEqual(self.titles(), [f"document {n:02d}" for n in range(40)])
+
+    def test_batch_job_without_the_authenticator_writes_nothing(self):
+        for form in ({}, {"_authenticator": "forged"}):
+            with self.subTest(form=form):
+                sock = self.post_job(form)
+                # Refused at the first commit: the client sees a failed
+                # stream (no clean end), and nothing was written.
+                with self.assertRaisesRegex(AssertionError, "server closed before the body"):
+                    sock.body()
+                self.assertTrue(wait_for(lambda: not live_streams.live()))
+                self.assertEqual(self.titles(), [f"document {n:02d}" for n in range(40)])
+        # A GET that streams (the test view that does not declare itself
+        # safe) is refused the same way.
+        sock = self.open(
+            "tag=get&mode=batch&count=12&csrf=check",
+            auth=True,
+            path="/plone/@@streamguard-test-zodb",
+        )
+        with self.assertRaisesRegex(AssertionError, "server closed before the body"):
+            sock.body()
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
+        self.assertNotIn("get-0", self.site().objectIds())
+
+    def test_a_stream_with_the_token_in_its_header_may_write_on_get(self):
+        token = self.authenticator()
+        sock = self.open(
+            "tag=tok&mode=batch&count=10&csrf=check",
+            auth=True,
+            path="/plone/@@streamguard-test-zodb",
+            headers={"X-CSRF-TOKEN": token},
+        )
+        read_until(sock, b"committed 10\n")
+        sock.close()
+        self.assertTrue(wait_for(lambda: not live_streams.live()))
+        self.assertIn("tok-9", self.site().objectIds())
+
     def test_batch_job_keeps_the_committed_batches_when_the_client_leaves(self):
         self.addCleanup(setattr, examples, "BATCH_SIZE", examples.BATCH_SIZE)
         examples.BATCH_SIZE = 10
-        sock = self.open("", auth=True, path="/plone/@@retitle-documents")
+        sock = self.post_job({"_authenticator": self.authenticator()})
         read_until(sock, b"20 /plone/doc-19\n")
         sock.close()
         self.assertTrue(wait_for(lambda: not live_streams.live()))
@@ -109,7 +172,7 @@ class TestExampleViews(StreamingTestCase):
         self.assertEqual(indexed, {f"doc-{n:02d}": site[f"doc-{n:02d}"].title for n in range(40)})
 
     def test_batch_job_that_finishes_commits_everything(self):
-        sock = self.open("", auth=True, path="/plone/@@retitle-documents")
+        sock = self.post_job({"_authenticator": self.authenticator()})
         read_until(sock, b"done: 40 documents\n")
         self.assertTrue(wait_for(lambda: not live_streams.live()))
         titles = {self.site()[f"doc-{n:02d}"].title for n in range(40)}
