@@ -31,8 +31,8 @@ from plone.protect.authenticator import isAnonymousUser
 from plone.protect.interfaces import IDisableCSRFProtection
 from plone.protect.utils import SAFE_WRITE_KEY
 from zExceptions import Forbidden
-from zope.interface.interfaces import ComponentLookupError
 from zope.interface import provider
+from zope.interface.interfaces import ComponentLookupError
 
 from collective.streamguard.interfaces import IStreamWritePolicy
 from collective.streamguard.zodb import WriteRefused
