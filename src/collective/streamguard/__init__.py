@@ -1,7 +1,8 @@
 """collective.streamguard: streams that know when the browser has gone.
 
-This module re-exports the public API of the plain-Python core only; it
-imports nothing from Zope or Plone, so it is safe to import anywhere.
+This module re-exports the public API: the plain-Python core at once, and
+``stream_response`` (Zope) and its companions when first asked for, so
+importing the package loads nothing from Zope or Plone.
 
 The layers, module by module; imports point one way, Plone -> Zope -> core
 (``tests/test_layers.py`` checks it):
@@ -33,6 +34,7 @@ Zope
 Plone (``plone.zcml``: registered only where Plone is)
     ``settings``    the registry records as the site's settings
     ``setuphandlers``  the uninstall step, hidden profiles
+    ``csrf``        plone.protect's CSRF rule for ``zodb=True`` streams' commits
     ``browser.controlpanel``, ``browser.viewer``: the control panel, the viewer
     ``restapi``     ``@stream-status`` and the control panel for plone.restapi
                     (``restapi.zcml``: only where plone.restapi is installed)
@@ -46,8 +48,29 @@ from collective.streamguard.connection import connection_state
 from collective.streamguard.connection import is_browser_connection_open
 from collective.streamguard.connection import on_disconnect
 from collective.streamguard.connection import wait_for_disconnect
+from collective.streamguard.guard import StreamError
+from collective.streamguard.streams import EndReason
+from collective.streamguard.streams import live_streams
+
+#: The Zope part of the public API, imported when first asked for: this
+#: module must stay importable without Zope (PEP 562).
+_ZOPE_API = {"stream_response": "collective.streamguard.streaming"}
+
+
+def __getattr__(name):
+    module = _ZOPE_API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'collective.streamguard' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
+    "EndReason",
+    "StreamError",
+    "live_streams",
+    "stream_response",
     "ClientConnection",
     "ConnectionState",
     "Verdict",

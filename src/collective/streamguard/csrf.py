@@ -23,8 +23,6 @@ What lets a stream write, as plone.protect lets a request write:
   neither).
 """
 
-import logging
-
 from AccessControl.SecurityManagement import getSecurityManager
 from plone.protect.authenticator import check
 from plone.protect.authenticator import isAnonymousUser
@@ -36,8 +34,6 @@ from zope.interface.interfaces import ComponentLookupError
 
 from collective.streamguard.interfaces import IStreamWritePolicy
 from collective.streamguard.zodb import WriteRefused
-
-logger = logging.getLogger("collective.streamguard")
 
 
 def csrf_disabled():

@@ -40,7 +40,14 @@ ZOPE = (
     "browser.stream_log",
     "browser.status",
 )
-PLONE = ("settings", "setuphandlers", "browser.controlpanel", "browser.viewer", "restapi")
+PLONE = (
+    "settings",
+    "setuphandlers",
+    "csrf",
+    "browser.controlpanel",
+    "browser.viewer",
+    "restapi",
+)
 #: Core modules that import their server's own modules (guarded).
 GENERIC_CORE = tuple(name for name in CORE if name not in ("waitress_output", "waitress_park"))
 #: Test layers, not part of the product's layers.
@@ -110,3 +117,14 @@ class LayerTests(unittest.TestCase):
         modules = loaded_by_import(ZOPE)
         self.assertIn("collective.streamguard.streaming", modules)
         self.assertFalse([m for m in modules if m.split(".")[0] == "plone"])
+
+    def test_stream_response_comes_from_the_package_root_when_asked_for(self):
+        import collective.streamguard.streaming
+
+        self.assertIs(
+            collective.streamguard.stream_response,
+            collective.streamguard.streaming.stream_response,
+        )
+        self.assertIn("stream_response", collective.streamguard.__all__)
+        with self.assertRaisesRegex(AttributeError, "no attribute 'nothing_here'"):
+            collective.streamguard.nothing_here  # noqa: B018
