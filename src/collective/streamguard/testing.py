@@ -1,8 +1,20 @@
-"""Test layers of collective.streamguard.
+"""Test layers of collective.streamguard, and helpers for testing streams.
 
-Streams are tested over real sockets against a real waitress server (the
-in-process test browser drains the whole body and would hang on a stream),
-and against the real classic ZServer (``STREAMGUARD_ZSERVER_TESTING``).
+For an integrator's own tests (README, Testing):
+
+- ``STREAMGUARD_FIXTURE``: a Plone site with the add-on installed, and
+  nothing else; base your own layer on it.
+  ``STREAMGUARD_INTEGRATION_TESTING``, ``STREAMGUARD_FUNCTIONAL_TESTING``.
+- ``STREAMGUARD_WAITRESS_TESTING``, ``WAITRESS_SERVER_FIXTURE``,
+  ``WaitressServer``: the site on a real waitress.  Streams are tested over
+  real sockets: the in-process test browser drains the whole body and
+  would hang on a stream.
+- ``open_stream``, ``StreamClient``, ``wait_for_streams_to_end``,
+  ``end_reasons``.
+
+The add-on's own tests also use its test views (``TEST_VIEWS_*``), a site
+as the ``Plone`` distribution makes it, and the real classic ZServer
+(``STREAMGUARD_ZSERVER_TESTING``).
 """
 
 import os
@@ -20,20 +32,21 @@ from plone.testing import zope
 from webtest.http import StopableWSGIServer
 
 import collective.streamguard.tests
+from collective.streamguard.streams import live_streams
+from collective.streamguard.tests.helpers import HTTPClient as StreamClient
+from collective.streamguard.tests.helpers import wait_for
 
 
 class StreamGuardLayer(PloneSandboxLayer):
-    """A Plone site with collective.streamguard installed."""
+    """A Plone site with collective.streamguard installed, and nothing else:
+    the fixture for an integrator's own layer (``defaultBases``)."""
 
     defaultBases = (PLONE_FIXTURE,)
 
     def setUpZope(self, app, configurationContext):
         import collective.streamguard
-        import collective.streamguard.tests
 
         self.loadZCML(package=collective.streamguard)
-        self.loadZCML(package=collective.streamguard.tests, name="test.zcml")
-        self.loadZCML(package=collective.streamguard.tests, name="plone.zcml")
 
     def setUpPloneSite(self, portal):
         applyProfile(portal, "collective.streamguard:default")
@@ -48,32 +61,6 @@ STREAMGUARD_INTEGRATION_TESTING = IntegrationTesting(
 STREAMGUARD_FUNCTIONAL_TESTING = FunctionalTesting(
     bases=(STREAMGUARD_FIXTURE,), name="StreamGuardLayer:FunctionalTesting"
 )
-
-
-class StreamGuardDistributionLayer(StreamGuardLayer):
-    """The add-on in a site as the ``Plone`` distribution makes it.
-
-    Integrators install ``Plone``, which brings plone.restapi (Volto's API,
-    JWT login) and plone.app.caching; both are set up before the add-on.
-    """
-
-    def setUpZope(self, app, configurationContext):
-        import plone.app.caching
-        import plone.restapi
-
-        self.loadZCML(package=plone.restapi)
-        self.loadZCML(package=plone.app.caching)
-        # The JWT PAS plugin's class is registered by the product.
-        zope.installProduct(app, "plone.restapi")
-        super().setUpZope(app, configurationContext)
-
-    def setUpPloneSite(self, portal):
-        applyProfile(portal, "plone.restapi:default")
-        applyProfile(portal, "plone.app.caching:default")
-        super().setUpPloneSite(portal)
-
-
-STREAMGUARD_DISTRIBUTION_FIXTURE = StreamGuardDistributionLayer()
 
 
 class WaitressServer(zope.WSGIServer):
@@ -112,10 +99,89 @@ class WaitressServer(zope.WSGIServer):
 # waitress as Zope and Plone run it: 4 threads, channel_request_lookahead 0.
 WAITRESS_SERVER_FIXTURE = WaitressServer(name="StreamGuardWaitress:4threads")
 
+#: The add-on's site on a real waitress: streams over real sockets.
 STREAMGUARD_WAITRESS_TESTING = FunctionalTesting(
     bases=(STREAMGUARD_FIXTURE, WAITRESS_SERVER_FIXTURE),
     name="StreamGuardLayer:Waitress",
 )
+
+
+# -- helpers for tests of streaming views -------------------------------------
+
+
+def open_stream(layer, path, auth=None, method="GET", headers=None, form=None):
+    """Send one request to the layer's real waitress and return the client.
+
+    ``path`` is the path and query (``/plone/@@my-stream?n=1``), ``auth``
+    (user, password) for basic auth, ``form`` a dict to post.  The client
+    (``StreamClient``) reads the response while it is still being produced:
+    ``head()``, ``read_until(marker)``, ``body()``, ``closed()``, and leaves
+    with ``close()`` (a FIN) or ``reset()``.
+    """
+    client = StreamClient((layer["host"], layer["port"]))
+    return client.request(path, method=method, headers=headers, auth=auth, form=form)
+
+
+def wait_for_streams_to_end(timeout=10.0):
+    """True once no stream of this process is live any more: every one has
+    ended and run its cleanups (they run in the server's threads)."""
+    return wait_for(lambda: not live_streams.live(), timeout)
+
+
+def end_reasons():
+    """How many streams of this process ended for each reason, by the
+    reason's value (``{"finished": 3, "client gone": 1, ...}``)."""
+    return live_streams.snapshot()["ended"]
+
+
+# -- the add-on's own tests: its test views too --------------------------------
+
+
+class StreamGuardTestViewsLayer(StreamGuardLayer):
+    """The add-on's site with the add-on's own test views (``tests/``)."""
+
+    def setUpZope(self, app, configurationContext):
+        super().setUpZope(app, configurationContext)
+        self.loadZCML(package=collective.streamguard.tests, name="test.zcml")
+        self.loadZCML(package=collective.streamguard.tests, name="plone.zcml")
+
+
+TEST_VIEWS_FIXTURE = StreamGuardTestViewsLayer()
+
+TEST_VIEWS_INTEGRATION_TESTING = IntegrationTesting(
+    bases=(TEST_VIEWS_FIXTURE,), name="StreamGuardTestViewsLayer:IntegrationTesting"
+)
+
+TEST_VIEWS_WAITRESS_TESTING = FunctionalTesting(
+    bases=(TEST_VIEWS_FIXTURE, WAITRESS_SERVER_FIXTURE),
+    name="StreamGuardTestViewsLayer:Waitress",
+)
+
+
+class StreamGuardDistributionLayer(StreamGuardTestViewsLayer):
+    """The add-on in a site as the ``Plone`` distribution makes it.
+
+    Integrators install ``Plone``, which brings plone.restapi (Volto's API,
+    JWT login) and plone.app.caching; both are set up before the add-on.
+    """
+
+    def setUpZope(self, app, configurationContext):
+        import plone.app.caching
+        import plone.restapi
+
+        self.loadZCML(package=plone.restapi)
+        self.loadZCML(package=plone.app.caching)
+        # The JWT PAS plugin's class is registered by the product.
+        zope.installProduct(app, "plone.restapi")
+        super().setUpZope(app, configurationContext)
+
+    def setUpPloneSite(self, portal):
+        applyProfile(portal, "plone.restapi:default")
+        applyProfile(portal, "plone.app.caching:default")
+        super().setUpPloneSite(portal)
+
+
+STREAMGUARD_DISTRIBUTION_FIXTURE = StreamGuardDistributionLayer()
 
 # The same server, for the site with plone.restapi and plone.app.caching (as
 # plone.restapi's PLONE_RESTAPI_DX_FUNCTIONAL_TESTING shares plone.testing's).

@@ -77,6 +77,28 @@ def open_sessions():
         return len(_open_sessions)
 
 
+def swap_index_queue(state):
+    """Make ``state`` this thread's state of CMF's indexing queue; return
+    the state it had.
+
+    ``Products.CMFCore.indexing`` queues catalog work per thread, and the
+    catalog processes the queue before every search and at commit.  A
+    producer's steps share their thread with whatever else runs there: a
+    test's uncommitted content (its queue was indexed into the stream's
+    catalog, and committed with it), or, for a parked stream, the next page
+    (which would index the stream's objects in its own transaction).  So a
+    stream keeps a queue state of its own, current while it runs.
+    """
+    try:
+        from Products.CMFCore.indexing import getQueue
+    except ImportError:  # a Zope without CMF: no queue
+        return state
+    queue = getQueue()
+    before = (queue.queue, queue.tmhook)
+    queue.queue, queue.tmhook = state
+    return before
+
+
 class WriteRefused(StreamError):
     """The stream's transaction writes, and its request may not write
     (``IStreamWritePolicy``): it is aborted, and the stream fails."""
@@ -118,6 +140,8 @@ class ZODBSession:
         self._security_manager = None
         #: What ``leave()`` gives the thread back; None while not entered.
         self._saved = None
+        #: The stream's own state of CMF's indexing queue (swap_index_queue).
+        self._index_queue = ([], None)
         self._closed = False
 
     def open(self, guard):
@@ -133,6 +157,7 @@ class ZODBSession:
         # Make it the thread's current manager (see the module docstring).
         self._thread_manager = transaction.manager.manager
         transaction.manager.manager = self.transaction_manager
+        thread_index_queue = swap_index_queue(self._index_queue)
         self.connection = self.db.open(transaction_manager=self.transaction_manager)
         self.transaction_manager.begin()
         root = self.connection.root()["Application"]
@@ -150,14 +175,20 @@ class ZODBSession:
         self.context = self.app.unrestrictedTraverse(self.context_path)
         self._security_manager = getSecurityManager()
         # Leaving the serving thread clears what open() set, as close() does.
-        self._saved = (self._thread_manager, None, None, None)
+        self._saved = (self._thread_manager, None, None, None, thread_index_queue)
         guard.add_step_hooks(self.enter, self.leave)
 
     def enter(self):
         """Make this session current in this thread (a parked stream's step)."""
         if self._saved is not None or self.connection is None or self._closed:
             return
-        self._saved = (transaction.manager.manager, getSite(), getRequest(), getSecurityManager())
+        self._saved = (
+            transaction.manager.manager,
+            getSite(),
+            getRequest(),
+            getSecurityManager(),
+            swap_index_queue(self._index_queue),
+        )
         transaction.manager.manager = self.transaction_manager
         setRequest(self.request)
         setSite(self.site)
@@ -168,8 +199,9 @@ class ZODBSession:
         saved, self._saved = self._saved, None
         if saved is None:
             return
-        manager, site, request, security_manager = saved
+        manager, site, request, security_manager, index_queue = saved
         transaction.manager.manager = manager
+        self._index_queue = swap_index_queue(index_queue)
         setSite(site)
         if request is None:
             clearRequest()

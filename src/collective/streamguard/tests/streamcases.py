@@ -21,7 +21,7 @@ from plone.registry.interfaces import IRegistry
 from zope.component import getUtility
 
 from collective.streamguard.streams import live_streams
-from collective.streamguard.testing import STREAMGUARD_WAITRESS_TESTING
+from collective.streamguard.testing import TEST_VIEWS_WAITRESS_TESTING
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import wait_for
@@ -46,7 +46,7 @@ def ending_streams():
 
 
 class StreamingTestCase(unittest.TestCase):
-    layer = STREAMGUARD_WAITRESS_TESTING
+    layer = TEST_VIEWS_WAITRESS_TESTING
 
     def setUp(self):
         self.sockets = []
