@@ -95,7 +95,7 @@ run: instance
 
 test: install-test
 	$(BIN)/python scripts/pins.py check
-	$(BIN)/zope-testrunner --test-path=src --auto-color --auto-progress $(TESTOPTS)
+	$(BIN)/zope-testrunner --test-path=src --path=tests --auto-color --auto-progress $(TESTOPTS)
 
 # The buildout route of README.rst, run as written, then a check that its
 # instance answers HTTP.
@@ -119,7 +119,7 @@ $(VENV)/.installed-lint: $(BIN)/python constraints.txt
 	$(PIP) install -c constraints.txt ruff zpretty towncrier
 	@touch $@
 
-PYTHON_DIRS := src scripts benchmarks
+PYTHON_DIRS := src tests scripts benchmarks
 # zpretty formats ZCML and the GenericSetup profiles in its ZCML style (-z:
 # one attribute per line, as the profiles are written), page templates as
 # HTML.

@@ -109,16 +109,18 @@ STREAMGUARD_WAITRESS_TESTING = FunctionalTesting(
 # -- helpers for tests of streaming views -------------------------------------
 
 
-def open_stream(layer, path, auth=None, method="GET", headers=None, form=None):
+def open_stream(layer, path, auth=None, method="GET", headers=None, form=None, source=None):
     """Send one request to the layer's real waitress and return the client.
 
     ``path`` is the path and query (``/plone/@@my-stream?n=1``), ``auth``
-    (user, password) for basic auth, ``form`` a dict to post.  The client
+    (user, password) for basic auth, ``form`` a dict to post, ``source``
+    the local address to connect from (``127.0.0.2``: another anonymous
+    client, with per-address limits of its own).  The client
     (``StreamClient``) reads the response while it is still being produced:
     ``head()``, ``read_until(marker)``, ``body()``, ``closed()``, and leaves
     with ``close()`` (a FIN) or ``reset()``.
     """
-    client = StreamClient((layer["host"], layer["port"]))
+    client = StreamClient((layer["host"], layer["port"]), source=source)
     return client.request(path, method=method, headers=headers, auth=auth, form=form)
 
 
@@ -143,7 +145,6 @@ class StreamGuardTestViewsLayer(StreamGuardLayer):
     def setUpZope(self, app, configurationContext):
         super().setUpZope(app, configurationContext)
         self.loadZCML(package=collective.streamguard.tests, name="test.zcml")
-        self.loadZCML(package=collective.streamguard.tests, name="plone.zcml")
 
 
 TEST_VIEWS_FIXTURE = StreamGuardTestViewsLayer()

@@ -268,8 +268,14 @@ class ZODBSession:
             try:
                 tm.commit()
                 return
-            except Exception:
-                logger.exception("stream commit failed; aborting")
+            except Exception as error:
+                # A ConflictError (another thread or ZEO client changed the
+                # same object), say: nothing is half-committed, and the
+                # stream ends as failed, so that its client can tell.
+                tm.abort()
+                raise StreamError(
+                    f"its final commit failed and was aborted: {type(error).__name__}: {error}"
+                ) from error
         tm.abort()
 
     def close(self):

@@ -67,6 +67,27 @@ class TestOwnZODBConnection(StreamingTestCase):
         self.assert_cleaned_up_once(tag, "finished")
         self.assertEqual(getattr(self.site(), "_streamguard_mark", None), tag)
 
+    def test_a_conflict_in_the_final_commit_aborts_and_the_client_can_tell(self):
+        tag = self.tag()
+        sock = self.open(f"tag={tag}&mode=write", auth=True, path=PATH)
+        read_until(sock, b"marked")
+        # Meanwhile another connection (another thread, another ZEO client)
+        # changes the same object and commits first.
+        tm = transaction.TransactionManager()
+        connection = self.db.open(transaction_manager=tm)
+        try:
+            connection.root()["Application"]["plone"]._streamguard_mark = "theirs"
+            tm.commit()
+        finally:
+            connection.close()
+        views.gate(tag).set()
+        # The producer's final commit conflicts: aborted, and the stream
+        # ends as failed, without the body's clean end.
+        with self.assertRaisesRegex(AssertionError, "server closed before the body ended"):
+            sock.body()
+        self.assert_cleaned_up_once(tag, "error")
+        self.assertEqual(self.site()._streamguard_mark, "theirs")
+
     def test_client_leaving_aborts(self):
         tag = self.tag()
         sock = self.open(f"tag={tag}&mode=write", auth=True, path=PATH)
