@@ -105,6 +105,9 @@ class StreamGuard:
         self.heartbeat_interval = heartbeat_interval or None
         self.live_streams = live_streams
         self.reason = None
+        #: The producer's own ZODB connection and transaction
+        #: (``stream_response(zodb=True)``: a ``zodb.ZODBSession``), else None.
+        self.zodb = None
         #: A producer that yields large chunks and blocks nowhere but in
         #: wait()/idle() may set this: under waitress its large chunks are
         #: then handed over in batches while the server still has output to
