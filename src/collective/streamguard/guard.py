@@ -541,7 +541,14 @@ class GuardedStream:
         except Exception as error:
             # Exceptions in a body iterator get no Zope error view and no
             # error_log entry: log it here, with the stream it ended.
-            logger.exception("stream %d failed%s", self.record.id, explain(error))
+            hint = explain(error)
+            if hint:
+                # ZODB has just logged its traceback: say what to do instead.
+                logger.error(
+                    "stream %d failed: %s: %s%s", self.record.id, type(error).__name__, error, hint
+                )
+            else:
+                logger.exception("stream %d failed", self.record.id)
             self._end(EndReason.ERROR)
             raise
         if chunk is PARK:

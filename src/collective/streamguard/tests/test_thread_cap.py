@@ -128,6 +128,21 @@ class TestThreadCap(StreamingTestCase):
         failures = [line for line in lines.texts if "the producer failed on purpose" in line]
         self.assertEqual(len(failures), 1, lines.texts)
 
+    def test_a_producer_that_uses_the_requests_objects_is_told_of_zodb_true(self):
+        lines = AllLogLines.attach(self)
+        tag = self.tag()
+        sock = self.open(f"tag={tag}&mode=stale")
+        sock.read_until(f"first line of {tag}".encode())
+        self.assert_cut_off(sock)
+        self.assert_cleaned_up_once(tag, "error")
+        # ZODB logs its own traceback; the add-on adds one line, saying
+        # what to do.
+        hints = [line for line in lines.texts if "zodb=True" in line]
+        self.assertEqual(len(hints), 1, lines.texts)
+        self.assertIn("ConnectionStateError", hints[0])
+        self.assertIn("pass zodb=True and context= to stream_response()", hints[0])
+        self.assertNotIn("Traceback", hints[0])
+
 
 class AllLogLines(logging.Handler):
     """Every log line of the process (waitress' too), with its traceback."""

@@ -53,7 +53,8 @@ class StreamView(BrowserView):
     ``finish`` (three lines), ``error`` (one line, then raises),
     ``heartbeat`` (waits with heartbeats), ``long`` (yields lines forever
     and never asks the guard), ``busy`` (yields a line every 50 ms until
-    the guard says stop, never parking).
+    the guard says stop, never parking), ``stale`` (uses a persistent object
+    of the request, whose connection closed before the stream began).
     """
 
     def __call__(self):
@@ -68,6 +69,13 @@ class StreamView(BrowserView):
             options.update(heartbeat=b": heartbeat\n\n", heartbeat_interval=0.2)
         if mode == "gated":
             gate(tag).clear()
+        if mode == "stale":
+            # A persistent object of the request, used in the producer as a
+            # newcomer who forgot zodb=True would (a ghost: not in memory).
+            from Acquisition import aq_base
+
+            stale = self.context.unrestrictedTraverse("acl_users")
+            aq_base(stale)._p_deactivate()
 
         def producer(guard):
             guard.add_cleanup(lambda: record("cleanup", tag=tag, reason=guard.reason.value))
@@ -84,6 +92,8 @@ class StreamView(BrowserView):
                         if guard.wait(0.05):
                             return
                     yield "after the gate\n"
+                elif mode == "stale":
+                    yield f"{stale.getId()}\n"
                 elif mode == "busy":
                     # Works (or sleeps) outside guard.idle(): it keeps its
                     # thread, though it could park.
