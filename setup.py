@@ -18,8 +18,8 @@ ext_modules = []
 if not os.environ.get("PURE_PYTHON"):
     ext_modules.append(
         Extension(
-            "collective.streamguard._utf8",
-            ["src/collective/streamguard/_utf8.c"],
+            "collective.streamguard.logs._utf8",
+            ["src/collective/streamguard/logs/_utf8.c"],
             optional=True,
         )
     )

@@ -33,7 +33,7 @@ import threading
 import time
 
 from collective.streamguard.connection import ClientConnection
-from collective.streamguard.follow import LogFollower
+from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.guard import StreamGuard
 from collective.streamguard.streams import LiveStreams
 

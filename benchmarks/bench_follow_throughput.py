@@ -57,13 +57,13 @@ import time
 from importlib.metadata import version
 
 from collective.streamguard.connection import client_connection
-from collective.streamguard.follow import END_MARKER
-from collective.streamguard.follow import LogFollower
+from collective.streamguard.logs.follower import END_MARKER
+from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
-from collective.streamguard.logstream import TEXT_PIECE
-from collective.streamguard.logstream import LogStream
-from collective.streamguard.logstream import piece_size
+from collective.streamguard.logs.stream import TEXT_PIECE
+from collective.streamguard.logs.stream import LogStream
+from collective.streamguard.logs.stream import piece_size
 
 UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 UNITS.update(k=10**3, m=10**6, g=10**9, kib=2**10, mib=2**20, gib=2**30)

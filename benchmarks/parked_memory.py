@@ -240,7 +240,7 @@ def report(count):
         chains["StreamGuard (ended)"] = chain(ended[0], ("Hub", "module", "Scheduler"))
     walks = {}
     from collective.streamguard import hub
-    streams = list(hub.hub().streams.values())
+    streams = list(hub.hub().handlers.values())
     if streams:
         walks = walk(streams[len(streams) // 2])
     return {
@@ -253,7 +253,7 @@ def report(count):
         "alive": alive,
         "chains": chains,
         "walk": sorted(walks.items(), key=lambda kv: -kv[1])[:60],
-        "timers": len(hub.hub()._timers),
+        "timers": hub.hub().pending_timers(),
     }
 
 

@@ -16,8 +16,8 @@ import os
 
 from App.config import getConfiguration
 
-from collective.streamguard.logs import LogRules
-from collective.streamguard.logs import default_log_directories
+from collective.streamguard.logs.rules import LogRules
+from collective.streamguard.logs.rules import default_log_directories
 
 PRODUCT = "collective.streamguard"
 

@@ -49,14 +49,17 @@ class _Park(bytes):
     """The type of ``PARK``."""
 
 
-#: What ``idle()`` yields to its driver when the stream may be parked
-#: (``collective.streamguard.hub``): "let my thread go until a wake
-#: condition".  Empty bytes matched by identity: a wrapper that transforms
-#: chunks passes bytes on, and a server ignores empty chunks.
+#: The park protocol's sentinel: what ``idle()`` yields to its driver
+#: (``GuardedStream.step()``'s caller) when the stream may park, meaning
+#: "let my thread go until a wake condition": ``park_deadline`` and
+#: ``park_readable`` say which; the driver parks the stream and, once a
+#: condition fired, hands ``resume(outcome)`` what ``idle()`` returns.
+#: Empty bytes matched by identity: a wrapper that transforms chunks
+#: passes bytes on, and a server ignores empty chunks.
 PARK = _Park()
 
 #: Chunks of at least this size go straight onto a waitress channel where
-#: that is exact (``collective.streamguard.waitress_output``); smaller ones
+#: that is exact (``collective.streamguard.waitress.output``); smaller ones
 #: cost less to copy than to hand over.
 DIRECT_MIN = 64 * 1024
 
@@ -235,6 +238,22 @@ class StreamGuard:
             except (BlockingIOError, OSError):
                 pass  # the pipe is full (already woken) or the stream has ended
 
+    # -- the park protocol (collective.streamguard.parking) -------------------
+
+    @property
+    def woken(self):
+        """True when ``wake()`` was called since the last wait ended."""
+        return self._woken
+
+    def resume(self, outcome):
+        """What a parked ``idle()`` returns with, handed over by the stream's
+        driver before the producer's next step: ``READY`` (a wake, or a
+        readable fd; it uses up the wake), ``STOP``, ``TIMEOUT``, or None
+        (not resumed from an ``idle()``: it waits again in this thread)."""
+        if outcome is _READY:
+            self._woken = False
+        self._outcome = outcome
+
     def hold(self):
         """The stream will hold its thread: stop asking to park."""
         self.parkable = False
@@ -369,13 +388,6 @@ def _caller_frame():
         return None
 
 
-def _direct_output(frame):
-    # Imported here: only a stream with large chunks needs waitress' classes.
-    from collective.streamguard.waitress_output import DirectOutput
-
-    return DirectOutput.for_caller(frame)
-
-
 class GuardedStream:
     """A WSGI body iterable that runs a producer under a ``StreamGuard``.
 
@@ -389,6 +401,7 @@ class GuardedStream:
     (``waitress_park.park``); None: it holds its thread throughout.
     ``error_chunk``: the last bytes of a stream that fails (an SSE error
     event); text streams end without the chunked body's clean end instead.
+    ``direct_output``: see ``_direct_output_for``.
     """
 
     def __init__(
@@ -407,8 +420,13 @@ class GuardedStream:
         kind="held",
         zodb=False,
         error_chunk=None,
+        direct_output=None,
     ):
         self.guard = guard
+        #: ``direct_output(frame)``: how large chunks go straight onto the
+        #: server's connection, given the frame that iterates us (waitress:
+        #: ``waitress.output.DirectOutput.for_caller``), or None.
+        self._direct_output_for = direct_output
         #: Sent as the last chunk when the stream fails (SSE: an ``error``
         #: event), before the connection is dropped without a clean end.
         self.error_chunk = error_chunk
@@ -467,7 +485,10 @@ class GuardedStream:
         if self._direct is None and not self._ended:
             # Who iterates us: waitress itself, or anything else.  Asked
             # once, at the first step, from the caller's frame.
-            self._direct = _direct_output(_caller_frame()) or False
+            if self._direct_output_for is not None:
+                self._direct = self._direct_output_for(_caller_frame()) or False
+            else:
+                self._direct = False
             self._on_thread_since = time.monotonic()
             if self._direct:
                 self.guard.before_wait = self._flush_direct
@@ -577,6 +598,22 @@ class GuardedStream:
         # Cannot park here: never ask again, the producer waits in idle().
         self._park_with = None
         self.guard.hold()
+
+    def prepare_park(self, parked):
+        """The stream parks now (``parked``: its ``ParkedStream``), and its
+        thread goes back to the server: what the direct output holds goes
+        first, the thread's locals go back to what the next request there
+        expects (``leave_step``), the thread cap's hook is dropped (a parked
+        stream never holds a thread), and the server's ``close()`` on the
+        way out of its loop will not end the stream."""
+        self._flush_direct(quiet=True)
+        self._direct = False
+        guard = self.guard
+        guard.before_wait = None
+        guard.leave_step()
+        guard.parked = parked
+        guard.on_hold = None
+        self._parking = True
 
     def _hold_busy(self):
         """The stream has kept its thread for HOLD_GRACE without parking:

@@ -8,7 +8,7 @@ from zope.i18nmessageid import MessageFactory
 from zope.interface import Interface
 from zope.publisher.interfaces.browser import IDefaultBrowserLayer
 
-from collective.streamguard.follow import END_MARKER
+from collective.streamguard.logs.follower import END_MARKER
 
 _ = MessageFactory("collective.streamguard")
 

@@ -16,6 +16,7 @@ import sys
 
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import ClientConnection
+from collective.streamguard.waitress.channel import channel_of
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -81,19 +82,20 @@ class WaitressConnection(SocketConnection):
         # Capture the socket object now: waitress sets channel.socket to
         # None when it closes the channel.
         super().__init__(getattr(channel, "socket", None), "waitress")
-        self._channel = channel
+        #: The request's waitress channel, until waitress lets go of it.
+        self.channel = channel
 
     def _probe(self):
-        channel = self._channel
+        channel = self.channel
         if channel is not None and not channel.connected:
             return self._closed
         return super()._probe()
 
     def release_channel(self):
-        """waitress has let go of the socket (``waitress_park``): it never
+        """waitress has let go of the socket (``waitress.park``): it never
         reads, sends on or closes it again, so its channel has nothing more
         to tell, and the socket alone is asked from now on."""
-        self._channel = None
+        self.channel = None
 
 
 class FdConnection(ClientConnection):
@@ -305,9 +307,9 @@ def discover(environ, request=None):
             channel = _zserver_channel(environ.get("wsgi.output"))
         if channel is not None:
             return ZServerChannelConnection(channel)
-        hook = environ.get("waitress.client_disconnected")
-        if hook is not None and hasattr(hook, "__self__"):
-            return WaitressConnection(hook.__self__)
+        channel = channel_of(environ)
+        if channel is not None:
+            return WaitressConnection(channel)
         if "gunicorn.socket" in environ:
             multiplexed = str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/2")
             return SocketConnection(environ["gunicorn.socket"], "gunicorn", multiplexed)

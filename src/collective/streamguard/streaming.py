@@ -16,7 +16,7 @@ around a producer, with the guard of ``collective.streamguard.guard``:
   (default: the server's threads minus one, so one thread always serves
   normal pages); the next gets 503 with ``Retry-After``.  Under waitress a
   stream that waits in ``guard.idle()`` parks instead and holds no thread
-  while it waits (``collective.streamguard.parking``): those have their own
+  while it waits (``collective.streamguard.parkpolicy``): those have their own
   cap, ``max_parked_streams``;
 - ``zodb=True`` gives the producer its own ZODB connection and transaction
   (``collective.streamguard.zodb``);
@@ -41,13 +41,14 @@ from collective.streamguard.interfaces import DEFAULT_MAX_DURATION
 from collective.streamguard.interfaces import DEFAULT_MAX_STREAMS_PER_USER
 from collective.streamguard.interfaces import IStreamSettingsProvider
 from collective.streamguard.interfaces import IStreamWritePolicy
-from collective.streamguard.parking import hold_or_end
-from collective.streamguard.parking import max_parked_streams
-from collective.streamguard.parking import park_function
+from collective.streamguard.parkpolicy import hold_or_end
+from collective.streamguard.parkpolicy import max_parked_streams
+from collective.streamguard.parkpolicy import park_function
 from collective.streamguard.streams import HELD
 from collective.streamguard.streams import PARKABLE
 from collective.streamguard.streams import Refused
 from collective.streamguard.streams import live_streams
+from collective.streamguard.waitress.channel import channel_of
 from collective.streamguard.zodb import ZODBSession
 
 #: waitress' default; used where the server does not tell its thread count.
@@ -85,8 +86,7 @@ class StreamIterator(GuardedStream):
 def server_threads(environ):
     """The serving server's worker thread count: waitress' ``threads``,
     classic ZServer's ``zserver-threads``; else DEFAULT_THREADS."""
-    hook = environ.get("waitress.client_disconnected")
-    channel = getattr(hook, "__self__", None)
+    channel = channel_of(environ)
     try:
         if channel is None and "channel.creation_time" in environ:
             # Classic ZServer: PubCore starts ZSERVER_THREADS workers, set
@@ -203,7 +203,7 @@ def stream_response(
     )
     user = getSecurityManager().getUser()
     user_name = user.getUserName() if user is not None else ""
-    # A stream that may park (collective.streamguard.parking) does not count
+    # A stream that may park (collective.streamguard.parkpolicy) does not count
     # against the thread cap unless it turns out to hold its thread.  A
     # plain iterable never sees the guard, so it can never park: it counts
     # from the start, and is refused before its first byte.
@@ -250,6 +250,7 @@ def stream_response(
             kind=kind,
             zodb=zodb,
             error_chunk=SSE_ERROR_EVENT if is_event_stream(content_type) else None,
+            direct_output=direct_output_for(request.environ),
         )
         if park is not None:
             guard.on_hold = hold_or_end(stream, limit)
@@ -261,6 +262,16 @@ def stream_response(
     if _zserver_response(response):
         return write_in_this_thread(response, stream)
     return stream
+
+
+def direct_output_for(environ):
+    """How a stream of this request writes large chunks straight onto the
+    server's connection (waitress), or None."""
+    if channel_of(environ) is None:
+        return None
+    from collective.streamguard.waitress.output import DirectOutput
+
+    return DirectOutput.for_caller
 
 
 def takes_guard(producer):

@@ -10,8 +10,8 @@ from zope.schema.interfaces import IList
 from collective.streamguard.deployment import log_rules
 from collective.streamguard.interfaces import IStreamGuardSettings
 from collective.streamguard.interfaces import _
-from collective.streamguard.logs import InvalidLogEntry
-from collective.streamguard.logs import parse_log_files
+from collective.streamguard.logs.rules import InvalidLogEntry
+from collective.streamguard.logs.rules import parse_log_files
 from collective.streamguard.settings import PREFIX
 
 

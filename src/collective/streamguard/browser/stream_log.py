@@ -16,13 +16,13 @@ from AccessControl.SpecialUsers import nobody
 from Products.Five import BrowserView
 
 from collective.streamguard.deployment import log_rules
-from collective.streamguard.follow import END_MARKER
-from collective.streamguard.follow import LogFollower
-from collective.streamguard.follow import LogUnavailable
-from collective.streamguard.logs import configured_logs
-from collective.streamguard.logstream import HEARTBEAT
-from collective.streamguard.logstream import LogStream
-from collective.streamguard.logstream import piece_size
+from collective.streamguard.logs.follower import END_MARKER
+from collective.streamguard.logs.follower import LogFollower
+from collective.streamguard.logs.follower import LogUnavailable
+from collective.streamguard.logs.rules import configured_logs
+from collective.streamguard.logs.stream import HEARTBEAT
+from collective.streamguard.logs.stream import LogStream
+from collective.streamguard.logs.stream import piece_size
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.streaming import TRANSFORMCHAIN_DISABLE
 from collective.streamguard.streaming import site_settings

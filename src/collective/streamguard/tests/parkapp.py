@@ -18,11 +18,12 @@ from urllib.parse import parse_qs
 
 from webtest.http import StopableWSGIServer
 
-from collective.streamguard import waitress_park
 from collective.streamguard.connection import client_connection
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
 from collective.streamguard.streams import LiveStreams
+from collective.streamguard.waitress import park as waitress_park
+from collective.streamguard.waitress.output import DirectOutput
 
 HEARTBEAT = b": hb\n\n"
 
@@ -104,6 +105,7 @@ class App:
             guard,
             label=tag,
             park=waitress_park.park,
+            direct_output=DirectOutput.for_caller,
         )
         if path == "/wrapped":
             return self.middleware(body)

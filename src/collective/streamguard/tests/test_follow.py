@@ -13,14 +13,15 @@ import tracemalloc
 import unittest
 from unittest import mock
 
-from collective.streamguard import follow
-from collective.streamguard import utf8
-from collective.streamguard.follow import LogFollower
-from collective.streamguard.follow import LogUnavailable
-from collective.streamguard.follow import Piece
+from collective.streamguard.logs import follower as follow
+from collective.streamguard.logs import inotify
+from collective.streamguard.logs import utf8
+from collective.streamguard.logs.follower import LogFollower
+from collective.streamguard.logs.follower import LogUnavailable
+from collective.streamguard.logs.follower import Piece
 
 MARKER = follow.END_MARKER
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(follow.__file__)))
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(follow.__file__))))
 
 
 def readable_within(fd, timeout):
@@ -436,7 +437,7 @@ class RotationWithoutInotifyTests(RotationTests):
         self.assertEqual(self.follower().fileno(), -1)
 
     def test_no_inotify_in_libc(self):
-        with mock.patch.object(follow.inotify, "api", lambda: None):
+        with mock.patch.object(inotify, "api", lambda: None):
             follower = LogFollower(self.path)
             self.addCleanup(follower.close)
             follower.open()
@@ -605,7 +606,7 @@ class LifecycleTests(FollowTestCase):
 
     def test_core_module_imports_no_zope(self):
         script = (
-            "import json, sys; import collective.streamguard.follow; "
+            "import json, sys; import collective.streamguard.logs.follower; "
             "print(json.dumps(sorted(sys.modules)))"
         )
         result = subprocess.run(

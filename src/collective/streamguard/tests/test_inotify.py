@@ -16,9 +16,9 @@ import time
 import unittest
 
 from collective.streamguard import hub as hubs
-from collective.streamguard import inotify
-from collective.streamguard.follow import LogFollower
-from collective.streamguard.follow import Piece
+from collective.streamguard.logs import inotify
+from collective.streamguard.logs.follower import LogFollower
+from collective.streamguard.logs.follower import Piece
 
 
 def inotify_instances():

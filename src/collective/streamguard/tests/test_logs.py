@@ -6,12 +6,12 @@ import shutil
 import tempfile
 import unittest
 
-from collective.streamguard.logs import InvalidLogEntry
-from collective.streamguard.logs import LogRules
-from collective.streamguard.logs import configured_logs
-from collective.streamguard.logs import parse_log_entry
-from collective.streamguard.logs import parse_log_files
-from collective.streamguard.logs import zope_logs
+from collective.streamguard.logs.rules import InvalidLogEntry
+from collective.streamguard.logs.rules import LogRules
+from collective.streamguard.logs.rules import configured_logs
+from collective.streamguard.logs.rules import parse_log_entry
+from collective.streamguard.logs.rules import parse_log_files
+from collective.streamguard.logs.rules import zope_logs
 
 
 class TestZopeLogs(unittest.TestCase):

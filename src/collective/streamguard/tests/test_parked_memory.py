@@ -21,8 +21,8 @@ from zope.component import provideHandler
 from ZPublisher.interfaces import IPubStart
 
 from collective.streamguard.hub import Hub
-from collective.streamguard.inotify import SharedInotify
-from collective.streamguard.parked import Scheduler
+from collective.streamguard.logs.inotify import SharedInotify
+from collective.streamguard.parking.scheduler import Scheduler
 from collective.streamguard.streams import LiveStreams
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.helpers import wait_for

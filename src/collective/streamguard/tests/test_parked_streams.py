@@ -13,15 +13,15 @@ import threading
 import unittest
 
 from collective.streamguard import hub as hubs
-from collective.streamguard import waitress_park
-from collective.streamguard.parked import OUT_HIGH
-from collective.streamguard.parked import PARKED
+from collective.streamguard.parking.stream import OUT_HIGH
+from collective.streamguard.parking.stream import PARKED
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import Recorder
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.parkapp import HEARTBEAT
 from collective.streamguard.tests.parkapp import App
 from collective.streamguard.tests.parkapp import PollingServer
+from collective.streamguard.waitress import park as waitress_park
 
 THREADS = 4
 

@@ -13,7 +13,7 @@ import unittest
 
 import transaction
 
-from collective.streamguard import parking
+from collective.streamguard import parkpolicy as parking
 from collective.streamguard.streams import live_streams
 from collective.streamguard.testing import STREAMGUARD_INTEGRATION_TESTING
 from collective.streamguard.tests import views

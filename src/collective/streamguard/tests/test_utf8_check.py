@@ -14,12 +14,12 @@ import subprocess
 import sys
 import unittest
 
-from collective.streamguard import utf8
-from collective.streamguard.utf8 import InvalidUTF8
-from collective.streamguard.utf8 import check_utf8
-from collective.streamguard.utf8 import check_utf8_with_decoder
+from collective.streamguard.logs import utf8
+from collective.streamguard.logs.utf8 import InvalidUTF8
+from collective.streamguard.logs.utf8 import check_utf8
+from collective.streamguard.logs.utf8 import check_utf8_with_decoder
 
-SRC = os.path.dirname(os.path.dirname(os.path.dirname(utf8.__file__)))
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(utf8.__file__))))
 # The edges of UTF-8: ASCII, continuation bytes at both ends, every kind of
 # lead byte and the bytes that are never valid.
 EDGES = [
@@ -61,12 +61,12 @@ class CheckTests(unittest.TestCase):
     def test_the_c_check_is_built_here(self):
         # setup.py builds it when a compiler is there, as on our machines;
         # PURE_PYTHON=1 (set by nobody in the suite) would turn it off.
-        from collective.streamguard import _utf8  # noqa: F401
+        from collective.streamguard.logs import _utf8  # noqa: F401
 
         self.assertIsNotNone(utf8._c_check_utf8)
 
     def test_c_check_answers_as_the_decoder(self):
-        from collective.streamguard._utf8 import check
+        from collective.streamguard.logs._utf8 import check
 
         count = 0
         for data in samples():
@@ -82,7 +82,7 @@ class CheckTests(unittest.TestCase):
                 self.assertEqual(with_decoder(data, final), (taken if valid else None, valid), data)
 
     def test_long_input_across_slices_and_words(self):
-        from collective.streamguard._utf8 import check
+        from collective.streamguard.logs._utf8 import check
 
         rng = random.Random(5)
         pieces = ["a" * 100, "größe ", "€", "😀", "日本語\n", "\x7f"]
@@ -99,7 +99,7 @@ class CheckTests(unittest.TestCase):
         self.assertEqual(check(cut, True), (len(data), False))
 
     def test_pure_python_turns_the_c_check_off(self):
-        script = "from collective.streamguard import utf8; print(utf8._c_check_utf8)"
+        script = "from collective.streamguard.logs import utf8; print(utf8._c_check_utf8)"
         result = subprocess.run(
             [sys.executable, "-c", script],
             env=dict(os.environ, PYTHONPATH=SRC, PURE_PYTHON="1"),

@@ -25,6 +25,7 @@ from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
 from collective.streamguard.streams import LiveStreams
 from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.waitress.output import DirectOutput
 
 CLIENT = """
 import socket, sys
@@ -72,7 +73,7 @@ class IdleStreamApp:
                 pass
             yield b""
 
-        return GuardedStream(producer(), guard)
+        return GuardedStream(producer(), guard, direct_output=DirectOutput.for_caller)
 
 
 class ClientNamespaceLayer:

@@ -22,8 +22,9 @@ from collective.streamguard.tests.helpers import Recorder
 from collective.streamguard.tests.helpers import dechunk
 from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
-from collective.streamguard.waitress_output import HELD_LIMIT
-from collective.streamguard.waitress_output import QUEUE_LIMIT
+from collective.streamguard.waitress.output import HELD_LIMIT
+from collective.streamguard.waitress.output import QUEUE_LIMIT
+from collective.streamguard.waitress.output import DirectOutput
 
 MiB = 1 << 20
 
@@ -60,6 +61,7 @@ class App:
             lambda guard: self.producer(guard, sizes, pause, batch),
             guard,
             label=environ["PATH_INFO"],
+            direct_output=DirectOutput.for_caller,
         )
         if environ["PATH_INFO"] == "/wrapped":
             return self.middleware(body)

@@ -1,8 +1,8 @@
-/* collective.streamguard._utf8: the UTF-8 check of LogFollower, in C.
+/* collective.streamguard.logs._utf8: the UTF-8 check of LogFollower, in C.
  *
  * Optional, like zope.interface's and persistent's C optimizations: where
  * it is not built (no compiler, or PURE_PYTHON set at install time)
- * collective.streamguard.follow checks with CPython's decoder instead.
+ * collective.streamguard.logs.follower checks with CPython's decoder instead.
  *
  * Why: every byte @@stream-log sends is checked as UTF-8 first.  CPython's
  * decoder is the only checker in the standard library; it builds text
@@ -137,7 +137,7 @@ static struct PyModuleDef_Slot slots[] = {
 
 static struct PyModuleDef definition = {
     PyModuleDef_HEAD_INIT,
-    "collective.streamguard._utf8",
+    "collective.streamguard.logs._utf8",
     "The UTF-8 check of LogFollower, in C (optional).",
     0,
     methods,

@@ -1,7 +1,7 @@
 """Zope integration of parked streams: which streams park, and their cap.
 
-A stream parks (``hub``) only under waitress, on a channel that
-``waitress_park.install`` has switched; that happens on the first published
+A stream parks (``parking``, watched by the ``hub``) only under waitress,
+on a channel that ``waitress.park.install`` has switched; that happens on the first published
 request of each server (an ``IPubStart`` subscriber: at process start there
 is no server yet).  Parked streams have a cap of their own: what they use
 is file descriptors, not threads.  The default is derived from the
@@ -9,7 +9,7 @@ process' open-files limit (``RLIMIT_NOFILE``, soft): what is left after
 FDS_KEPT for the rest of Zope (its storage, logs, page connections), one
 descriptor per stream: its client socket.  A parked log stream holds
 nothing else: the followers of a path share its file and directory
-(``follow.LogSource``), and are woken by a callback, not a descriptor.
+(``logs.source.LogSource``), and are woken by a callback, not a descriptor.
 
 A stream that was given a parkable slot but holds its thread after all (a
 middleware between waitress and Zope, a producer that blocks in
@@ -27,6 +27,8 @@ import weakref
 
 from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import live_streams
+from collective.streamguard.waitress.channel import channel_of
+from collective.streamguard.waitress.channel import server_of
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -38,13 +40,11 @@ _installed = weakref.WeakSet()
 
 def install_on_first_request(event):
     """``IPubStart`` subscriber: let the serving waitress park streams."""
-    environ = event.request.environ
-    hook = environ.get("waitress.client_disconnected")
-    server = getattr(getattr(hook, "__self__", None), "server", None)
+    server = server_of(event.request.environ)
     if server is None or server in _installed:
         return
     _installed.add(server)
-    from collective.streamguard import waitress_park
+    from collective.streamguard.waitress import park as waitress_park
 
     waitress_park.install(server)
 
@@ -63,14 +63,13 @@ def default_max_parked_streams():
 
 
 def park_function(environ, settings):
-    """``waitress_park.park`` where this request's stream may park, else None."""
+    """``waitress.park.park`` where this request's stream may park, else None."""
     if settings is not None and getattr(settings, "park_streams", True) is False:
         return None
-    hook = environ.get("waitress.client_disconnected")
-    if hook is None:
+    if channel_of(environ) is None:
         return None
     from collective.streamguard import hub
-    from collective.streamguard import waitress_park
+    from collective.streamguard.waitress import park as waitress_park
 
     if not (hub.SUPPORTED and waitress_park.installed(environ)):
         return None

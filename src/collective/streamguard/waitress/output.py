@@ -30,10 +30,12 @@ are out.  Written against waitress 3.0 (``SUPPORTED_SERIES``); with any
 other release ``for_caller`` answers None and chunks take the ordinary way.
 """
 
-import collections
 import threading
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version
+
+from collective.streamguard.parking.output import OutQueue
+from collective.streamguard.parking.output import framed_parts
 
 try:
     from waitress.buffers import ReadOnlyFileBasedBuffer
@@ -70,52 +72,40 @@ QUEUE_LIMIT = 4 * 1024 * 1024
 HANDOVER_BELOW = 256 * 1024
 HELD_LIMIT = 4 * 1024 * 1024
 RECHECK = 0.5
-SMALL_PART = 64
-SMALL_PART_COMPANION = 64 * 1024
 
 
 class ChunkBuffer(ReadOnlyFileBasedBuffer):
-    """Bytes queued on a waitress channel as they are, sent by its I/O thread."""
+    """Bytes queued on a waitress channel as they are, sent by its I/O thread:
+    waitress' buffer interface over an ``OutQueue``."""
 
     def __init__(self, parts):
         # No file: ReadOnlyFileBasedBuffer.__init__ is deliberately not run.
-        self._parts = collections.deque(memoryview(part) for part in parts if part)
-        self.remain = sum(len(part) for part in self._parts)
+        self.queue = OutQueue(parts)
         self._queued_by = threading.get_ident()
 
     def __len__(self):
-        return self.remain
+        return self.queue.size
+
+    @property
+    def remain(self):
+        return self.queue.size
 
     def get(self, numbytes=-1, skip=False):
         # Nothing for the queuing thread: see the module's docstring.
-        if not self._parts or threading.get_ident() == self._queued_by:
+        if threading.get_ident() == self._queued_by:
             return b""
-        parts = self._parts
-        chunk = parts[0]  # whole: the socket takes what it can
-        if len(chunk) < SMALL_PART and len(parts) > 1:
-            # Chunk framing: sent with the start of the data, not as a
-            # segment of its own (waitress sets TCP_NODELAY).
-            chunk = b"".join((chunk, parts[1][:SMALL_PART_COMPANION]))
-        if skip:
-            self.skip(len(chunk))
-        return chunk
+        data = self.queue.peek(numbytes)
+        if skip and data:
+            self.queue.consume(len(data))
+        return data
 
     def skip(self, numbytes, allow_prune=False):
-        if numbytes > self.remain:
-            raise ValueError(f"cannot skip {numbytes} bytes of {self.remain}")
-        self.remain -= numbytes
-        parts = self._parts
-        while numbytes:
-            head = parts[0]
-            if numbytes < len(head):
-                parts[0] = head[numbytes:]
-                return
-            numbytes -= len(head)
-            parts.popleft()
+        if numbytes > self.queue.size:
+            raise ValueError(f"cannot skip {numbytes} bytes of {self.queue.size}")
+        self.queue.consume(numbytes)
 
     def close(self):
-        self._parts.clear()
-        self.remain = 0
+        self.queue.close()
 
 
 class DirectOutput:
@@ -197,15 +187,7 @@ class DirectOutput:
                     # the channel closes.  No pull_trigger(): with this much
                     # queued the I/O thread is already waiting to write.
                     channel.outbuf_lock.wait(RECHECK)
-        if self.task.chunked_response:
-            parts = []
-            framing = b""  # the CRLF ending the previous chunk, with the next size
-            for data in held:
-                parts += (framing + b"%X\r\n" % len(data), data)
-                framing = b"\r\n"
-            parts.append(framing)
-        else:
-            parts = held
+        parts = framed_parts(held) if self.task.chunked_response else held
         try:
             channel.write_soon(ChunkBuffer(parts))
         except ClientDisconnected:

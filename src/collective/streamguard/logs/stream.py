@@ -8,7 +8,7 @@ inotify and the client's socket at once and sends heartbeats while idle.
 import logging
 import weakref
 
-from collective.streamguard.follow import LogUnavailable
+from collective.streamguard.logs.follower import LogUnavailable
 from collective.streamguard.streams import EndReason
 
 logger = logging.getLogger("collective.streamguard")

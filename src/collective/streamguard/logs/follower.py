@@ -14,41 +14,26 @@ a regular file, and a name later swapped for a symbolic link or a
 non-regular file makes ``read()`` raise ``LogUnavailable``.
 
 Standard library only; Linux inotify through ctypes (the process' one
-instance, ``collective.streamguard.inotify``).  Elsewhere ``notifies`` is
+instance, ``collective.streamguard.logs.inotify``).  Elsewhere ``notifies`` is
 False, ``fileno()`` is -1 and callers wait ``poll_interval``.
 """
 
 import codecs
-import errno
 import logging
 import os
 import stat
 import sys
 import threading
 
-from collective.streamguard import inotify
-from collective.streamguard.utf8 import InvalidUTF8
-from collective.streamguard.utf8 import check_utf8
+from collective.streamguard.logs.source import LogSource
+from collective.streamguard.logs.source import LogUnavailable
+from collective.streamguard.logs.source import reason_of
+from collective.streamguard.logs.utf8 import InvalidUTF8
+from collective.streamguard.logs.utf8 import check_utf8
 
 logger = logging.getLogger("collective.streamguard")
 
 END_MARKER = "<<<<<EOFMARKER>>>>>"
-
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-# O_PATH: the directory needs search permission only, not read permission.
-_DIR_FLAGS = os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
-
-# <sys/inotify.h>
-IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x002, 0x004, 0x008
-IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x040, 0x080, 0x100, 0x200
-IN_ONLYDIR = 0x01000000
-# Names coming and going in the directory: rotation, deletion, creation.
-# IN_MODIFY is deliberately not watched on the directory: a directory watch
-# reports writes to *every* file in it, and Zope's var/log holds the access
-# log next to the event log, so each request would wake every follower.
-DIR_MASK = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ATTRIB
-# Writes, truncation and chmod of the file we have open (watched by inode).
-FILE_MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB
 
 _SAME, _MISSING, _OTHER = "same", "missing", "other"
 
@@ -59,11 +44,6 @@ _SAME, _MISSING, _OTHER = "same", "missing", "other"
 # let go when a read reaches the end of the file: the catch-up is over.
 _POOLED_FROM = 256 * 1024
 _POOL_SIZE = 8
-
-
-class LogUnavailable(Exception):
-    """The configured file cannot be followed (missing directory, not a
-    regular file, a symbolic link, unreadable); ``str()`` is a short reason."""
 
 
 class Piece:
@@ -151,228 +131,6 @@ def _start_of_last_lines(fd, size, count, max_bytes=MAX_SCAN_BYTES):
 # -- what the followers of one path share -------------------------------------
 
 
-class _OpenFile:
-    """One file open at (or once at) a followed name: its fd, its identity
-    (st_dev, st_ino) and its inotify watch, shared by the followers reading it."""
-
-    __slots__ = ("fd", "ident", "wd", "users")
-
-    def __init__(self, fd, ident):
-        self.fd, self.ident, self.wd, self.users = fd, ident, -1, 0
-
-
-class LogSource:
-    """What every follower of one path in this process shares.
-
-    One pinned directory fd, one fd per file open at the name (the current
-    file, and a rotated one while a follower still reads it), one
-    subscription to the process' inotify instance, and a count of the
-    changes inotify reported.  Ten thousand streams of the event log hold
-    two descriptors between them, not three each.
-
-    While inotify reports changes, what the followers ask of the file system
-    is answered once per change for all of them: the check of the name, the
-    size, and small reads (the tail of a fan-out: every follower reads the
-    same new line at the same offset).  A follower that read to the end
-    asks nothing at all until the count moves.  An answer is as fresh as
-    the last event: a write after it makes an event of its own, which moves
-    the count and wakes every follower, so nothing is missed.
-    """
-
-    _sources = {}  # path -> LogSource, see acquire()
-    _sources_lock = threading.Lock()
-    #: Small reads kept per change; larger ones (a catch-up) are the
-    #: reader's own.
-    _CACHED_READS = 16
-
-    def __init__(self, path, key):
-        self.path = path
-        self.key = key  # in _sources
-        self.dir, self.name = os.path.split(path)
-        self.users = 0
-        self.lock = threading.Lock()
-        self.files = {}  # ident -> _OpenFile
-        #: Told of every change, in the hub's thread: a tuple, replaced
-        #: whole, so the hub reads it without the lock.
-        self.listeners = ()
-        #: Moves at every inotify event (only the hub's thread changes it);
-        #: None while nothing reports changes: then every question goes to
-        #: the file system.
-        self.changes = None
-        self._subscriber = None
-        self._cache = {}
-        self._cache_at = None
-        self.dfd = None
-
-    @classmethod
-    def acquire(cls, path, use_inotify=True):
-        """The shared source of ``path`` (opened on first use); raises
-        ``LogUnavailable`` when its directory cannot be opened."""
-        with cls._sources_lock:
-            key = (path, bool(use_inotify), os.getpid())
-            source = cls._sources.get(key)
-            if source is None:
-                source = cls(path, key)
-                source._open(use_inotify)
-                cls._sources[key] = source
-            source.users += 1
-            return source
-
-    def release(self):
-        with self._sources_lock:
-            self.users -= 1
-            if self.users > 0:
-                return
-            if self._sources.get(self.key) is self:
-                del self._sources[self.key]
-        if self._subscriber is not None:
-            self._subscriber.close()
-        os.close(self.dfd)
-
-    def _open(self, use_inotify):
-        try:
-            # Pinned once: a parent directory later swapped for a symbolic
-            # link cannot redirect the followers.  A directory that is a
-            # symbolic link at configuration time (/var/log) is fine.
-            self.dfd = os.open(self.dir, _DIR_FLAGS)
-        except OSError as error:
-            raise LogUnavailable(f"directory {self.dir}: {_reason(error)}") from None
-        shared = inotify.shared() if use_inotify and inotify.api() is not None else None
-        if shared is None:
-            return  # followers wait their poll_interval
-        subscriber = shared.subscribe(os.fsencode(self.name), self._changed)
-        if subscriber.watch(os.fsencode(self.dir), DIR_MASK | IN_ONLYDIR) < 0:
-            subscriber.close()
-            return
-        self._subscriber, self.changes = subscriber, 0
-
-    # -- changes (the hub's thread) -------------------------------------------
-
-    def _changed(self):
-        # No lock: the hub must not wait for a reader's system call.
-        self.changes += 1
-        for listener in self.listeners:
-            try:
-                listener()
-            except Exception:
-                logger.exception("a listener of %s failed", self.path)
-
-    def listen(self, listener):
-        with self.lock:
-            self.listeners += (listener,)
-
-    def unlisten(self, listener):
-        with self.lock:
-            listeners = list(self.listeners)
-            if listener in listeners:
-                listeners.remove(listener)
-                self.listeners = tuple(listeners)
-
-    # -- the file system, once per change ---------------------------------------
-
-    def _cached(self, key, ask, shared):
-        """``ask()``'s answer, kept until the next change; ``shared``: an
-        answer kept since the last change will do."""
-        if not shared or self.changes is None:
-            return ask()
-        with self.lock:
-            changes = self.changes
-            if self._cache_at != changes:
-                self._cache.clear()
-                self._cache_at = changes
-            try:
-                answer = self._cache[key]
-            except KeyError:
-                pass
-            else:
-                if isinstance(answer, OSError):
-                    raise answer
-                return answer
-            try:
-                answer = ask()
-            except OSError as error:
-                answer = error
-            # Kept only if no event came meanwhile: the answer may be older.
-            if self.changes == changes and (
-                key[0] != "read" or len(self._cache) < self._CACHED_READS
-            ):
-                self._cache[key] = answer
-            if isinstance(answer, OSError):
-                raise answer
-            return answer
-
-    def recall(self, key):
-        """What a follower in the state ``key`` read since the last change
-        (``remember``), or None."""
-        with self.lock:
-            if self._cache_at == self.changes:
-                return self._cache.get(("result", key))
-        return None
-
-    def remember(self, key, result, changes):
-        """Keep what a follower in the state ``key`` read at ``changes``,
-        for the others in the same state: in a fan-out every follower of
-        the path is, and reads the same line."""
-        with self.lock:
-            if self.changes != changes:
-                return  # an event came meanwhile: a later read may differ
-            if self._cache_at != changes:
-                self._cache.clear()
-                self._cache_at = changes
-            if len(self._cache) < 4 * self._CACHED_READS:
-                self._cache[("result", key)] = result
-
-    def stat_name(self, shared=False):
-        """os.stat of the name (not followed); raises OSError."""
-        return self._cached(("name",), self._stat_name, shared)
-
-    def _stat_name(self):
-        return os.stat(self.name, dir_fd=self.dfd, follow_symlinks=False)
-
-    def size(self, file, shared=False):
-        return self._cached(("size", file.ident), lambda: os.fstat(file.fd).st_size, shared)
-
-    def pread(self, file, count, offset, shared=False):
-        key = ("read", file.ident, count, offset)
-        return self._cached(key, lambda: os.pread(file.fd, count, offset), shared)
-
-    # -- open files ---------------------------------------------------------
-
-    def open_file(self):
-        """The file now at the name, shared (take it with ``take``); None
-        if there is none; raises ``_Refused(reason)`` or OSError."""
-        fd = os.open(self.name, _OPEN_FLAGS, dir_fd=self.dfd)
-        info = os.fstat(fd)
-        ident = (info.st_dev, info.st_ino)
-        with self.lock:
-            file = self.files.get(ident)
-            if file is not None:
-                file.users += 1
-                os.close(fd)  # the one we have is the same file
-                return file, info
-            file = self.files[ident] = _OpenFile(fd, ident)
-            file.users = 1
-        if self._subscriber is not None:
-            # The open fd's inode, through /proc: no race with a rename
-            # between our open() and the watch.  Without /proc, every write
-            # in the directory wakes us.
-            file.wd = self._subscriber.watch(f"/proc/self/fd/{fd}".encode(), FILE_MASK)
-            if file.wd < 0:
-                self._subscriber.watch(os.fsencode(self.dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
-        return file, info
-
-    def close_file(self, file):
-        with self.lock:
-            file.users -= 1
-            if file.users > 0:
-                return
-            if self.files.get(file.ident) is file:
-                del self.files[file.ident]
-        if file.wd >= 0 and self._subscriber is not None:
-            self._subscriber.unwatch(file.wd)
-        os.close(file.fd)
-
-
 class LogFollower:
     """Follow the file at ``path`` by name, like ``tail -F``.
 
@@ -414,7 +172,7 @@ class LogFollower:
         self._use_inotify = use_inotify
         self._start = (offset, last_lines)
         self._source = None
-        self._file = None  # the source's _OpenFile we read, or None
+        self._file = None  # the source's OpenFile we read, or None
         self._callbacks = []  # see on_change()
         self._eventfd = -1  # see fileno()
         self._pos = 0
@@ -505,7 +263,7 @@ class LogFollower:
                     self._pos = _start_of_last_lines(self._file.fd, size, count)
                     self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
                 except OSError as error:
-                    self._fail(_reason(error))
+                    self._fail(reason_of(error))
             key = None
             if self._shared and self._scan_lines is None and self._file is not None:
                 key = (
@@ -622,7 +380,7 @@ class LogFollower:
             self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
         except OSError as error:
             self.close()
-            raise LogUnavailable(f"{self.path} {_reason(error)}") from None
+            raise LogUnavailable(f"{self.path} {reason_of(error)}") from None
         except BaseException:
             self.close()
             raise
@@ -638,7 +396,7 @@ class LogFollower:
         except FileNotFoundError:
             return False
         except OSError as error:
-            self._fail(_reason(error))
+            self._fail(reason_of(error))
         problem = None
         if not stat.S_ISREG(info.st_mode):  # swapped between lstat and open
             problem = "is not a regular file"
@@ -653,7 +411,7 @@ class LogFollower:
                 if os.pread(file.fd, 1, 0) and os.fstat(file.fd).st_size == 0:
                     problem = "reads data while its size is 0 (a pseudo-file)"
             except OSError as error:
-                problem = _reason(error)
+                problem = reason_of(error)
         if problem is not None:
             self._source.close_file(file)
             self._fail(problem)
@@ -667,7 +425,7 @@ class LogFollower:
         except FileNotFoundError:
             return _MISSING
         except OSError as error:
-            self._fail(_reason(error))
+            self._fail(reason_of(error))
         if stat.S_ISLNK(info.st_mode):
             self._fail("is a symbolic link")
         if not stat.S_ISREG(info.st_mode):
@@ -766,7 +524,7 @@ class LogFollower:
                 else:
                     data = os.pread(file.fd, want, self._pos)
             except OSError as error:
-                self._fail(f"cannot be read: {_reason(error)}")
+                self._fail(f"cannot be read: {reason_of(error)}")
             used += len(data)
             at_end = len(data) < want  # a regular file reads short only at its end
             if at_end:
@@ -859,13 +617,3 @@ def _small(pieces, limit=65536):
             return False
         size += len(piece._text if data is None else data)
     return size <= limit
-
-
-def _reason(error):
-    if error.errno == errno.ELOOP:
-        return "is a symbolic link"
-    if error.errno == errno.ENOENT:
-        return "does not exist"
-    if error.errno in (errno.EACCES, errno.EPERM):
-        return "is not readable (permission denied)"
-    return error.strerror or str(error)

@@ -74,16 +74,28 @@ class Subscriber:
 
 
 class SharedInotify:
-    def __init__(self, hub):
+    """The process' one inotify instance; its events are read in the hub's
+    thread, which starts with the first watch (not before: a log request
+    that is refused, or follows nothing, starts no thread)."""
+
+    def __init__(self):
         init, self._add, self._rm = api()
         self.ifd = init(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.ifd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         self.pid = os.getpid()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._watches = {}  # wd -> {subscriber: mask}
-        self.hub = hub
-        hub.watch_fd(self.ifd, self._dispatch)
+        self.hub = None
+
+    def read_in_hub(self):
+        """Have the hub's thread read our events (started if need be): at the
+        first watch, and again once a hub that read them has stopped."""
+        if self.hub is None or not self.hub.alive:
+            from collective.streamguard import hub
+
+            self.hub = hub.hub()
+            self.hub.watch_fd(self.ifd, self._dispatch)
 
     def subscribe(self, name, wake):
         """Watches whose events call ``wake()``; directory events only for
@@ -93,7 +105,8 @@ class SharedInotify:
     def watch(self, subscriber, path, mask):
         # The add and the table entry under one lock: an event for a new wd
         # is not dispatched before its subscriber is in the table.
-        with self._lock:
+        with self.lock:
+            self.read_in_hub()
             wd = self._add(self.ifd, path, mask | IN_MASK_ADD)
             if wd < 0:
                 return -1
@@ -102,7 +115,7 @@ class SharedInotify:
             return wd
 
     def unwatch(self, subscriber, wd):
-        with self._lock:
+        with self.lock:
             subscriber.masks.pop(wd, None)
             subscribers = self._watches.get(wd)
             if subscribers is None or subscribers.pop(subscriber, None) is None:
@@ -123,7 +136,7 @@ class SharedInotify:
             return
         woken = set()
         offset = 0
-        with self._lock:
+        with self.lock:
             while offset + _EVENT.size <= len(data):
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
                 name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
@@ -153,23 +166,21 @@ _shared_lock = threading.Lock()
 
 
 def shared():
-    """The process' shared instance (on first use), or None."""
+    """The process' shared instance (made on first use), or None where
+    there is no inotify: followers then poll."""
     global _shared
     from collective.streamguard import hub
 
     if not hub.SUPPORTED or api() is None:
         return None
     with _shared_lock:
-        current = _shared
-        if current is not None and current.pid == os.getpid():
-            if current.hub is not hub.hub():  # a new hub (tests stop theirs)
-                current.hub = hub.hub()
-                current.hub.watch_fd(current.ifd, current._dispatch)
-            return current
-        if True:
+        if _shared is None or _shared.pid != os.getpid():
             try:
-                _shared = SharedInotify(hub.hub())
+                _shared = SharedInotify()
             except OSError:
-                logger.warning("no shared inotify instance: followers use their own")
+                logger.warning("no inotify instance: log followers poll their files")
                 return None
+        elif _shared.hub is not None:
+            with _shared.lock:
+                _shared.read_in_hub()  # a new hub, if the one that read them stopped
         return _shared

@@ -1,6 +1,8 @@
-"""The layers of the package docstring hold: the core is plain Python
-(importing it loads no Zope, Plone or ZODB module, and no server module:
-those are imported lazily), and the Zope modules load nothing of Plone."""
+"""The rooms of the package docstring hold, checked by package: the core
+(its top-level modules, ``parking/``, ``logs/``) is plain Python (importing
+it loads no Zope, Plone or ZODB module, and no server module: those are
+imported lazily), ``waitress/`` loads waitress and no Zope, and the Zope
+modules load nothing of Plone."""
 
 import json
 import os
@@ -13,28 +15,17 @@ import collective.streamguard
 
 PACKAGE = collective.streamguard.__path__[0]
 SRC = os.path.dirname(os.path.dirname(PACKAGE))
-CORE = (
-    "connection",
-    "probes",
-    "watcher",
-    "guard",
-    "streams",
-    "shutdown",
-    "waitress_output",
-    "parked",
-    "hub",
-    "waitress_park",
-    "inotify",
-    "follow",
-    "utf8",
-    "logstream",
-    "logs",
-)
+#: The core's rooms: everything in them is plain Python.
+CORE_PACKAGES = ("parking", "logs")
+#: The core's modules at the top of the package.
+CORE = ("connection", "probes", "watcher", "guard", "streams", "shutdown", "hub")
+#: All of waitress' knowledge: may import waitress, nothing of Zope.
+WAITRESS_PACKAGE = "waitress"
 ZOPE = (
     "interfaces",
     "permissions",
     "streaming",
-    "parking",
+    "parkpolicy",
     "zodb",
     "deployment",
     "browser.stream_log",
@@ -48,8 +39,6 @@ PLONE = (
     "browser.viewer",
     "restapi",
 )
-#: Core modules that import their server's own modules (guarded).
-GENERIC_CORE = tuple(name for name in CORE if name not in ("waitress_output", "waitress_park"))
 #: Test layers, not part of the product's layers.
 TESTING = ("testing",)
 ZOPE_AND_ZODB = ("zope", "Products", "ZPublisher", "Zope2", "transaction", "ZODB")
@@ -81,15 +70,28 @@ def package_modules():
     prefix = "collective.streamguard."
     for info in pkgutil.walk_packages([PACKAGE], prefix):
         name = info.name[len(prefix) :]
-        if name.startswith(("tests", "_")) or info.ispkg:
+        if name.startswith(("tests", "_")) or name.split(".")[-1].startswith("_"):
             continue
-        names.add(name)
+        if not info.ispkg:
+            names.add(name)
     return names
 
 
-class LayerTests(unittest.TestCase):
-    def test_every_module_has_a_layer(self):
-        self.assertEqual(package_modules(), set(CORE + ZOPE + PLONE + TESTING))
+def in_package(names, package):
+    return tuple(name for name in names if name.startswith(package + "."))
+
+
+class ImportTests(unittest.TestCase):
+    def test_every_module_is_in_one_room(self):
+        modules = package_modules()
+        core = set(CORE).union(*(in_package(modules, p) for p in CORE_PACKAGES))
+        waitress = set(in_package(modules, WAITRESS_PACKAGE))
+        self.assertEqual(modules, core | waitress | set(ZOPE + PLONE + TESTING))
+        self.assertEqual(len(modules), len(core) + len(waitress) + len(ZOPE + PLONE + TESTING))
+
+    def core(self):
+        modules = package_modules()
+        return CORE + sum((in_package(modules, p) for p in CORE_PACKAGES), ())
 
     def assert_core_only(self, modules):
         self.assertIn("collective.streamguard.probes", modules)
@@ -97,21 +99,21 @@ class LayerTests(unittest.TestCase):
             self.assertNotIn(name.split(".")[0], ZOPE_AND_ZODB + ("plone",) + SERVERS, name)
 
     def test_core_imports_no_zope_plone_or_server_module(self):
-        self.assert_core_only(loaded_by_import(GENERIC_CORE))
+        self.assert_core_only(loaded_by_import(self.core()))
 
     def test_core_needs_only_the_standard_library(self):
         # -S: no site-packages at all, only the package's own src.
-        self.assert_core_only(loaded_by_import(CORE, "-S"))
+        self.assert_core_only(loaded_by_import(self.core(), "-S"))
 
-    def test_waitress_output_loads_waitress_and_no_zope(self):
-        # Imported by the guard only once a large chunk meets waitress.
-        modules = loaded_by_import(("waitress_output",))
+    def test_the_waitress_room_loads_waitress_and_no_zope(self):
+        modules = loaded_by_import(in_package(package_modules(), WAITRESS_PACKAGE))
         self.assertIn("waitress.task", modules)
         self.assertFalse([m for m in modules if m.split(".")[0] in ZOPE_AND_ZODB + ("plone",)])
 
     def test_package_imports_only_the_core(self):
         modules = loaded_by_import(())
         self.assertFalse([m for m in modules if m.split(".")[0] in ZOPE_AND_ZODB + ("plone",)])
+        self.assertNotIn("waitress", [m.split(".")[0] for m in modules])
 
     def test_zope_modules_load_nothing_of_plone(self):
         modules = loaded_by_import(ZOPE)

@@ -12,7 +12,7 @@ import codecs
 import os
 
 try:  # the optional C check (_utf8.c); PURE_PYTHON=1 turns it off
-    from collective.streamguard._utf8 import check as _c_check_utf8
+    from collective.streamguard.logs._utf8 import check as _c_check_utf8
 except ImportError:
     _c_check_utf8 = None
 if os.environ.get("PURE_PYTHON"):

@@ -9,11 +9,11 @@ to waitress' pool, and a trigger thunk, in the I/O thread, takes what the
 channel still had to send and removes the channel from waitress' map
 (``del_channel``: the socket stays open).  From then on waitress never
 touches that socket; ``hub`` watches it, runs the producer's next steps on
-waitress' workers (``parked.Runner`` tasks in waitress' own queue) and writes
+waitress' workers (``parking.scheduler.Runner`` tasks in waitress' own queue) and writes
 its output with the framing waitress would have used.
 
 The conditions, all checked at the first park (otherwise the stream holds
-its thread as it always did): waitress 3.0 (``waitress_output.SUPPORTED``);
+its thread as it always did): waitress 3.0 (``waitress.output.SUPPORTED``);
 waitress' own ``WSGITask.execute`` iterates the body (the calling frame: no
 middleware in between could see or change the bytes); the channel is a
 ``ParkingChannel`` now inside its ``service()`` on this thread; the headers
@@ -38,8 +38,11 @@ import logging
 import threading
 
 from collective.streamguard import hub as hubs
-from collective.streamguard import parked as parking
-from collective.streamguard.waitress_output import SUPPORTED
+from collective.streamguard.parking.scheduler import Scheduler
+from collective.streamguard.parking.stream import ParkedStream
+from collective.streamguard.waitress.channel import channel_of
+from collective.streamguard.waitress.channel import task_of
+from collective.streamguard.waitress.output import SUPPORTED
 
 logger = logging.getLogger("collective.streamguard")
 
@@ -148,21 +151,7 @@ def raise_open_files_limit():
 
 def installed(environ):
     """True when the request's waitress channel may park a stream."""
-    hook = environ.get("waitress.client_disconnected")
-    channel = getattr(hook, "__self__", None)
-    return type(channel) is ParkingChannel
-
-
-def server_of(environ):
-    hook = environ.get("waitress.client_disconnected")
-    return getattr(getattr(hook, "__self__", None), "server", None)
-
-
-def _task(frame):
-    if frame is None or WSGITask is None or frame.f_code is not WSGITask.execute.__code__:
-        return None
-    task = frame.f_locals.get("self")
-    return task if type(task) is WSGITask else None
+    return type(channel_of(environ)) is ParkingChannel
 
 
 def parkable(stream, task):
@@ -186,7 +175,7 @@ def parkable(stream, task):
         return False
     guard = stream.guard
     connection = guard.connection
-    if type(connection) is not WaitressConnection or connection._channel is not channel:
+    if type(connection) is not WaitressConnection or connection.channel is not channel:
         return False
     if guard.live_streams.shutting_down.is_set():
         return False
@@ -220,21 +209,16 @@ def park(stream, frame):
     """``GuardedStream``'s park function under waitress: raises ``Parked``
     when the stream parks, returns when it cannot (it then holds its
     thread)."""
-    task = _task(frame)
+    task = task_of(frame)
     if not parkable(stream, task):
         return
     if not task.wrote_header:
         task.write(b"")  # the headers, as finish() would send them
         if not (task.chunked_response or task.close_on_finish):
             return
-    # What the direct output holds goes first, while the channel is ours.
-    stream._flush_direct(quiet=True)
-    stream._direct = False
-    stream.guard.before_wait = None
     channel = task.channel
-    server = channel.server
-    scheduler = _scheduler(server, stream.guard.live_streams)
-    parked = parking.ParkedStream(
+    scheduler = _scheduler(channel.server, stream.guard.live_streams)
+    parked = ParkedStream(
         hubs.hub(),
         scheduler,
         stream,
@@ -242,15 +226,10 @@ def park(stream, frame):
         chunked=task.chunked_response,
         close_channel=functools.partial(_close_channel, channel),
     )
-    # The thread's locals go back to what the next request on this worker
+    # What the direct output holds goes first, while the channel is ours;
+    # the thread's locals go back to what the next request on this worker
     # expects (a zodb=True producer's transaction manager, site, user).
-    stream.guard.leave_step()
-    stream.guard.parked = parked
-    # A parked stream never holds its thread (its steps run with
-    # guard.parked set): the thread cap's hook, which refers to the stream
-    # and its record, is not needed any more.
-    stream.guard.on_hold = None
-    stream._parking = True  # execute's finally calls close(): not an end
+    stream.prepare_park(parked)
     raise Parked(parked)
 
 
@@ -264,7 +243,7 @@ def _scheduler(server, live_streams):
         scheduler = _schedulers.get(key)
         if scheduler is None or scheduler.dispatcher is not server.task_dispatcher:
             threads = int(server.adj.threads)
-            scheduler = parking.Scheduler(
+            scheduler = Scheduler(
                 functools.partial(_add_runner, server.task_dispatcher),
                 max(1, threads - 1),
                 live_streams.shutting_down,
@@ -302,9 +281,7 @@ def _detach(channel, stream):
     # no pull_trigger(thunk) from here.
     try:
         with stream.lock:
-            abandoned = stream.state is not parking.DETACHING
-            if not abandoned:
-                stream.state = parking.ADOPTING
+            abandoned = not stream.adopting()
         if abandoned:
             # Shutdown ended the stream before this thunk ran: the channel
             # goes as waitress' end of request would close it.
@@ -332,7 +309,7 @@ def _detach(channel, stream):
             leftovers = ()
         channel.del_channel()  # out of waitress' map and active_channels
         _let_go(channel, stream)
-        stream.hub.adopt(stream, leftovers)
+        stream.adopt(leftovers)
     except Exception:
         logger.exception("cannot park %r", stream)
         stream.orphan()

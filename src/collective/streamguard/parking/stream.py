@@ -1,0 +1,487 @@
+"""A parked stream: its socket, its output, its state and its steps.
+
+``ParkedStream`` is one stream whose server let go of its socket.  The hub
+(``collective.streamguard.hub``) watches that socket and its timers for it
+and calls it back in the hub's thread (``on_socket_event``, ``on_readable``,
+``on_timer``); a wake condition *resumes* it (``resume``): its next steps
+run on a server worker through the ``Scheduler`` (``run_step``), never on
+the hub, until the producer waits in ``guard.idle()`` again and the stream
+parks again.  Its output waits in an ``OutQueue`` that is sent without
+blocking, by the worker at the end of a step and by the hub on EPOLLOUT.
+The hub sends heartbeats itself, without resuming the producer: in
+``idle()`` a heartbeat is the guard's fixed bytes, which the producer never
+sees.  Only the hub closes a parked stream's socket, after it has left the
+epoll set, so that no fd number can be reused under it.
+
+The guard and the stream talk through the guard's park protocol:
+``guard.idle()`` yields ``PARK`` with ``guard.park_deadline`` and
+``guard.park_readable`` set; a parked ``idle()`` returns what
+``guard.resume(outcome)`` handed it; ``guard.woken`` says whether
+``guard.wake()`` came meanwhile.
+
+Plain Python: imports nothing from Zope or waitress (the server's part,
+``close_channel`` and the scheduler's ``add_task``, is handed in).
+"""
+
+import logging
+import select
+import threading
+import time
+
+from collective.streamguard.guard import PARK
+from collective.streamguard.guard import READY
+from collective.streamguard.guard import STOP
+from collective.streamguard.guard import TIMEOUT
+from collective.streamguard.parking.output import OutQueue
+from collective.streamguard.parking.output import frame
+from collective.streamguard.streams import EndReason
+
+logger = logging.getLogger("collective.streamguard")
+
+#: A running step stops once this much output waits for the client, and the
+#: stream parks until the client has read it down to OUT_LOW: with a client
+#: that does not read, a parked stream holds at most OUT_HIGH plus one
+#: chunk (plus what the server held when it parked).
+OUT_HIGH = 256 << 10
+OUT_LOW = 64 << 10
+#: A step gives the worker back after this much output or this long, so
+#: that a stream catching up cannot keep a thread from normal pages.
+STEP_BYTES = 4 << 20
+SLICE = 0.02
+#: How long an ended stream may take to send its last bytes before the
+#: hub closes the socket anyway.
+LINGER = 10.0
+
+# States of a parked stream.  Every change happens under its lock.
+DETACHING = "detaching"  # the server is letting go of the socket
+ADOPTING = "adopting"  # it has: the hub is taking it over
+PARKED = "parked"  # watched by the hub, no thread
+QUEUED = "queued"  # a wake condition fired: waits for a runner
+RUNNING = "running"  # a step runs on a worker
+ENDING = "ending"  # ended: the last bytes go out, then the hub closes
+CLOSED = "closed"
+
+_RESET = select.EPOLLHUP | select.EPOLLERR if hasattr(select, "EPOLLHUP") else 0
+_HALF_CLOSE = getattr(select, "EPOLLRDHUP", 0)
+_WRITABLE = getattr(select, "EPOLLOUT", 0)
+
+
+class ParkedStream:
+    """One stream the server has let go of: its socket, output and state.
+
+    ``body`` is the ``GuardedStream``; ``chunked``: frame the output for
+    HTTP/1.1 chunked encoding (else the body ends with the connection);
+    ``close_channel()`` is run by the hub, once, after the socket has left
+    its epoll set; ``scheduler`` runs the steps.
+    """
+
+    def __init__(self, hub, scheduler, body, sock, chunked, close_channel):
+        self.hub = hub
+        self.scheduler = scheduler
+        self.body = body
+        self.guard = body.guard
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.chunked = chunked
+        self.close_channel = close_channel
+        self.lock = threading.Lock()
+        self.state = DETACHING
+        self.out = OutQueue()
+        #: The producer waits in idle() (else: it was stopped because the
+        #: client did not read, and just goes on when resumed).
+        self.in_idle = True
+        self.outcome = None
+        #: The client left or half-closed: produce no more.
+        self.gone = False
+        #: Nothing more can be sent (a send failed, a reset).
+        self.broken = False
+        #: The time of this stream's live entry in the hub's timers, or None
+        #: (``_want_timer``).
+        self.timer_due = None
+        self.timer_in_idle = False  # it counted the idle deadline and heartbeat
+        self.resumes = 0
+        self.armed = ()
+        self.registered = False  # the socket is in the hub's epoll set
+
+    def __repr__(self):
+        return f"<ParkedStream {self.body.record.id} fd={self.fd} {self.state}>"
+
+    # -- any thread ---------------------------------------------------------
+
+    def adopt(self, leftovers=()):
+        """The server has let go of the socket (its I/O thread): the hub
+        takes the stream over, with what the server had not sent yet."""
+        for buffer in leftovers:
+            self.out.add_buffer(buffer)
+        self.hub.call_soon(self._on_adopt)
+
+    def wake(self):
+        """``guard.wake()`` of a parked stream: resume it (READY)."""
+        self.resume(READY)
+
+    def resume(self, outcome, gone=False):
+        """Queue the stream for a step if it is parked; True if it was."""
+        with self.lock:
+            if gone:
+                self.gone = True
+            if self.state is DETACHING and self.guard.live_streams.shutting_down.is_set():
+                # Shutdown before the server's I/O thread let go of the
+                # socket (it may never do so now: its loop is stopping).
+                # The stream ends anyway and leaves the socket to the server.
+                self.abandon()
+                return True
+            if self.state is not PARKED:
+                return False
+            if (
+                outcome is READY
+                and not self.in_idle
+                and self.out.size > OUT_HIGH
+                and not self.guard.live_streams.shutting_down.is_set()
+            ):
+                # Parked because the client does not read: a wake waits
+                # (guard.woken stays set) until EPOLLOUT resumes us.
+                return False
+            self.state = QUEUED
+            self.outcome = outcome
+            self._disarm()
+        self.scheduler.submit(self)
+        return True
+
+    def abandon(self):
+        """End the stream without its socket, which stays the server's (our
+        lock held): the server's part then closes the channel."""
+        self.close_channel = None
+        self.gone = self.broken = True
+        self.state = QUEUED
+        self.outcome = STOP
+        self.scheduler.submit(self)
+
+    def orphan(self):
+        """The server closed the socket before it let go of it: end the
+        stream on a worker, and leave the socket (not ours) alone."""
+        with self.lock:
+            if self.state is not ADOPTING:
+                return  # abandoned at shutdown meanwhile
+            self.close_channel = None
+            self.gone = self.broken = True
+            self.state = QUEUED
+        self.scheduler.submit(self)
+
+    def adopting(self):
+        """The server's I/O thread is letting go of the socket now: True
+        unless the stream was abandoned meanwhile (our lock held)."""
+        if self.state is not DETACHING:
+            return False
+        self.state = ADOPTING
+        return True
+
+    # -- the thread that runs a step ------------------------------------------
+
+    def run_step(self):
+        """Run the producer until it waits again, ends, or has given enough;
+        never raises."""
+        with self.lock:
+            if self.state is not QUEUED:
+                return
+            self.state = RUNNING
+            outcome, self.outcome = self.outcome, None
+            in_idle, self.in_idle = self.in_idle, False
+        guard, body = self.guard, self.body
+        self.resumes += 1
+        if in_idle:
+            guard.resume(outcome)
+        ended = False
+        produced = 0
+        deadline = time.monotonic() + SLICE
+        guard.enter_step()
+        try:
+            while True:
+                if self.gone:
+                    # The hub saw the client leave, or a send failed.
+                    body.close()
+                    ended = True
+                    break
+                chunk = body.step()
+                if chunk is PARK:
+                    if self._park_again():
+                        break
+                    continue  # woken meanwhile: go on at once
+                if chunk:
+                    produced += len(chunk)
+                    with self.lock:
+                        self.out.add_chunk(chunk, self.chunked)
+                    if self.out.size > OUT_HIGH:
+                        self._flush()
+                        if self.gone:
+                            continue
+                        if self.out.size > OUT_HIGH:
+                            break  # the client does not read: park (_pause)
+                    if produced > STEP_BYTES or time.monotonic() >= deadline:
+                        break
+        except StopIteration:
+            ended = True
+        except Exception:
+            ended = True  # logged and ended by the body (ERROR)
+        finally:
+            guard.leave_step()
+        if ended:
+            # Failed: the producer raised, or the stream was stopped as
+            # failed (its commit refused, say).
+            self._finish(error=guard.reason is EndReason.ERROR)
+        else:
+            self._pause()
+
+    def end_now(self):
+        """At shutdown, or when a runner was cancelled: end the stream in
+        this thread (the body ends once whatever calls it)."""
+        with self.lock:
+            if self.state in (ENDING, CLOSED):
+                return
+            self.state = QUEUED
+        self.run_step()
+
+    def _flush(self):
+        """Send what is queued; False when the client has gone."""
+        with self.lock:
+            try:
+                self.out.send(self.sock)
+            except OSError:
+                self.gone = self.broken = True
+                return False
+        return True
+
+    def _park_again(self):
+        """The producer waits in idle() again: park, unless woken meanwhile."""
+        guard = self.guard
+        self._flush()
+        with self.lock:
+            if guard.woken or self.gone:
+                guard.resume(STOP if self.gone else READY)
+                return False
+            self.in_idle = True
+            self.state = PARKED
+            self.armed = [fd for fd in guard.park_readable if isinstance(fd, int) and fd >= 0]
+            if self.armed:
+                self.hub.arm(self.armed, self)
+            self._want_timer()
+        return True
+
+    def _disarm(self):
+        # Our lock held; before the producer runs, so that it may close them.
+        armed, self.armed = self.armed, ()
+        if armed:
+            self.hub.disarm(armed, self)
+
+    def next_due(self):
+        """When the hub must look at this parked stream again: its idle
+        deadline, its next heartbeat or the end of ``max_duration``; None
+        for never."""
+        guard = self.guard
+        when = guard.park_deadline if self.in_idle else None
+        if guard.max_duration:
+            end = guard.started + guard.max_duration
+            when = end if when is None else min(when, end)
+        if self.in_idle and guard.heartbeat is not None:
+            due = guard.last_output + guard.heartbeat_interval
+            when = due if when is None else min(when, due)
+        return when
+
+    def _want_timer(self):
+        # Our lock held.  A live entry that is not later will do: deadlines
+        # only move later as the stream sends, and when it comes due the
+        # stream looks and asks for the real one.  So a fan-out that resumes
+        # every stream costs the hub no timer per stream.
+        if self.timer_due is not None and self.in_idle and self.timer_in_idle:
+            # The heartbeat and max_duration cannot come before the live
+            # entry now (last_output only grows); only a shorter idle
+            # timeout can.
+            deadline = self.guard.park_deadline
+            if deadline is None or deadline >= self.timer_due:
+                return
+        due = self.next_due()
+        if due is not None and (self.timer_due is None or due < self.timer_due):
+            self.timer_due, self.timer_in_idle = due, self.in_idle
+            self.hub.call_at(due, self.on_timer, due)
+
+    def _pause(self):
+        """A step that stopped with output pending or its slice used up."""
+        if self.state is not RUNNING:
+            return  # parked again by _park_again
+        self._flush()
+        with self.lock:
+            if self.out.size > OUT_HIGH and not self.gone:
+                # The client does not read: the hub resumes us on EPOLLOUT
+                # below OUT_LOW, and keeps the timers running.
+                self.state = PARKED
+                self._want_timer()
+                return
+            self.state = QUEUED
+        self.scheduler.submit(self)
+
+    def _finish(self, error):
+        """The stream has ended (its cleanups ran): last bytes, then close.
+
+        As waitress ends a body: the terminating chunk after every end but
+        an error (then the body's error chunk, an SSE error event), and what
+        is queued goes out while the socket takes it (a client that only
+        half-closed still reads it)."""
+        with self.lock:
+            self.state = ENDING
+            if error and self.body.error_chunk:
+                self.out.add_chunk(self.body.error_chunk, self.chunked)
+            if self.chunked and not error:
+                self.out.add(b"0\r\n\r\n")
+            if not self.broken:
+                try:
+                    self.out.send(self.sock)
+                except OSError:
+                    self.broken = True
+            if self.broken:
+                self.out.close()
+        self.guard.parked = None
+        self.hub.call_soon(self._on_ended)
+
+    # -- the hub's thread ---------------------------------------------------
+
+    def _on_adopt(self):
+        self.registered = self.hub.register(self.fd, self)
+        if not self.registered:
+            self.gone = True
+        with self.lock:
+            self.state = RUNNING  # what _park_again expects (was ADOPTING)
+        # Parked as the producer asked, unless something happened meanwhile
+        # (the leftovers of the server go out first, EPOLLOUT if they wait).
+        if not self.gone and self._park_again():
+            if self.guard.live_streams.shutting_down.is_set():
+                self.resume(STOP)
+            return
+        with self.lock:
+            self.outcome = STOP if self.gone else READY
+            self.in_idle = True
+            self.state = QUEUED
+        self.scheduler.submit(self)
+
+    def on_socket_event(self, mask):
+        """The hub saw the client leave (RDHUP, HUP, ERR) or read (OUT)."""
+        if mask & _RESET:
+            # Reset, or both sides shut: nothing more can be sent.
+            self.gone = self.broken = True
+            self._unregister()
+            if self.state is ENDING:
+                self.close()
+            else:
+                self.resume(STOP, gone=True)
+            return
+        if mask & _HALF_CLOSE:
+            # The client shut its side (a FIN, or a half close that still
+            # reads): the stream ends, what is queued still goes out.
+            self.gone = True
+            self.resume(STOP, gone=True)
+        if mask & _WRITABLE or self.state is ENDING:
+            self.send_pending()
+
+    def on_readable(self):
+        """One of the producer's fds (``guard.idle(readable=...)``) is readable."""
+        self.resume(READY)
+
+    def send_pending(self):
+        """Send what the queue holds, as the socket takes it (hub thread)."""
+        with self.lock:
+            try:
+                empty = self.out.send(self.sock)
+            except OSError:
+                self.gone = self.broken = True
+                empty = False
+            state, size = self.state, self.out.size
+        if state is ENDING and (empty or self.broken):
+            self.close()
+        elif self.gone:
+            self.resume(STOP, gone=True)
+        elif state is PARKED and not self.in_idle and size <= OUT_LOW:
+            self.resume(None)  # the client reads again: go on producing
+
+    def on_timer(self, due):
+        """A timer this stream asked for came due: its idle timeout, the end
+        of ``max_duration``, or a heartbeat."""
+        now = time.monotonic()
+        with self.lock:
+            if self.timer_due != due:
+                return  # an earlier entry replaced this one
+            self.timer_due = None
+            if self.state is not PARKED:
+                return  # it asks again when it parks
+        guard = self.guard
+        if guard.max_duration and now >= guard.started + guard.max_duration:
+            self.resume(STOP)
+            return
+        if self.in_idle and guard.park_deadline is not None and now >= guard.park_deadline:
+            self.resume(TIMEOUT)
+            return
+        if self.in_idle and guard.heartbeat is not None:
+            if now >= guard.last_output + guard.heartbeat_interval:
+                self._heartbeat(now)
+        with self.lock:
+            if self.state is PARKED:
+                self._want_timer()
+
+    def _heartbeat(self, now):
+        guard = self.guard
+        with self.lock:
+            if self.state is not PARKED or self.out.size:
+                return  # output is pending anyway
+            # Sent at once, without the queue: one send() of the shared
+            # frame (thousands of streams beat every 15 s); what the socket
+            # does not take waits in the queue for EPOLLOUT.
+            framed = frame(guard.heartbeat) if self.chunked else guard.heartbeat
+            try:
+                sent = self.sock.send(framed)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.gone = self.broken = True
+                sent = len(framed)
+            if sent < len(framed):
+                self.out.add(memoryview(framed)[sent:])
+        guard.last_output = now
+        self.body.record.bytes_sent += len(guard.heartbeat)
+        if self.gone:
+            self.resume(STOP, gone=True)
+
+    def _on_ended(self):
+        if self.state is CLOSED:
+            return
+        if self.broken or not self.out.size:
+            self.close()
+            return
+        # Let the last bytes go out (EPOLLOUT), for LINGER at most.
+        self.send_pending()
+        if self.state is not CLOSED:
+            self.hub.call_at(time.monotonic() + LINGER, self._linger_over)
+
+    def _linger_over(self):
+        if self.state is ENDING:
+            self.close()  # the client will not read its last bytes
+
+    def _unregister(self):
+        # Only while registered: the number may belong to another socket
+        # once ours is closed.
+        if self.registered:
+            self.registered = False
+            self.hub.unregister(self.fd, self)
+
+    def close(self):
+        """Close the stream's socket and channel (hub thread), once."""
+        if self.state is CLOSED:
+            return
+        with self.lock:
+            self.state = CLOSED
+            self.out.close()
+            self._disarm()
+        self._unregister()
+        try:
+            if self.close_channel is not None:
+                self.close_channel()
+        except Exception:
+            logger.exception("closing the connection of %r failed", self)
+        # A stream the hub gives up on (it stops) ends its body too.
+        self.guard.parked = None
