@@ -33,8 +33,8 @@ import threading
 import time
 
 from collective.streamguard.connection import ClientConnection
-from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.guard import StreamGuard
+from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.streams import LiveStreams
 
 

@@ -57,10 +57,10 @@ import time
 from importlib.metadata import version
 
 from collective.streamguard.connection import client_connection
-from collective.streamguard.logs.follower import END_MARKER
-from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
+from collective.streamguard.logs.follower import END_MARKER
+from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.logs.stream import TEXT_PIECE
 from collective.streamguard.logs.stream import LogStream
 from collective.streamguard.logs.stream import piece_size

@@ -4,30 +4,38 @@ This module re-exports the public API: the plain-Python core at once, and
 ``stream_response`` (Zope) and its companions when first asked for, so
 importing the package loads nothing from Zope or Plone.
 
-The layers, module by module; imports point one way, Plone -> Zope -> core
-(``tests/test_layers.py`` checks it):
+The rooms; imports point one way, Plone -> Zope -> core, and only
+``waitress/`` knows waitress' internals (``tests/test_imports.py`` checks
+it by package; ``docs/architecture.rst`` follows one request through them):
 
-core (standard library only; server modules imported lazily)
+core: detection and guarded streams (standard library only)
     ``connection``  is the client still there: ``ClientConnection`` and the API
     ``probes``      how each server (waitress, gunicorn, uWSGI, ZServer) is asked
     ``watcher``     one thread that runs ``on_disconnect`` callbacks
     ``guard``       ``StreamGuard`` and ``GuardedStream``: a producer under guard
-    ``streams``     ``LiveStreams``: the process' live streams, cap and counters
+    ``streams``     ``LiveStreams``: the process' live streams, caps, counters
     ``shutdown``    SIGTERM and SIGINT stop the live streams
-    ``waitress_output``  large chunks straight onto a waitress channel
-    ``parked``      a parked stream: its state, output and steps (``Scheduler``)
-    ``hub``         parked streams: one epoll thread watches every idle stream
-    ``waitress_park``  how a waitress worker lets go of a stream (``hub``)
-    ``inotify``     one inotify instance shared by every follower
-    ``follow``      ``LogFollower``: one log file followed like ``tail -F``
-    ``utf8``        the UTF-8 check of what a follower sends (``_utf8.c``)
-    ``logstream``   ``LogStream``: the producer of ``@@stream-log``
-    ``logs``        which logs may be streamed, by name
+    ``hub``         one thread that watches descriptors and timers (a reactor)
+``parking/``: streams that wait without a thread (server-neutral core)
+    ``stream``      ``ParkedStream``: its socket, state, steps, hub callbacks
+    ``output``      ``OutQueue`` and the chunk framer: output on its way out
+    ``scheduler``   the steps of resumed streams, on the server's workers
+``logs/``: live logs, ``tail -F`` (core)
+    ``rules``       which files may be streamed, by name
+    ``source``      one file's descriptors and watches, shared by its followers
+    ``follower``    ``LogFollower``: one log followed like ``tail -F``
+    ``stream``      ``LogStream``: the producer of ``@@stream-log``
+    ``inotify``     one inotify instance for every follower
+    ``utf8``        the UTF-8 check of what is sent (``_utf8.c``)
+``waitress/``: all waitress 3.0 knowledge
+    ``channel``     where a request's channel, server and task are
+    ``output``      large chunks straight onto a channel (``DirectOutput``)
+    ``park``        a worker lets go of a stream; the hub takes its socket
 Zope
     ``interfaces``  the settings schema, its defaults, the browser layer
     ``permissions`` the permission's name
     ``streaming``   ``stream_response()``: what a view returns to stream
-    ``parking``     which streams park under waitress, and their cap
+    ``parkpolicy``  which streams park under waitress, and their caps
     ``zodb``        a producer's own ZODB connection and transaction
     ``deployment``  what zope.conf allows: the directories logs may be in
     ``browser.stream_log``, ``browser.status``: the views on a Zope root too

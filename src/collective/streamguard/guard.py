@@ -114,7 +114,7 @@ class StreamGuard:
         #: A producer that yields large chunks and blocks nowhere but in
         #: wait()/idle() may set this: under waitress its large chunks are
         #: then handed over in batches while the server still has output to
-        #: send, which is faster (waitress_output).  Otherwise each goes out
+        #: send, which is faster (waitress.output).  Otherwise each goes out
         #: at once.
         self.batch_output = False
         #: A producer sets this while it sends what was already there when
@@ -398,7 +398,7 @@ class GuardedStream:
     took a stream slot with ``live_streams.reserve`` (``zodb``: with a
     ``zodb_limit``).  ``park``: how to park
     the stream while its producer waits in ``guard.idle()``
-    (``waitress_park.park``); None: it holds its thread throughout.
+    (``waitress.park.park``); None: it holds its thread throughout.
     ``error_chunk``: the last bytes of a stream that fails (an SSE error
     event); text streams end without the chunked body's clean end instead.
     ``direct_output``: see ``_direct_output_for``.
@@ -438,7 +438,7 @@ class GuardedStream:
         #: Counted against the thread cap for now (it was busy), until it parks.
         self._busy_held = False
         #: ``park(stream, frame)`` parks the stream (raising out of the
-        #: server's loop) or returns when it cannot: ``waitress_park.park``.
+        #: server's loop) or returns when it cannot: ``waitress.park.park``.
         self._park_with = park
         guard.parkable = park is not None
         #: Set just before the stream parks: the server's ``close()`` on the
@@ -591,7 +591,7 @@ class GuardedStream:
                 self._busy_held = False
                 self.guard.live_streams.unhold(self.record)
             try:
-                # Raises waitress_park.Parked when the stream parks.
+                # Raises waitress.park.LeaveWorker when the stream parks.
                 self._park_with(self, frame)
             finally:
                 frame = None

@@ -218,12 +218,12 @@ def stream_response(
     )
     if refused is not None:
         _close_producer(producer)
-        response.setStatus(429 if refused is Refused.USER_LIMIT else 503)
+        untransformed_headers(
+            request,
+            "text/plain; charset=utf-8",
+            status=429 if refused is Refused.USER_LIMIT else 503,
+        )
         response.setHeader("Retry-After", str(RETRY_AFTER))
-        response.setHeader("Content-Type", "text/plain; charset=utf-8")
-        response.setHeader("Cache-Control", "no-store")
-        response.setHeader("X-Content-Type-Options", "nosniff")
-        request.environ[TRANSFORMCHAIN_DISABLE] = True
         return REFUSALS.get(refused, TOO_MANY)
     try:
         guard = StreamGuard(
@@ -292,13 +292,23 @@ def _user_key(request, user):
     return user.getUserName()
 
 
-def _streaming_headers(request, content_type):
+def untransformed_headers(request, content_type, status=None):
+    """Headers of a response that no cache keeps, no browser sniffs, and
+    Plone's transforms (theming, plone.protect's parser) leave alone: a
+    stream, or a short text or JSON answer of the add-on's views."""
     request.environ[TRANSFORMCHAIN_DISABLE] = True
     response = request.response
+    if status is not None:
+        response.setStatus(status)
     response.setHeader("Content-Type", content_type)
     response.setHeader("Cache-Control", "no-store")
-    response.setHeader("X-Accel-Buffering", "no")
     response.setHeader("X-Content-Type-Options", "nosniff")
+
+
+def _streaming_headers(request, content_type):
+    untransformed_headers(request, content_type)
+    # nginx: pass the stream on as it comes.
+    request.response.setHeader("X-Accel-Buffering", "no")
 
 
 def _close_producer(producer):

@@ -5,7 +5,7 @@ its whole life (waitress runs 4), so the number of such *held* streams per
 process is capped and the cap leaves one thread for normal pages.  Streams
 that may park have a cap of their own (``PARKABLE`` slots: file descriptors
 are what they use up); one that turns out not to park takes a held slot.
-The registry also keeps what a status view shows (live streams, counters
+``live_streams`` also keeps what a status view shows (live streams, counters
 per end reason) and, at interpreter exit, stops the live streams so that
 their cleanups run (waitress' worker threads are daemons: without this they
 would just vanish mid-transaction).
@@ -61,7 +61,7 @@ class Refused(str, enum.Enum):  # noqa: UP042
 
 @dataclass
 class StreamRecord:
-    """What the registry knows of one live stream (a status view shows it)."""
+    """What ``LiveStreams`` knows of one live stream (a status view shows it)."""
 
     id: int
     label: str
@@ -84,7 +84,7 @@ class StreamRecord:
     zodb: bool = False
 
     @property
-    def parked(self):
+    def is_parked(self):
         """True while the hub watches the stream (no thread held)."""
         parked = getattr(self.guard, "parked", None)
         return parked is not None and parked.state == "parked"
@@ -262,8 +262,8 @@ class LiveStreams:
             live = list(self._live.values())
             return {
                 "live": len(live),
-                "parked": sum(1 for record in live if record.parked),
-                "holding_a_thread": sum(1 for record in live if not record.parked),
+                "parked": sum(1 for record in live if record.is_parked),
+                "holding_a_thread": sum(1 for record in live if not record.is_parked),
                 "reserved": self._reserved,
                 "reserved_held": self._kinds[HELD],
                 "reserved_parkable": self._kinds[PARKABLE],
@@ -296,7 +296,7 @@ class LiveStreams:
         return left
 
 
-#: The registry of this process.
+#: The live streams of this process.
 live_streams = LiveStreams()
 
 

@@ -6,6 +6,7 @@ from datetime import datetime
 
 from Products.Five import BrowserView
 
+from collective.streamguard.streaming import untransformed_headers
 from collective.streamguard.streams import live_streams
 from collective.streamguard.zodb import open_sessions
 
@@ -26,8 +27,8 @@ def status():
                 "bytes_sent": record.bytes_sent,
                 # Parked: the hub watches it, no thread; else it holds one
                 # (it runs now, or it cannot park).
-                "parked": record.parked,
-                "thread": "parked" if record.parked else "holds a thread",
+                "parked": record.is_parked,
+                "thread": "parked" if record.is_parked else "holds a thread",
             }
             for record in sorted(live_streams.live(), key=lambda r: r.id)
         ],
@@ -45,9 +46,6 @@ class StreamStatusView(BrowserView):
     def __call__(self):
         self.data = status()
         if self.request.form.get("format") == "json":
-            response = self.request.response
-            response.setHeader("Content-Type", "application/json; charset=utf-8")
-            response.setHeader("Cache-Control", "no-store")
-            response.setHeader("X-Content-Type-Options", "nosniff")
+            untransformed_headers(self.request, "application/json; charset=utf-8")
             return json.dumps(self.data)
         return self.index()

@@ -24,9 +24,9 @@ from collective.streamguard.logs.stream import HEARTBEAT
 from collective.streamguard.logs.stream import LogStream
 from collective.streamguard.logs.stream import piece_size
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
-from collective.streamguard.streaming import TRANSFORMCHAIN_DISABLE
 from collective.streamguard.streaming import site_settings
 from collective.streamguard.streaming import stream_response
+from collective.streamguard.streaming import untransformed_headers
 
 NUMBER = re.compile(r"[0-9]{1,15}")
 #: ``lines=`` beyond this is refused (400); the scan for them is bounded in
@@ -54,13 +54,8 @@ class LogAccessView(BrowserView):
         return self.error(403, "You may not view log streams.")
 
     def error(self, status, message):
-        response = self.request.response
-        response.setStatus(status)
-        response.setHeader("Content-Type", "text/plain; charset=utf-8")
-        response.setHeader("Cache-Control", "no-store")
-        response.setHeader("X-Content-Type-Options", "nosniff")
         # Plone's transforms (theming) would wrap the message in a page.
-        self.request.environ[TRANSFORMCHAIN_DISABLE] = True
+        untransformed_headers(self.request, "text/plain; charset=utf-8", status=status)
         return message + "\n"
 
     def logs(self):

@@ -406,7 +406,7 @@ class LogFollower:
             # A procfs or sysfs file reads data while its size says 0: it
             # would be sent again from its start at every change.  Its size
             # is asked again after the read: an empty log written to just
-            # then has grown (it cost a stream a 404 in the benchmark).
+            # then has grown, and is a log after all.
             try:
                 if os.pread(file.fd, 1, 0) and os.fstat(file.fd).st_size == 0:
                     problem = "reads data while its size is 0 (a pseudo-file)"

@@ -4,7 +4,7 @@ Linux allows 128 inotify instances per user (``fs.inotify.max_user_instances``):
 with one per follower the 129th log stream had none and polled every
 ``poll_interval``, which for thousands of parked log streams is thousands
 of resumes a second.  Here all followers share one instance, and the
-followers of one path share one ``Subscriber`` (``follow.LogSource``),
+followers of one path share one ``Subscriber`` (``logs.source.LogSource``),
 whose ``wake()`` the hub's thread calls when one of its watches fires: no
 descriptor per follower.  The shared instance is read by the hub's thread
 (``hub.Hub.watch_fd``), never by a worker.

@@ -230,8 +230,9 @@ class LogSource:
     # -- open files ---------------------------------------------------------
 
     def open_file(self):
-        """The file now at the name, shared (take it with ``take``); None
-        if there is none; raises ``_Refused(reason)`` or OSError."""
+        """The file now at the name, shared with the other followers, and
+        its ``os.stat_result``; give it back with ``close_file``.  Raises
+        OSError (ENOENT: there is none at the name)."""
         fd = os.open(self.name, OPEN_FLAGS, dir_fd=self.dfd)
         info = os.fstat(fd)
         ident = (info.st_dev, info.st_ino)

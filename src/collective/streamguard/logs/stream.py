@@ -1,6 +1,6 @@
 """The producer of ``@@stream-log``: a followed log, as text or server-sent events.
 
-Plain Python (the view in ``browser/logstream.py`` adds Zope): the follower's
+Plain Python (the view in ``browser/stream_log.py`` adds Zope): the follower's
 pieces, formatted, with ``guard.idle()`` between them, so the stream waits on
 inotify and the client's socket at once and sends heartbeats while idle.
 """
@@ -20,13 +20,13 @@ UNAVAILABLE_EVENT = b"event: error\ndata: The log cannot be read any more.\n\n"
 RETRY = b"retry: 3000\n\n"
 #: Bytes of the file per piece.  As text, a log caught up from its start
 #: goes in 1 MiB chunks, which waitress sends without copying them
-#: (``waitress_output``); events are split and formatted line by line.
+#: (``waitress.output``); events are split and formatted line by line.
 TEXT_PIECE = 1 << 20
 SSE_PIECE = 1 << 16
 #: The idle timeout of a follower that inotify wakes: only a safety net (the
 #: shared instance wakes every follower on a queue overflow, and when a
-#: watch goes), and each timeout resumes a parked stream: 10,000 streams on
-#: 60 s were 170 steps a second for nothing.
+#: watch goes), and each timeout resumes a parked stream: with thousands of
+#: streams a short one would cost a steady stream of steps for nothing.
 INOTIFY_SAFETY_NET = 600.0
 
 

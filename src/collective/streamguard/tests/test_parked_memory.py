@@ -48,7 +48,7 @@ def reachable(root):
 
 
 def parked():
-    return [record for record in live_streams.live() if record.parked]
+    return [record for record in live_streams.live() if record.is_parked]
 
 
 class TestWhatAParkedStreamKeeps(LogTestCase):

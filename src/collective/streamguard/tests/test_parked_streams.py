@@ -1,4 +1,4 @@
-"""Parked streams on a real waitress over real sockets (``hub``, ``waitress_park``).
+"""Parked streams on a real waitress over real sockets (``hub``, ``waitress.park``).
 
 webtest's StopableWSGIServer runs waitress in this process with 4 threads;
 ``parkapp.App`` streams park while their producers wait in ``guard.idle()``.

@@ -25,7 +25,7 @@ ZODB_PATH = "/plone/@@streamguard-test-zodb"
 
 
 def parked():
-    return [record for record in live_streams.live() if record.parked]
+    return [record for record in live_streams.live() if record.is_parked]
 
 
 class Installed:

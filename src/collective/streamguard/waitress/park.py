@@ -1,7 +1,7 @@
 """Parking a waitress stream: the worker lets go, the hub takes the socket.
 
 When a stream's producer waits in ``guard.idle()`` and every exactness
-condition holds (``parkable``), ``park()`` raises the private ``Parked`` out
+condition holds (``parkable``), ``park()`` raises the private ``LeaveWorker`` out
 of waitress' ``WSGITask.execute``.  Nothing of waitress' end-of-request code
 runs (it is a BaseException, not an Exception, and ``Task.service`` only
 catches OSError): ``ParkingChannel.service`` catches it, the worker returns
@@ -58,7 +58,7 @@ except ImportError:  # no waitress: nothing here is used
 SELECT_SAFE_FD = 900
 
 
-class Parked(BaseException):
+class LeaveWorker(BaseException):
     """Private: carries a worker out of ``WSGITask.execute``, body unfinished."""
 
     def __init__(self, stream):
@@ -77,7 +77,7 @@ class ParkingChannel(HTTPChannel):
         self._servicing = threading.get_ident()
         try:
             super().service()
-        except Parked as parked:
+        except LeaveWorker as parked:
             stream = parked.stream
             # server.pull_trigger() takes no thunk; the trigger's does.
             self.server.trigger.pull_trigger(functools.partial(_detach, self, stream))
@@ -206,7 +206,7 @@ def _warn_select(server):
 
 
 def park(stream, frame):
-    """``GuardedStream``'s park function under waitress: raises ``Parked``
+    """``GuardedStream``'s park function under waitress: raises ``LeaveWorker``
     when the stream parks, returns when it cannot (it then holds its
     thread)."""
     task = task_of(frame)
@@ -230,7 +230,7 @@ def park(stream, frame):
     # the thread's locals go back to what the next request on this worker
     # expects (a zodb=True producer's transaction manager, site, user).
     stream.prepare_park(parked)
-    raise Parked(parked)
+    raise LeaveWorker(parked)
 
 
 _schedulers = {}
