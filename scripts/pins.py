@@ -56,7 +56,11 @@ RELEASES = {
     # zc.buildout 6 carries its own pkg_resources, so setuptools can be one
     # without it (83 and later fix PYSEC-2026-3447).
     "6.2": Release("6.2", "", {"pip": "26.3", "setuptools": "84.2.1", "wheel": "0.48.0"}),
-    "6.1": Release("6.1", "-6.1", {"pip": "26.3", "setuptools": "84.2.1", "wheel": "0.48.0"}),
+    # Plone 6.1's packages import pkg_resources when Zope loads them
+    # (plone.autoinclude 1, plonetheme.barceloneta, Products.CMFPlone's
+    # control panel), and setuptools 82 dropped it: 80.9.0, the setuptools
+    # these pins had before, is one that has it (README.rst, Compatibility).
+    "6.1": Release("6.1", "-6.1", {"pip": "26.3", "setuptools": "80.9.0", "wheel": "0.48.0"}),
 }
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)\s*$")
 
