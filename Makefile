@@ -112,7 +112,7 @@ run: instance
 
 test: install-test
 	$(BIN)/python scripts/pins.py check --plone $(PLONE) --installed
-	$(BIN)/zope-testrunner --test-path=src --auto-color --auto-progress $(TESTOPTS)
+	STREAMGUARD_PLONE=$(PLONE) $(BIN)/zope-testrunner --test-path=src --auto-color --auto-progress $(TESTOPTS)
 
 # The buildout route of README.rst, run as written, then a check that its
 # instance answers HTTP.

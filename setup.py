@@ -85,6 +85,9 @@ setup(
             # What the `Plone` distribution brings along, which integrators
             # install: the REST API (Volto) and the caching rules.
             "plone.restapi",
+            # plone.restapi 9 (Plone 6.1) imports plone.api without declaring
+            # it; the `Plone` distribution brings it along.
+            "plone.api",
             "plone.app.caching",
             "plone.testing>=9",
             "zope.testrunner",
