@@ -40,8 +40,8 @@ help:
 	@echo "make test   run the whole test suite"
 	@echo "make test-buildout   install with buildout and check the instance answers"
 	@echo "make pins   regenerate constraints.txt and versions.cfg"
-	@echo "PLONE=6.1   any of these on Plone 6.1 (default $(PLONE_RELEASES)'s first: 6.2),"
-	@echo "            in .venv-6.1 with constraints-6.1.txt and versions-6.1.cfg"
+	@echo "PLONE=6.1   any of these on Plone 6.1 instead of 6.2, in .venv-6.1 with"
+	@echo "            constraints-6.1.txt (make test PLONE=6.1, make run PLONE=6.1)"
 	@echo "make lint   ruff and zpretty checks; make format fixes what they find"
 	@echo "make i18n   refresh the translation template (locales/*.pot)"
 

@@ -147,6 +147,8 @@ def main(argv):
     installed = "--installed" in args
     if installed:
         args.remove("--installed")
+    if installed and plone is None:
+        sys.exit("--installed needs --plone: a venv holds one release")
     if plone is not None and plone not in RELEASES:
         sys.exit(f"unknown Plone release {plone}; known: {', '.join(RELEASES)}")
     if args == ["write"]:
