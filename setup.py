@@ -104,9 +104,14 @@ setup(
             "six",
         ],
     },
+    # Plone loads the add-on's ZCML by itself.  plone.autoinclude's own entry
+    # point, with the module named: Plone 6.1's plone.autoinclude 1 guesses
+    # the module of a z3c.autoinclude.plugin entry point from the normalized
+    # distribution name (collective_streamguard) and fails to start.
     entry_points={
-        "z3c.autoinclude.plugin": [
+        "plone.autoinclude.plugin": [
             "target = plone",
+            "module = collective.streamguard",
         ],
     },
 )
