@@ -37,9 +37,11 @@ setup(
         "Development Status :: 3 - Alpha",
         "Environment :: Web Environment",
         "Framework :: Plone",
+        "Framework :: Plone :: 6.1",
         "Framework :: Plone :: 6.2",
         "Framework :: Plone :: Addon",
         "Framework :: Zope",
+        "Framework :: Zope :: 5",
         "Framework :: Zope :: 6",
         "License :: OSI Approved :: GNU General Public License v2 (GPLv2)",
         "Operating System :: POSIX :: Linux",
@@ -64,24 +66,28 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         # The core (collective.streamguard.connection and friends) needs only
-        # the standard library; the Zope integration needs Zope itself.
-        "Zope>=6",
+        # the standard library; the Zope integration needs Zope itself: Zope 5
+        # (5.14, Plone 6.1's) or Zope 6 (Plone 6.2's), both tested.
+        "Zope>=5.14",
     ],
     extras_require={
         # Plone integration (browser layer, control panel, profiles).  Its ZCML
         # is conditional on Products.CMFPlone being installed.
         "plone": [
-            "Products.CMFPlone>=6.2",
+            "Products.CMFPlone>=6.1",
             "plone.app.registry",
         ],
         "test": [
-            "Products.CMFPlone>=6.2",
+            "Products.CMFPlone>=6.1",
             "plone.app.contenttypes",
             "plone.app.registry",
             "plone.app.testing",
             # What the `Plone` distribution brings along, which integrators
             # install: the REST API (Volto) and the caching rules.
             "plone.restapi",
+            # plone.restapi 9 (Plone 6.1) imports plone.api without declaring
+            # it; the `Plone` distribution brings it along.
+            "plone.api",
             "plone.app.caching",
             "plone.testing>=9",
             "zope.testrunner",
@@ -98,9 +104,14 @@ setup(
             "six",
         ],
     },
+    # Plone loads the add-on's ZCML by itself.  plone.autoinclude's own entry
+    # point, with the module named: Plone 6.1's plone.autoinclude 1 guesses
+    # the module of a z3c.autoinclude.plugin entry point from the normalized
+    # distribution name (collective_streamguard) and fails to start.
     entry_points={
-        "z3c.autoinclude.plugin": [
+        "plone.autoinclude.plugin": [
             "target = plone",
+            "module = collective.streamguard",
         ],
     },
 )

@@ -126,7 +126,7 @@ bin/buildout -N "instance:http-address=127.0.0.1:$port" >check-logs/buildout-por
 
 # Before `fg`: `run` opens the same FileStorage, which allows one process.
 # The add-on has no zcml = line in buildout.cfg, so this also proves that
-# Plone finds it through its z3c.autoinclude entry point.
+# Plone finds it through its plone.autoinclude entry point.
 step "bin/instance run: is collective.streamguard's ZCML loaded?"
 cat >check-logs/zcml_check.py <<'PY'
 import os

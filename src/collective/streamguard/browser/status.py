@@ -1,8 +1,8 @@
 """``@@stream-status``: the live streams and how streams ended, for managers."""
 
 import json
-from datetime import UTC
 from datetime import datetime
+from datetime import timezone
 
 from Products.Five import BrowserView
 
@@ -23,7 +23,7 @@ def status():
                 "user": record.user,
                 "client": record.client,
                 "probe": record.probe,
-                "started": datetime.fromtimestamp(record.started, UTC).isoformat(),
+                "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(),
                 "bytes_sent": record.bytes_sent,
                 # Parked: the hub watches it, no thread; else it holds one
                 # (it runs now, or it cannot park).
