@@ -117,7 +117,9 @@ run: instance
 	@# limit to the hard one (zope.ini sets asyncore_use_poll); see README.
 	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
 
-test: install-test
+# The lint tools, where they were installed, are kept at their pins too:
+# the check below compares every installed package with the pins.
+test: install-test $(if $(wildcard $(VENV)/.installed-lint),$(VENV)/.installed-lint)
 	$(BIN)/python scripts/pins.py check --plone $(PLONE) --installed
 	STREAMGUARD_PLONE=$(PLONE) $(BIN)/zope-testrunner --test-path=src --path=tests --auto-color --auto-progress $(TESTOPTS)
 
