@@ -64,6 +64,11 @@ class TestParkedUnderPlone(Installed, StreamingTestCase):
         for sock, tag in zip(socks, tags, strict=True):
             sock.read_until(f"first line of {tag}".encode())
         self.assertEqual(parked(), [])
+        # Each holds once it blocks in guard.wait(), just after its line.
+        self.assertTrue(
+            wait_for(lambda: live_streams.snapshot()["reserved_held"] == 3),
+            live_streams.snapshot(),
+        )
         # The fourth would take the last thread: it ends at once instead.
         fourth = self.tag()
         sock = self.open(f"tag={fourth}&mode=gated")

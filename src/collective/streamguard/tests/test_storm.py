@@ -6,6 +6,7 @@ file descriptor, no ZODB connection, no open producer transaction; and
 normal pages answer all through it.
 """
 
+import faulthandler
 import http.client
 import os
 import threading
@@ -72,7 +73,13 @@ class TestAbandonStorm(StreamingTestCase):
             sock = HTTPClient((self.layer["host"], self.layer["port"])).request(
                 f"/plone/@@streamguard-test-zodb?tag=storm{n}&mode=write", auth=("admin", "secret")
             )
-            head = read_until(sock, b"\r\n\r\n")
+            try:
+                head = read_until(sock, b"\r\n\r\n")
+            except AssertionError:
+                # What every thread of the server was doing: the test failed
+                # because none answered.
+                faulthandler.dump_traceback(all_threads=True)
+                raise
             if head.startswith(b"HTTP/1.1 503"):
                 refused += 1
             elif b"marked" not in head:

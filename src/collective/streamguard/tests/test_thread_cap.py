@@ -108,6 +108,8 @@ class TestThreadCap(StreamingTestCase):
         socks = [self.open(f"tag={tag}&mode=gated") for tag in tags]
         for sock, tag in zip(socks, tags, strict=True):
             sock.read_until(f"first line of {tag}".encode())
+        # Each holds once it blocks in guard.wait(), just after its line.
+        self.assertTrue(wait_for(lambda: held_slots() == 3), live_streams.snapshot())
         fourth = self.tag()
         sock = self.open(f"tag={fourth}&mode=gated")
         sock.read_until(f"first line of {fourth}".encode())
