@@ -59,9 +59,27 @@ KEEPALIVE_COUNT = 3
 USER_TIMEOUT_MS = 50_000
 
 
-def keep_alive(fd):
+#: How long a vanished peer may take to be found, whatever the stream sends.
+VANISHED_PEER_BOUND = 50
+
+
+def user_timeout_ms(sends_every=None):
+    """TCP_USER_TIMEOUT for a stream that writes every ``sends_every`` s."""
+    if not sends_every:
+        return USER_TIMEOUT_MS
+    # At least 10 s: a slow client on a bad link must not be taken for gone.
+    return max(10_000, int((VANISHED_PEER_BOUND - sends_every) * 1000))
+
+
+def keep_alive(fd, sends_every=None):
     """Turn on the keepalive probes above on the TCP socket ``fd``; False
-    where it is not one (or the system lacks the options)."""
+    where it is not one (or the system lacks the options).
+
+    ``sends_every``: the stream writes at least this often (seconds: its
+    heartbeat).  Then its writes, not keepalive probes, find a vanished
+    peer: the first write after the peer vanished comes up to that long
+    later, and the user timeout counts from there, so it is shortened to
+    keep the whole within VANISHED_PEER_BOUND."""
     if fd < 0:
         return False
     try:
@@ -80,7 +98,7 @@ def keep_alive(fd):
             ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
             ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
             ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-            ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS),
+            ("TCP_USER_TIMEOUT", user_timeout_ms(sends_every)),
         ):
             if hasattr(socket, option):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)

@@ -464,8 +464,12 @@ class GuardedStream:
             zodb=zodb,
         )
         # A client that vanishes without FIN or reset is found by the
-        # kernel's keepalive probes within a minute (connection.keep_alive).
-        keep_alive(guard.connection.fileno())
+        # kernel within 50 s (connection.keep_alive): by keepalive probes,
+        # or, for a stream that beats, by its heartbeats' user timeout.
+        keep_alive(
+            guard.connection.fileno(),
+            sends_every=guard.heartbeat_interval if guard.heartbeat is not None else None,
+        )
         # Only for garbage collection (a body the publisher dropped): at
         # interpreter exit live_streams.shutdown() ends live streams.
         weakref.finalize(self, guard.live_streams.discard, self.record).atexit = False

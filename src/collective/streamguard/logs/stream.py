@@ -6,6 +6,7 @@ inotify and the client's socket at once and sends heartbeats while idle.
 """
 
 import logging
+import random
 import weakref
 
 from collective.streamguard.logs.follower import LogUnavailable
@@ -17,7 +18,17 @@ END_EVENT = b"event: end\ndata: \n\n"
 #: Sent when the log can no longer be read; the reason (with its path) goes
 #: to the server's log only.
 UNAVAILABLE_EVENT = b"event: error\ndata: The log cannot be read any more.\n\n"
-RETRY = b"retry: 3000\n\n"
+#: How long an EventSource waits before it reconnects, drawn per stream
+#: from this range (ms): after a restart, a thousand viewers come back
+#: spread over several seconds, not all at the browsers' default 3 s.
+RETRY_RANGE = (3000, 15000)
+
+
+def retry_field():
+    """The SSE ``retry:`` field of one stream, jittered."""
+    return b"retry: %d\n\n" % random.randint(*RETRY_RANGE)
+
+
 #: Bytes of the file per piece.  As text, a log caught up from its start
 #: goes in 1 MiB chunks, which waitress sends without copying them
 #: (``waitress.output``); events are split and formatted line by line.
@@ -63,7 +74,7 @@ class LogStream:
             follower.on_change(guard.wake)
         if self.sse:
             # Sent first: how long an EventSource waits to reconnect.
-            yield RETRY
+            yield retry_field()
         # What the log holds now is owed even to a client that half-closed
         # after its request (stream_response(catch_up=True) set
         # guard.catching_up); past it, such a client counts as gone.

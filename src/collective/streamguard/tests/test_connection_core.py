@@ -20,6 +20,7 @@ from collective.streamguard import is_browser_connection_open
 from collective.streamguard import on_disconnect
 from collective.streamguard import wait_for_disconnect
 from collective.streamguard.connection import ENVIRON_KEY
+from collective.streamguard.connection import keep_alive
 from collective.streamguard.probes import FdConnection
 from collective.streamguard.probes import socket_is_open
 from collective.streamguard.tests.helpers import SocketTestCase
@@ -209,3 +210,37 @@ class ThreadTests(SocketTestCase):
         thread.join(5)
         self.assertFalse(thread.is_alive())
         self.assertEqual(result, [True])
+
+
+class TestVanishedPeerBound(unittest.TestCase):
+    """A vanished peer is found within 50 s whatever the stream sends: for a
+    stream that beats, the user timeout counts from its first unanswered
+    heartbeat, so it is shortened by the heartbeat interval."""
+
+    def tcp_pair(self):
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        server, _ = listener.accept()
+        self.addCleanup(server.close)
+        return server
+
+    def user_timeout(self, sock):
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+
+    def test_a_quiet_stream_keeps_the_50_s_user_timeout(self):
+        sock = self.tcp_pair()
+        self.assertTrue(keep_alive(sock.fileno()))
+        self.assertEqual(self.user_timeout(sock), 50_000)
+        self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    def test_a_stream_that_beats_every_15_s_times_out_35_s_after_a_beat(self):
+        sock = self.tcp_pair()
+        self.assertTrue(keep_alive(sock.fileno(), sends_every=15))
+        self.assertEqual(self.user_timeout(sock), 35_000)
+
+    def test_the_user_timeout_never_drops_below_10_s(self):
+        sock = self.tcp_pair()
+        self.assertTrue(keep_alive(sock.fileno(), sends_every=45))
+        self.assertEqual(self.user_timeout(sock), 10_000)

@@ -17,6 +17,7 @@ import transaction
 from plone.app.testing import TEST_USER_NAME
 from plone.app.testing import TEST_USER_PASSWORD
 
+from collective.streamguard.logs.stream import RETRY_RANGE
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.helpers import Recorder
@@ -183,11 +184,24 @@ class TestServerSentEvents(LogTestCase):
         self.assertNotIn("old line", text)
         self.assertIn(f"id: {os.path.getsize(self.path)}\n", text)
 
+    def test_every_event_stream_says_when_to_reconnect_and_they_differ(self):
+        self.configure(max_streams_per_user=0)
+        low, high = RETRY_RANGE
+        retries = []
+        for _ in range(12):
+            sock, _head = self.follow("log=app&format=sse")
+            data = sock.read_until(b"\n\n").decode()  # the first event
+            retries.append(int(re.search(r"retry: (\d+)\n\n", data).group(1)))
+            sock.close()
+        self.assertTrue(all(low <= retry <= high for retry in retries), retries)
+        # Jittered: a restart does not bring every viewer back at once.
+        self.assertGreater(len(set(retries)), 1, retries)
+
     def test_catch_up_of_a_large_log_as_events_is_exact(self):
         text, size = TestFollowing.big_log(self)
         body, ended = TestFollowing.read_to_the_end(self, "log=app&format=sse&offset=0")
         events = body.decode().split("\n\n")
-        self.assertEqual(events[0], "retry: 3000")
+        self.assertRegex(events[0], r"^retry: \d+$")
         self.assertEqual(events[-2:], ["event: end\ndata: ", ""])
         received, offset = [], 0
         for event in events[1:-2]:

@@ -73,6 +73,18 @@ class ChromiumTestCase(LogTestCase):
 
         return WebDriverWait(self.driver, timeout).until(lambda d: condition(), message)
 
+    def log_in(self):
+        from selenium.webdriver.common.by import By
+
+        self.driver.get(f"{self.base}/login")
+        self.driver.find_element(By.NAME, "__ac_name").send_keys("admin")
+        self.driver.find_element(By.NAME, "__ac_password").send_keys("secret")
+        self.driver.find_element(By.NAME, "buttons.login").click()
+        self.wait(
+            lambda: "__ac" in {c["name"] for c in self.driver.get_cookies()},
+            message="login did not set the auth cookie",
+        )
+
     def live_streams(self):
         connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=10)
         try:
@@ -88,18 +100,6 @@ class ChromiumTestCase(LogTestCase):
 
 
 class TestViewerInChromium(ChromiumTestCase):
-    def log_in(self):
-        from selenium.webdriver.common.by import By
-
-        self.driver.get(f"{self.base}/login")
-        self.driver.find_element(By.NAME, "__ac_name").send_keys("admin")
-        self.driver.find_element(By.NAME, "__ac_password").send_keys("secret")
-        self.driver.find_element(By.NAME, "buttons.login").click()
-        self.wait(
-            lambda: "__ac" in {c["name"] for c in self.driver.get_cookies()},
-            message="login did not set the auth cookie",
-        )
-
     def test_follow_filter_escape_and_close(self):
         from selenium.webdriver.common.by import By
 
@@ -158,6 +158,33 @@ class TestViewerInChromium(ChromiumTestCase):
             time.sleep(0.02)
         self.driver.switch_to.window(first)
         self.assertEqual(len(self.live_streams()), 1)
+
+
+class TestViewerReconnects(ChromiumTestCase):
+    def test_a_refused_viewer_tries_again_after_a_random_delay(self):
+        from selenium.webdriver.common.by import By
+
+        # The user's one stream slot is taken: the viewer's EventSource is
+        # answered 429, and EventSource itself never tries again.
+        self.configure(max_streams_per_user=1)
+        other, _head = self.follow("log=app&format=sse")
+        self.log_in()
+        self.driver.get(f"{self.base}/@@stream-log-viewer")
+        viewer = self.driver.find_element(By.ID, "streamguard-viewer")
+        self.wait(
+            lambda: (viewer.get_attribute("data-state") or "").startswith("Reconnecting in "),
+            message="the refused viewer did not plan to try again",
+        )
+        delay = int(viewer.get_attribute("data-state").split()[2])
+        self.assertTrue(2 <= delay <= 6, delay)
+        other.close()
+        self.wait(
+            lambda: viewer.get_attribute("data-state") == "Following.",
+            timeout=30,
+            message="the viewer did not come back",
+        )
+        output = self.driver.find_element(By.ID, "streamguard-output")
+        self.wait(lambda: "an old line" in output.text)
 
 
 #: Run in a page of the site: a JSON web token from plone.restapi's @login,

@@ -3,7 +3,11 @@
  * Every byte of the log goes into the page through textContent, never as
  * HTML: a log line holding <script> shows as text.  EventSource reconnects
  * by itself and sends Last-Event-ID, the byte offset after the last event it
- * got, so a reconnection neither loses nor repeats anything.
+ * got, so a reconnection neither loses nor repeats anything; the server
+ * tells it when (a jittered retry: field).  Where EventSource gives up (the
+ * server answered 503 or 429, as while an instance restarts), the viewer
+ * tries again itself after a random delay that doubles at every failure:
+ * a restart does not bring every viewer back in the same second.
  */
 (function () {
   "use strict";
@@ -25,6 +29,8 @@
   var source = null;
   var partial = null; // the last line's element while it has no newline yet
   var resume = null; // {name, offset} after a pause
+  var retryTimer = null;
+  var failures = 0; // connections that failed in a row
 
   function setState(text) {
     stateLabel.textContent = text;
@@ -78,7 +84,22 @@
     sizeLabel.textContent = offset === null ? "" : "(" + offset + " bytes read)";
   }
 
+  function retryLater() {
+    // 2 to 6 s, then twice as long at every failure, at most a minute.
+    var delay = Math.min(60, (2 + 4 * Math.random()) * Math.pow(2, failures));
+    failures += 1;
+    setState("Reconnecting in " + Math.round(delay) + " s…");
+    retryTimer = window.setTimeout(function () {
+      retryTimer = null;
+      follow();
+    }, delay * 1000);
+  }
+
   function stop() {
+    if (retryTimer !== null) {
+      window.clearTimeout(retryTimer);
+      retryTimer = null;
+    }
     if (source !== null) {
       source.close();
       source = null;
@@ -108,6 +129,7 @@
     setState("Connecting…");
     source = new EventSource(url + "?" + query);
     source.onopen = function () {
+      failures = 0;
       setState("Following.");
     };
     source.onmessage = function (event) {
@@ -120,9 +142,17 @@
       resume = null;
       setState("The log ended.");
     });
-    source.onerror = function () {
-      if (source !== null && source.readyState === EventSource.CONNECTING) {
+    source.onerror = function (event) {
+      if (event.data !== undefined) {
+        // An "error" event the server sent: the log cannot be read any
+        // more, or the stream failed.  Not a connection to try again.
+        stop();
+        setState("Disconnected.");
+      } else if (source !== null && source.readyState === EventSource.CONNECTING) {
         setState("Reconnecting…");
+      } else if (failures < 8) {
+        stop();
+        retryLater();
       } else {
         stop();
         setState("Disconnected.");

@@ -1,0 +1,1 @@
+Storms, first part: server-sent event streams send a jittered ``retry:`` (3 to 15 s), and the live log viewer tries again by itself, after a random and doubling delay, where EventSource gives up (503, 429); a vanished peer of a stream with heartbeats is found within 50 s like any other (its ``TCP_USER_TIMEOUT`` is shortened by the heartbeat interval).
