@@ -12,6 +12,7 @@ The directories of Zope's own event and access logs are always allowed;
 the instance's ``etc/`` is always refused (``logs.LogRules`` lists the rest).
 """
 
+import functools
 import os
 
 from App.config import getConfiguration
@@ -29,7 +30,15 @@ def configured_log_directories():
 
 
 def log_rules():
-    """The ``LogRules`` of this process."""
+    """The ``LogRules`` of this process (made again when zope.conf's
+    directories or Zope's own logs change: tests change them)."""
     instance = getattr(getConfiguration(), "instancehome", None)
-    refused = [os.path.join(instance, "etc")] if instance else []
-    return LogRules(default_log_directories() + configured_log_directories(), refused)
+    refused = (os.path.join(instance, "etc"),) if instance else ()
+    directories = tuple(default_log_directories() + configured_log_directories())
+    return _rules(directories, refused)
+
+
+@functools.lru_cache(maxsize=8)
+def _rules(directories, refused):
+    # LogRules resolves its directories once (realpath), not per request.
+    return LogRules(directories, refused)

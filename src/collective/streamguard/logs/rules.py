@@ -42,6 +42,11 @@ REFUSED_NAME = re.compile(
 BLOB_LAYOUT_MARKER = ".layout"
 
 
+#: ``check_directory``'s answers: (rules, directory) -> (inode, refusal or None).
+_directory_verdicts = {}
+MAX_DIRECTORY_VERDICTS = 256
+
+
 class InvalidLogEntry(ValueError):
     """A configured log line that cannot be accepted; str() says why."""
 
@@ -75,7 +80,39 @@ class LogRules:
         )
 
     def check_directory(self, directory):
-        """Raise ``InvalidLogEntry`` unless files in ``directory`` may be logs."""
+        """Raise ``InvalidLogEntry`` unless files in ``directory`` may be logs.
+
+        The answer is kept for the directory as it is now (the inode the
+        path leads to): at every request a configured log's directory costs
+        one ``stat()`` instead of resolving its path and looking at every
+        ancestor.  A path that leads elsewhere (a directory swapped, a
+        component replaced by a symbolic link) leads to another inode, and
+        is checked again.  The file itself is checked at every use."""
+        try:
+            info = os.stat(directory)
+            identity = (info.st_dev, info.st_ino)
+        except OSError:
+            identity = None
+        key = (self.directories, self.refused, directory)
+        if identity is not None:
+            known = _directory_verdicts.get(key)
+            if known is not None and known[0] == identity:
+                if known[1] is not None:
+                    raise InvalidLogEntry(known[1])
+                return
+        verdict = None
+        try:
+            self._check_directory(directory)
+        except InvalidLogEntry as error:
+            verdict = str(error)
+        if identity is not None:
+            if len(_directory_verdicts) >= MAX_DIRECTORY_VERDICTS:
+                _directory_verdicts.clear()
+            _directory_verdicts[key] = (identity, verdict)
+        if verdict is not None:
+            raise InvalidLogEntry(verdict)
+
+    def _check_directory(self, directory):
         real = os.path.realpath(directory)
         for tree in self.refused:
             if real == tree or real.startswith(tree + "/"):

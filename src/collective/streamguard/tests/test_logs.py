@@ -123,3 +123,81 @@ class TestConfiguredLines(unittest.TestCase):
         self.assertEqual(logs.get("app"), self.log)
         self.assertNotIn("gone", logs)
         self.assertIn("symbolic link", unavailable["gone"])
+
+
+class TestCachedAnswers(unittest.TestCase):
+    """Configured logs are checked at every request; what is kept between
+    requests (a directory's verdict) is asked again when what it was about
+    changed, and the file itself is always looked at."""
+
+    def setUp(self):
+        self.top = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.top)
+        self.directory = os.path.join(self.top, "logs")
+        os.mkdir(self.directory)
+        self.log = os.path.join(self.directory, "app.log")
+        with open(self.log, "w") as f:
+            f.write("x\n")
+        self.rules = LogRules([self.directory])
+        self.line = f"app|{self.log}"
+
+    def logs(self):
+        with _quiet():
+            return configured_logs([self.line], self.rules)
+
+    def test_a_log_replaced_by_a_symbolic_link_is_refused_at_the_next_request(self):
+        self.assertEqual(self.logs()[0]["app"], self.log)
+        secret = os.path.join(self.top, "secret")
+        with open(secret, "w") as f:
+            f.write("password\n")
+        os.remove(self.log)
+        os.symlink(secret, self.log)
+        logs, unavailable = self.logs()
+        self.assertNotIn("app", logs)
+        self.assertIn("symbolic link", unavailable["app"])
+
+    def test_a_log_replaced_by_a_hard_link_is_refused_at_the_next_request(self):
+        self.assertEqual(self.logs()[0]["app"], self.log)
+        secret = os.path.join(self.directory, "secret.txt")
+        with open(secret, "w") as f:
+            f.write("password\n")
+        os.remove(self.log)
+        os.link(secret, self.log)
+        logs, unavailable = self.logs()
+        self.assertNotIn("app", logs)
+        self.assertIn("hard links", unavailable["app"])
+
+    def test_a_directory_swapped_for_a_link_elsewhere_is_checked_again(self):
+        self.assertEqual(self.logs()[0]["app"], self.log)
+        # The log directory becomes a symbolic link to a directory the
+        # deployment does not allow, holding a file of the same name.
+        elsewhere = os.path.join(self.top, "elsewhere")
+        os.mkdir(elsewhere)
+        with open(os.path.join(elsewhere, "app.log"), "w") as f:
+            f.write("not a log of ours\n")
+        moved = os.path.join(self.top, "moved")
+        os.rename(self.directory, moved)
+        os.symlink(elsewhere, self.directory)
+        logs, unavailable = self.logs()
+        self.assertNotIn("app", logs)
+        self.assertIn("not in a log directory", unavailable["app"])
+
+    def test_a_refused_directory_that_becomes_allowed_is_let_in(self):
+        rules = LogRules([])
+        with _quiet():
+            self.assertIn("app", configured_logs([self.line], rules)[1])
+        # Another deployment's rules: not the same answers.
+        self.assertEqual(self.logs()[0]["app"], self.log)
+
+
+class _quiet:
+    """Swallow the add-on's warnings about left-out lines."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("collective.streamguard")
+        self.disabled, self.logger.disabled = self.logger.disabled, True
+
+    def __exit__(self, *exc_info):
+        self.logger.disabled = self.disabled
