@@ -14,6 +14,7 @@ the instance's ``etc/`` is always refused (``logs.LogRules`` lists the rest).
 
 import functools
 import os
+import socket
 
 from App.config import getConfiguration
 
@@ -27,6 +28,21 @@ def configured_log_directories():
     """The ``log-directories`` of zope.conf's product config, as a list."""
     product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
     return str(product.get("log-directories") or "").split()
+
+
+def instance_name(environ=None):
+    """The name of this instance in a cluster: zope.conf's
+    ``<product-config collective.streamguard> instance-name``, else the
+    host's name and the port this request came in on (``host:8080``).
+    Status pages show it, because their counts and limits are this
+    process's only."""
+    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    configured = str(product.get("instance-name") or "").strip()
+    if configured:
+        return configured
+    port = (environ or {}).get("SERVER_PORT")
+    host = socket.gethostname()
+    return f"{host}:{port}" if port else host
 
 
 def log_rules():

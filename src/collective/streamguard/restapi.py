@@ -26,7 +26,7 @@ class StreamStatusGet(Service):
 
     def reply(self):
         self.request.response.setHeader("Cache-Control", "no-store")
-        return status()
+        return status(self.request.environ)
 
 
 @adapter(Interface, IStreamGuardLayer)

@@ -6,15 +6,21 @@ from datetime import timezone
 
 from Products.Five import BrowserView
 
+from collective.streamguard.deployment import instance_name
 from collective.streamguard.streaming import untransformed_headers
 from collective.streamguard.streams import live_streams
 from collective.streamguard.zodb import open_sessions
 
 
-def status():
-    """The process's streams as plain data."""
+def status(environ=None):
+    """The process's streams as plain data (``environ``: of the request
+    that asks, for the instance's name)."""
     snapshot = live_streams.snapshot()
     return {
+        # Counts and limits are this process's: in a cluster, every
+        # instance answers for itself.
+        "instance": instance_name(environ),
+        "scope": "instance",
         "live": [
             {
                 "id": record.id,
@@ -44,7 +50,7 @@ class StreamStatusView(BrowserView):
     """HTML in the site's look; ``?format=json`` for scripts and monitoring."""
 
     def __call__(self):
-        self.data = status()
+        self.data = status(self.request.environ)
         if self.request.form.get("format") == "json":
             untransformed_headers(self.request, "application/json; charset=utf-8")
             return json.dumps(self.data)

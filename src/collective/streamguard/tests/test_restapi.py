@@ -7,6 +7,7 @@ application/json``, basic auth or a JWT token from ``POST @login``.
 import base64
 import http.client
 import json
+import socket
 
 from plone.app.testing import SITE_OWNER_NAME
 from plone.app.testing import SITE_OWNER_PASSWORD
@@ -64,8 +65,20 @@ class TestStreamStatusService(RestAPITestCase):
         self.assertEqual(headers["cache-control"], "no-store")
         self.assertEqual(
             set(answer),
-            {"live", "ended", "refused", "open_zodb_sessions", "parked", "holding_a_thread"},
+            {
+                "instance",
+                "scope",
+                "live",
+                "ended",
+                "refused",
+                "open_zodb_sessions",
+                "parked",
+                "holding_a_thread",
+            },
         )
+        # Which instance answers, and that the counts are its own.
+        self.assertEqual(answer["instance"], f"{socket.gethostname()}:{self.layer['port']}")
+        self.assertEqual(answer["scope"], "instance")
         # The stream waits at its gate: nothing about it changes meanwhile.
         self.assertEqual(answer["live"], status()["live"])
         [stream] = answer["live"]

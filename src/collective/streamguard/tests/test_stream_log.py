@@ -14,6 +14,7 @@ import socket
 import time
 
 import transaction
+from App.config import getConfiguration
 from plone.app.testing import TEST_USER_NAME
 from plone.app.testing import TEST_USER_PASSWORD
 
@@ -390,6 +391,20 @@ class TestSecurity(LogTestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.getheader("Content-Type"), "text/plain; charset=utf-8")
         self.assertEqual(live_streams.snapshot(), before)
+
+    def test_status_names_the_instance_which_a_setting_may_name(self):
+        status, _, body = self.get_as_manager("/plone/@@stream-status")
+        self.assertEqual(status, 200)
+        self.assertIn(f"{socket.gethostname()}:{self.layer['port']}".encode(), body)
+        self.assertIn(b"process's only", body)
+        config = getConfiguration()
+        before = getattr(config, "product_config", None)
+        product_config = dict(before or {})
+        product_config["collective.streamguard"] = {"instance-name": "backend-2"}
+        config.product_config = product_config
+        self.addCleanup(setattr, config, "product_config", before)
+        status, _, body = self.get_as_manager("/plone/@@stream-status?format=json")
+        self.assertEqual(json.loads(body)["instance"], "backend-2")
 
     def test_status_json_is_json_and_not_sniffed(self):
         status, headers, body = self.get_as_manager("/plone/@@stream-status?format=json")

@@ -1,0 +1,1 @@
+``@@stream-status``, its JSON and the ``@stream-status`` REST service name the instance that answers (zope.conf ``<product-config collective.streamguard> instance-name``, by default ``host:port``) and say that their counts and limits are that process's only.
