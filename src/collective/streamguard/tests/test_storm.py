@@ -68,6 +68,10 @@ class TestAbandonStorm(StreamingTestCase):
 
         poller = PagePoller(self.layer["host"], self.layer["port"])
         poller.start()
+        # Stopped however the test ends: a poller left running loads the
+        # server (and keeps every status) for the rest of the run.
+        self.addCleanup(poller.join, 15)
+        self.addCleanup(poller.stop.set)
         refused = 0
         for n in range(STREAMS):
             sock = HTTPClient((self.layer["host"], self.layer["port"])).request(
