@@ -1,1 +1,2 @@
 ``@@stream-status``, its JSON and the ``@stream-status`` REST service name the instance that answers (zope.conf ``<product-config collective.streamguard> instance-name``, by default ``host:port``) and say that their counts and limits are that process's only.
+README Deployment says how waitress trusts a balancer's ``X-Forwarded-For`` (``trusted_proxy``), so that anonymous clients behind it keep their own stream limits; tested on a real waitress, with a forged header from elsewhere changing nothing.
