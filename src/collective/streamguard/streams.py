@@ -94,7 +94,10 @@ class LiveStreams:
     """Live streams, per-reason counters and the per-process stream cap."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        # Re-entrant: a dropped stream's finalizer (``discard``) runs when
+        # the garbage collector does, which may be inside ``start()`` in the
+        # same thread, with this lock held (a plain Lock deadlocked there).
+        self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._live = {}
         self._reserved = 0

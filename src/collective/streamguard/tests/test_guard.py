@@ -86,6 +86,24 @@ class TestCleanups(unittest.TestCase):
         self.assertIsNone(self.live_streams.reserve(1))
         self.assertEqual(self.live_streams.snapshot()["ended"]["error"], 1)
 
+    def test_a_body_dropped_while_a_stream_starts_in_the_same_thread_does_not_deadlock(self):
+        # The garbage collector runs a dropped body's finalizer wherever it
+        # runs: here, as if inside LiveStreams.start(), with its lock held.
+        stream = GuardedStream(iter([b"x"]), self.guard)
+        record = stream.record
+        done = threading.Event()
+
+        def starting_when_the_collector_runs():
+            with self.live_streams._lock:
+                self.live_streams.discard(record)
+            done.set()
+
+        with self.assertLogs("collective.streamguard", "WARNING"):
+            thread = threading.Thread(target=starting_when_the_collector_runs, daemon=True)
+            thread.start()
+            self.assertTrue(done.wait(5), "discard() deadlocked on the live streams' lock")
+        self.assertEqual(self.live_streams.snapshot()["ended"]["error"], 1)
+
     def test_strings_are_encoded(self):
         self.assertEqual(list(self.stream(iter(["é"]))), ["é".encode()])
 
