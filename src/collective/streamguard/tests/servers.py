@@ -8,7 +8,6 @@ one a test fixture, with the ``wsgiapps.EventSink`` its app reports to.
 Later tests reuse both for the Zope WSGI app.
 """
 
-import http.client
 import os
 import shutil
 import signal
@@ -21,6 +20,8 @@ import unittest
 
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import NotServing
+from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.wsgiapps import EventSink
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -202,26 +203,16 @@ class Server:
         raise ServerFailed(f"{self.kind} did not start:\n{self.log_tail()}")
 
     def _wait_ready(self):
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                conn = http.client.HTTPConnection(HOST, self.port, timeout=2)
-                conn.request("GET", self.ready_path)
-                response = conn.getresponse()
-                body = response.read()
-                conn.close()
-                if self.ready_body is None:
-                    ok = response.status < 500
-                else:
-                    ok = body == self.ready_body
-                if ok:
-                    return True
-            except OSError:
-                pass
-            time.sleep(0.05)
-        return False
+        def ready(status, body):
+            return status < 500 if self.ready_body is None else body == self.ready_body
+
+        try:
+            wait_until_serving(
+                self.port, self.process, self.startup_timeout, path=self.ready_path, ready=ready
+            )
+        except NotServing:
+            return False
+        return True
 
     def stop(self, timeout=10.0):
         process, self.process = self.process, None

@@ -10,9 +10,6 @@ And what README.rst tells a Volto or other JavaScript client: a streaming
 the cookie ``@login`` sets.
 """
 
-import base64
-import http.client
-import json
 import os
 import time
 
@@ -86,17 +83,7 @@ class ChromiumTestCase(LogTestCase):
         )
 
     def live_streams(self):
-        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=10)
-        try:
-            token = base64.b64encode(b"admin:secret").decode()
-            connection.request(
-                "GET",
-                "/plone/@@stream-status?format=json",
-                headers={"Authorization": f"Basic {token}"},
-            )
-            return json.loads(connection.getresponse().read())["live"]
-        finally:
-            connection.close()
+        return self.status_json()["live"]
 
 
 class TestViewerInChromium(ChromiumTestCase):

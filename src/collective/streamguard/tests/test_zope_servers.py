@@ -13,7 +13,6 @@ from the thread that iterates the body, so no other thread (and no
 The producers of ``views.StreamView`` report to the instance's events file.
 """
 
-import http.client
 import os
 import socket
 import sys
@@ -102,13 +101,8 @@ class ZopeServerContract(servers.LayerTestCase):
     # helpers
 
     def get(self, path):
-        connection = http.client.HTTPConnection(*self.server.address, timeout=SOON)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            connection.close()
+        status, _, body = helpers.http_request(self.server.address, path, timeout=SOON)
+        return status, body.decode()
 
     def open_stream(self, mode):
         tag = uuid.uuid4().hex[:12]
