@@ -11,12 +11,16 @@ deadline, never for a fixed time.
 
 import base64
 import errno
+import fcntl
 import http.client
+import inspect
 import logging
 import os
 import re
 import socket
 import struct
+import sys
+import termios
 import time
 import unittest
 import urllib.parse
@@ -63,6 +67,34 @@ def http_request(address, path, method="GET", auth=None, headers=None, body=None
         )
     finally:
         connection.close()
+
+
+def sweeps_later(watcher, count=2, timeout=10.0):
+    """Wait until ``watcher`` (a ``watcher.Watcher``) swept ``count`` more
+    times; False if it did not within ``timeout``.
+
+    The positive proof of time passing for a test that asserts something
+    does not happen: every sweep asks every watched connection again.  Two,
+    because the sweep running now may have begun before what the test did.
+    """
+    sweeps = watcher.sweeps
+    return wait_for(lambda: watcher.sweeps >= sweeps + count, timeout)
+
+
+def blocked_at(thread, function, call):
+    """True while ``thread`` is at the line of ``function`` that makes
+    ``call`` (for example the poll a waiter blocks in)."""
+    lines, first = inspect.getsourcelines(function)
+    targets = {first + n for n, line in enumerate(lines) if call in line}
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code is function.__code__ and frame.f_lineno in targets
+
+
+def delivered(sock):
+    """True once the peer's kernel has every byte sent on ``sock``: its
+    send queue (Linux' SIOCOUTQ: unsent and unacknowledged bytes) is empty."""
+    queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return struct.unpack("i", queued)[0] == 0
 
 
 class HTTPClient:

@@ -15,12 +15,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import NotServing
+from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.wsgiapps import EventSink
 
@@ -243,12 +243,13 @@ class Server:
     @staticmethod
     def _exited(process, timeout):
         """Wait for the leader to exit without reaping it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                return True
-            time.sleep(0.01)
-        return False
+        # No event tells of an exit we may not reap: ask again every 10 ms.
+        return bool(
+            wait_for(
+                lambda: os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT),
+                timeout,
+            )
+        )
 
     def cleanup(self):
         self.stop()

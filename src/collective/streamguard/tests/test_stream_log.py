@@ -9,13 +9,13 @@ import os
 import re
 import shutil
 import socket
-import time
 
 import transaction
 from App.config import getConfiguration
 from plone.app.testing import TEST_USER_NAME
 from plone.app.testing import TEST_USER_PASSWORD
 
+from collective.streamguard.logs.source import LogSource
 from collective.streamguard.logs.stream import RETRY_RANGE
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.streams import live_streams
@@ -118,8 +118,13 @@ class TestFollowing(LogTestCase):
 
     def test_deletion_and_recreation(self):
         sock, _ = self.follow()
+        source = LogSource.acquire(self.path)
+        self.addCleanup(source.release)
+        changes = source.changes
         os.unlink(self.path)
-        time.sleep(0.2)
+        # The new file comes only once inotify told the follower's source
+        # that the name is gone.
+        self.assertTrue(wait_for(lambda: source.changes != changes), "no change seen")
         self.write("a new file\n", mode="w")
         read_until(sock, b"a new file\n")
 

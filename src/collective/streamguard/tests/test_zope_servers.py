@@ -16,7 +16,6 @@ The producers of ``views.StreamView`` report to the instance's events file.
 import os
 import socket
 import sys
-import time
 import unittest
 import uuid
 
@@ -116,7 +115,7 @@ class ZopeServerContract(servers.LayerTestCase):
             # Let the producer reach guard.idle(): a client leaving before
             # the server asks for the next chunk is caught by the guard's
             # check in front of it instead (both are asserted below).
-            time.sleep(0.1)
+            self.assertTrue(wait_for(lambda: self.instance.events("idle", tag=tag), SOON))
         return sock, tag, head
 
     def assert_ended_once(self, tag, reason):
