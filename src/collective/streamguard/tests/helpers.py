@@ -1,5 +1,6 @@
-"""What the tests share: one buffered HTTP client, waits, and test bases.
+"""What the tests share: two HTTP clients, waits, and test bases.
 
+``http_request`` makes one plain request and returns the complete answer;
 ``HTTPClient`` is the only way a test reads a stream: bytes that arrive
 together with the ones a test waits for (the first body bytes with the
 headers, the terminating chunk with the last line) stay in its buffer for
@@ -10,15 +11,19 @@ deadline, never for a fixed time.
 
 import base64
 import errno
+import fcntl
+import http.client
+import inspect
 import logging
+import os
 import re
 import socket
 import struct
+import sys
+import termios
 import time
 import unittest
-import urllib.error
 import urllib.parse
-import urllib.request
 
 HOST = "127.0.0.1"
 #: The end line GuardedStream logs for every stream.
@@ -33,6 +38,63 @@ def wait_for(predicate, timeout=10.0, interval=0.01):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def basic_auth(user, password):
+    """The value of an ``Authorization`` header for HTTP basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def http_request(address, path, method="GET", auth=None, headers=None, body=None, timeout=30.0):
+    """(status, {lower-case name: value}, body) of one complete request.
+
+    ``address``: (host, port); ``auth``: (user, password) for basic auth;
+    ``body``: bytes or str to send.  For answers that end; a stream is read
+    with ``HTTPClient``.
+    """
+    headers = dict(headers or {})
+    if auth is not None:
+        headers["Authorization"] = basic_auth(*auth)
+    connection = http.client.HTTPConnection(*address, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+        return (
+            response.status,
+            {name.lower(): value for name, value in response.getheaders()},
+            data,
+        )
+    finally:
+        connection.close()
+
+
+def sweeps_later(watcher, count=2, timeout=10.0):
+    """Wait until ``watcher`` (a ``watcher.Watcher``) swept ``count`` more
+    times; False if it did not within ``timeout``.
+
+    The positive proof of time passing for a test that asserts something
+    does not happen: every sweep asks every watched connection again.  Two,
+    because the sweep running now may have begun before what the test did.
+    """
+    sweeps = watcher.sweeps
+    return wait_for(lambda: watcher.sweeps >= sweeps + count, timeout)
+
+
+def blocked_at(thread, function, call):
+    """True while ``thread`` is at the line of ``function`` that makes
+    ``call`` (for example the poll a waiter blocks in)."""
+    lines, first = inspect.getsourcelines(function)
+    targets = {first + n for n, line in enumerate(lines) if call in line}
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code is function.__code__ and frame.f_lineno in targets
+
+
+def delivered(sock):
+    """True once the peer's kernel has every byte sent on ``sock``: its
+    send queue (Linux' SIOCOUTQ: unsent and unacknowledged bytes) is empty."""
+    queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return struct.unpack("i", queued)[0] == 0
 
 
 class HTTPClient:
@@ -74,8 +136,7 @@ class HTTPClient:
         ``form`` a dict sent as an urlencoded body (a POSTed form)."""
         lines = [f"{method} {path} HTTP/{version}", "Host: localhost"]
         if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            lines.append(f"Authorization: Basic {token}")
+            lines.append(f"Authorization: {basic_auth(*auth)}")
         body = b""
         if form is not None:
             body = urllib.parse.urlencode(form).encode()
@@ -320,17 +381,32 @@ def open_connections(db):
     return [info for info in db.connectionDebugInfo() if info["opened"]]
 
 
-def wait_until_serving(port, process, timeout=60.0):
-    """Wait until the Zope in ``process`` answers HTTP on ``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+class NotServing(AssertionError):
+    """The process exited, or did not serve within its time."""
+
+
+def wait_until_serving(port, process, timeout=60.0, path="/", ready=None):
+    """Wait until ``process`` serves on ``port`` of ``HOST``; raise
+    ``NotServing`` if it exits first or does not serve within ``timeout``.
+
+    ``path``: the page to GET; any HTTP answer counts, or the ones for which
+    ``ready(status, body)`` is true.  ``path=None``: accepting a TCP
+    connection is enough (runzeo speaks no HTTP).
+    """
+
+    def serving():
         if process.poll() is not None:
-            raise AssertionError(f"runwsgi exited with {process.returncode}")
+            name = os.path.basename(str(process.args[0]))
+            raise NotServing(f"{name} exited with {process.returncode}")
         try:
-            urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # Zope answered
-        except OSError:
-            time.sleep(0.2)  # not listening yet: nothing to wait on but the port
-    raise AssertionError(f"runwsgi did not answer within {timeout} s")
+            if path is None:
+                socket.create_connection((HOST, port), timeout=2).close()
+                return True
+            status, _, body = http_request((HOST, port), path, timeout=2)
+        except (OSError, http.client.HTTPException):
+            return False  # not listening, or not answering yet
+        return ready is None or ready(status, body)
+
+    # Nothing to wait on but the port itself: ask again every 50 ms.
+    if not wait_for(serving, timeout, interval=0.05):
+        raise NotServing(f"nothing served on port {port} within {timeout} s")

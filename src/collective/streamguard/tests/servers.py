@@ -8,7 +8,6 @@ one a test fixture, with the ``wsgiapps.EventSink`` its app reports to.
 Later tests reuse both for the Zope WSGI app.
 """
 
-import http.client
 import os
 import shutil
 import signal
@@ -16,11 +15,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import NotServing
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.wsgiapps import EventSink
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -202,26 +203,16 @@ class Server:
         raise ServerFailed(f"{self.kind} did not start:\n{self.log_tail()}")
 
     def _wait_ready(self):
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                conn = http.client.HTTPConnection(HOST, self.port, timeout=2)
-                conn.request("GET", self.ready_path)
-                response = conn.getresponse()
-                body = response.read()
-                conn.close()
-                if self.ready_body is None:
-                    ok = response.status < 500
-                else:
-                    ok = body == self.ready_body
-                if ok:
-                    return True
-            except OSError:
-                pass
-            time.sleep(0.05)
-        return False
+        def ready(status, body):
+            return status < 500 if self.ready_body is None else body == self.ready_body
+
+        try:
+            wait_until_serving(
+                self.port, self.process, self.startup_timeout, path=self.ready_path, ready=ready
+            )
+        except NotServing:
+            return False
+        return True
 
     def stop(self, timeout=10.0):
         process, self.process = self.process, None
@@ -252,12 +243,13 @@ class Server:
     @staticmethod
     def _exited(process, timeout):
         """Wait for the leader to exit without reaping it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                return True
-            time.sleep(0.01)
-        return False
+        # No event tells of an exit we may not reap: ask again every 10 ms.
+        return bool(
+            wait_for(
+                lambda: os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT),
+                timeout,
+            )
+        )
 
     def cleanup(self):
         self.stop()

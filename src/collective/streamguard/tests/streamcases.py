@@ -4,8 +4,6 @@ Clients are ``helpers.HTTPClient``: the tests read a response while it is
 still being produced, and leave with a FIN or a reset.
 """
 
-import base64
-import http.client
 import json
 import os
 import shutil
@@ -24,6 +22,7 @@ from collective.streamguard.streams import live_streams
 from collective.streamguard.testing import TEST_VIEWS_WAITRESS_TESTING
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import wait_for
 
 MARKER = "<<<<<EOFMARKER>>>>>"
@@ -38,6 +37,11 @@ def allow_log_directories(testcase, *directories):
     product_config["collective.streamguard"] = {"log-directories": " ".join(directories)}
     config.product_config = product_config
     testcase.addCleanup(setattr, config, "product_config", before)
+
+
+def parked():
+    """Live streams that are parked now (waiting without a thread)."""
+    return [record for record in live_streams.live() if record.is_parked]
 
 
 def ending_streams():
@@ -86,14 +90,22 @@ class StreamingTestCase(unittest.TestCase):
     def tag(self):
         return uuid.uuid4().hex[:12]
 
+    def http(self, path, method="GET", auth=None, headers=None, body=None):
+        """(status, {lower-case name: value}, body) of one complete request
+        to the layer's server; ``auth``: (user, password)."""
+        address = (self.layer["host"], self.layer["port"])
+        return http_request(address, path, method, auth=auth, headers=headers, body=body)
+
     def get(self, path):
-        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
+        return self.http(path)
+
+    def site(self):
+        """The Plone site as a new ZODB connection sees it now (what is committed)."""
+        tm = transaction.TransactionManager()
+        connection = self.layer["zodbDB"].open(transaction_manager=tm)
+        self.addCleanup(connection.close)
+        self.addCleanup(tm.abort)
+        return connection.root()["Application"]["plone"]
 
     def cleanups(self, tag):
         return views.events("cleanup", tag=tag)
@@ -138,11 +150,4 @@ class LogTestCase(StreamingTestCase):
         return json.loads(body)
 
     def get_as_manager(self, path):
-        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
-        try:
-            token = base64.b64encode(b"admin:secret").decode()
-            connection.request("GET", path, headers={"Authorization": f"Basic {token}"})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
+        return self.http(path, auth=(SITE_OWNER_NAME, SITE_OWNER_PASSWORD))

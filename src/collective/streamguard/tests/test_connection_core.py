@@ -20,10 +20,12 @@ from collective.streamguard import is_browser_connection_open
 from collective.streamguard import on_disconnect
 from collective.streamguard import wait_for_disconnect
 from collective.streamguard.connection import ENVIRON_KEY
+from collective.streamguard.connection import ClientConnection
 from collective.streamguard.connection import keep_alive
 from collective.streamguard.probes import FdConnection
 from collective.streamguard.probes import socket_is_open
 from collective.streamguard.tests.helpers import SocketTestCase
+from collective.streamguard.tests.helpers import blocked_at
 from collective.streamguard.tests.helpers import wait_for
 
 
@@ -205,7 +207,10 @@ class ThreadTests(SocketTestCase):
         result = []
         thread = threading.Thread(target=lambda: result.append(connection.wait_closed(10)))
         thread.start()
-        time.sleep(0.05)
+        # Closed only once the waiter sleeps in its poll.
+        self.assertTrue(
+            wait_for(lambda: blocked_at(thread, ClientConnection.wait_closed, "poller.poll("))
+        )
         server.close()
         thread.join(5)
         self.assertFalse(thread.is_alive())

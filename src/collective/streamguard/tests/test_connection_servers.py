@@ -6,6 +6,7 @@ datagram side channel, and the test asks it for a verdict at any moment
 through the control socket of the server process.
 """
 
+import os
 import socket
 import time
 import unittest
@@ -15,6 +16,15 @@ from collective.streamguard.tests import helpers
 from collective.streamguard.tests import servers
 
 SOON = 5.0  # generous: a bound that only a broken probe misses
+
+
+def fd_target(start):
+    """What the fd of the request ``start`` reported is in its server
+    process now (``socket:[inode]``), or None once it is closed."""
+    try:
+        return os.readlink(f"/proc/{start['pid']}/fd/{start['fd']}")
+    except OSError:
+        return None
 
 
 class ServerContract(servers.LayerTestCase):
@@ -92,12 +102,14 @@ class ServerContract(servers.LayerTestCase):
         return reply
 
     def assert_becomes(self, start, expected):
-        deadline = time.monotonic() + SOON
-        while True:
-            reply = self.state(start)
-            if reply["state"] == expected or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        replies = []
+
+        def reached():
+            replies.append(self.state(start))
+            return replies[-1]["state"] == expected
+
+        helpers.wait_for(reached, SOON)
+        reply = replies[-1]
         self.assertEqual(reply["state"], expected, reply)
         self.assertEqual(reply["probe"], self.probe)
 
@@ -106,13 +118,14 @@ class ServerContract(servers.LayerTestCase):
     def test_idle_stream_reads_open(self):
         _, start = self.open_stream()
         self.assertEqual((start["state"], start["probe"]), ("open", self.probe))
-        time.sleep(0.05)
+        # Asked again after "ready" arrived: the server has sent the head and
+        # the first body bytes since the probe first said open.
         self.assertEqual(self.state(start)["state"], "open")
 
     def test_idle_stream_with_pipelined_request_waiting_reads_open(self):
         sock, start = self.open_stream()
         sock.sendall(servers.request_bytes("/ping"))
-        time.sleep(0.05)
+        self.assertTrue(helpers.wait_for(lambda: helpers.delivered(sock)), "not delivered")
         self.assertEqual(self.state(start)["state"], "open")
 
     def test_idle_stream_ends_when_client_closes(self):
@@ -135,7 +148,7 @@ class ServerContract(servers.LayerTestCase):
         # only the bytes and call the connection open.
         sock, start = self.open_stream()
         sock.sendall(servers.request_bytes("/ping"))
-        time.sleep(0.05)
+        self.assertTrue(helpers.wait_for(lambda: helpers.delivered(sock)), "not delivered")
         self.assertEqual(self.state(start)["state"], "open")
         sock.shutdown(socket.SHUT_WR)
         self.assert_becomes(start, "closed")
@@ -171,8 +184,13 @@ class ServerContract(servers.LayerTestCase):
         called = self.sink.wait_for(event="callback", id=start["id"], timeout=SOON)
         self.assertEqual(called["count"], 1)
         self.assertEqual(called["thread"], "collective.streamguard watcher")
-        # Outlive a watcher sweep (1 s): it must not call again.
-        time.sleep(1.3)
+        # Outlive a whole watcher sweep (two sweeps counted), which asks
+        # every entry again: it must not call again.
+        sweeps = self.state(start)["sweeps"]
+        self.assertTrue(
+            helpers.wait_for(lambda: self.state(start)["sweeps"] >= sweeps + 2, SOON),
+            "the watcher stopped sweeping",
+        )
         self.assertEqual(self.sink.collect(event="callback", id=start["id"]), [])
         self.assertEqual(self.state(start)["callbacks"], 1)
 
@@ -195,10 +213,13 @@ class ServerContract(servers.LayerTestCase):
         # can take the number first, hence a few tries.
         for _attempt in range(3):
             sock, old = self.open_stream(mode="wait", timeout=30)
+            old_target = fd_target(old)
             sock.shutdown(socket.SHUT_WR)
             self.wait_end(old["id"])
             self.assertTrue(helpers.wait_gone(sock), "server did not close")
-            time.sleep(0.05)  # gunicorn half-closes first, then closes
+            # gunicorn half-closes first, then closes: wait until the
+            # server's process let go of the fd (or gave it to another file).
+            helpers.wait_for(lambda old=old, target=old_target: fd_target(old) != target, SOON)
             _, new = self.open_stream(compare=old["id"])
             if new["fd"] == old["fd"]:
                 break

@@ -3,13 +3,14 @@
 import os
 import signal
 import threading
-import time
 import unittest
 
 from collective.streamguard import client_connection
 from collective.streamguard import watcher
 from collective.streamguard.probes import FdConnection
 from collective.streamguard.tests.helpers import SocketTestCase
+from collective.streamguard.tests.helpers import sweeps_later
+from collective.streamguard.tests.helpers import wait_for
 
 SOON = 5.0
 
@@ -27,9 +28,9 @@ class Recorder:
 class WatcherTests(SocketTestCase):
     def setUp(self):
         super().setUp()
-        # Sweep five times a second, so "past a sweep" is a short wait.
+        # Sweep twenty times a second, so that waiting for sweeps is short.
         self.sweep_interval = watcher.SWEEP_INTERVAL
-        watcher.SWEEP_INTERVAL = 0.2
+        watcher.SWEEP_INTERVAL = 0.05
         watcher.stop()
 
     def tearDown(self):
@@ -43,13 +44,20 @@ class WatcherTests(SocketTestCase):
         handle = client_connection({"gunicorn.socket": server}).on_close(recorder)
         return server, client, recorder, handle
 
+    def past_sweeps(self):
+        """Wait until the watcher has swept twice more: every watched
+        connection was asked again since the test's last step."""
+        self.assertTrue(
+            sweeps_later(watcher._current(), timeout=SOON), "the watcher stopped sweeping"
+        )
+
     def test_fires_once_in_the_watcher_thread_when_client_leaves(self):
         _, client, recorder, handle = self.watched()
-        time.sleep(0.05)
+        self.past_sweeps()
         self.assertEqual(recorder.calls, [])
         client.close()
         self.assertTrue(recorder.event.wait(SOON))
-        time.sleep(0.5)  # past a sweep
+        self.past_sweeps()
         self.assertEqual(recorder.calls, ["collective.streamguard watcher"])
         self.assertTrue(handle.fired)
         self.assertFalse(handle.cancel())
@@ -59,7 +67,7 @@ class WatcherTests(SocketTestCase):
         self.assertTrue(handle.cancel())
         self.assertFalse(handle.cancel())
         client.close()
-        time.sleep(0.5)
+        self.past_sweeps()
         self.assertEqual(recorder.calls, [])
         self.assertFalse(handle.fired)
 
@@ -73,7 +81,7 @@ class WatcherTests(SocketTestCase):
     def test_socket_closed_by_the_server_is_found_by_the_sweep(self):
         # The kernel drops a closed fd from the epoll set without an event.
         server, _, recorder, _ = self.watched()
-        time.sleep(0.05)
+        self.past_sweeps()  # watched (in the epoll set) before the close
         server.close()
         self.assertTrue(recorder.event.wait(SOON))
 
@@ -85,7 +93,7 @@ class WatcherTests(SocketTestCase):
         with self.assertLogs("collective.streamguard", "ERROR") as logged:
             bad.on_close(lambda: 1 / 0)
             bad_client.close()
-            time.sleep(0.2)
+            self.assertTrue(wait_for(lambda: logged.output, SOON))
         self.assertIn("ZeroDivisionError", logged.output[0])
         client_connection({"gunicorn.socket": server}).on_close(recorder)
         client.close()
@@ -99,7 +107,7 @@ class WatcherTests(SocketTestCase):
         client_connection({"gunicorn.socket": server}).on_close(second)
         client.close()
         self.assertTrue(first.event.wait(SOON) and second.event.wait(SOON))
-        time.sleep(0.5)
+        self.past_sweeps()
         self.assertEqual((len(first.calls), len(second.calls)), (1, 1))
 
     def test_reused_fd_fires_the_old_and_not_the_new(self):
@@ -107,12 +115,13 @@ class WatcherTests(SocketTestCase):
         fd = old_server.fileno()
         old, new = Recorder(), Recorder()
         FdConnection(fd, "uwsgi").on_close(old)
-        time.sleep(0.05)
+        self.past_sweeps()  # watched before its fd is reused
         new_server, new_client = self.pair()
         os.dup2(new_server.fileno(), fd)  # the old socket is gone, fd reused
         FdConnection(fd, "uwsgi").on_close(new)
         self.assertTrue(old.event.wait(SOON))
-        self.assertFalse(new.event.wait(0.3))
+        self.past_sweeps()
+        self.assertFalse(new.event.is_set())
         new_client.close()
         self.assertTrue(new.event.wait(SOON))
 
@@ -129,16 +138,18 @@ class WatcherTests(SocketTestCase):
         self.assertFalse(sweeper.alive)
 
     def test_stop_and_restart(self):
-        _, client, recorder, _ = self.watched()
+        _, client, stopped, _ = self.watched()
         thread = watcher._watcher._thread
         watcher.stop()
         self.assertFalse(thread.is_alive())
         client.close()
-        time.sleep(0.2)
-        self.assertEqual(recorder.calls, [])  # stopped means never
         _, client, recorder, _ = self.watched()
         client.close()
         self.assertTrue(recorder.event.wait(SOON))
+        # The new watcher has done its work and swept since: the old
+        # callback had all that time.
+        self.past_sweeps()
+        self.assertEqual(stopped.calls, [])  # stopped means never
 
     @unittest.skipUnless(hasattr(os, "fork"), "needs fork")
     def test_forked_worker_gets_its_own_watcher(self):
@@ -158,15 +169,17 @@ class WatcherTests(SocketTestCase):
                 code = 0 if fired and watcher._watcher._thread is not parent_thread else 2
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 2 * SOON
-        while time.monotonic() < deadline:
+        statuses = []
+
+        def reaped():
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                break
-            time.sleep(0.02)
-        else:
+                statuses.append(status)
+            return done
+
+        if not wait_for(reaped, 2 * SOON):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             self.fail("forked child hung")
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertEqual(os.waitstatus_to_exitcode(statuses[0]), 0)
         self.assertTrue(parent_thread.is_alive())

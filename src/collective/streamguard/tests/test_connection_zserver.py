@@ -11,6 +11,7 @@ import warnings
 
 from collective.streamguard import ConnectionState
 from collective.streamguard import client_connection
+from collective.streamguard.tests.helpers import sweeps_later
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.zservercases import SOON
 from collective.streamguard.tests.zservercases import ZServerTestCase
@@ -113,9 +114,7 @@ class ExactChannelTests(ZServerTestCase):
         self.assertTrue(fired.wait(SOON))
         # A whole sweep after the call, which asks every entry again: a
         # second call would come in it.
-        watcher = _current_watcher()
-        sweeps = watcher.sweeps
-        self.assertTrue(wait_for(lambda: watcher.sweeps >= sweeps + 2, timeout=SOON))
+        self.assertTrue(sweeps_later(_current_watcher(), timeout=SOON))
         self.assertEqual(called, [1])
 
     def test_finished_response_falls_back_to_the_scan(self):

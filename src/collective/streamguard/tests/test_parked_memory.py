@@ -27,6 +27,7 @@ from collective.streamguard.streams import LiveStreams
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.streamcases import LogTestCase
+from collective.streamguard.tests.streamcases import parked
 
 #: What every stream shares with the whole process: not entered.
 SHARED = (type, types.ModuleType, Hub, Scheduler, LiveStreams, SharedInotify, threading.Thread)
@@ -45,10 +46,6 @@ def reachable(root):
             seen[id(ref)] = ref
             todo.append(ref)
     return seen
-
-
-def parked():
-    return [record for record in live_streams.live() if record.is_parked]
 
 
 class TestWhatAParkedStreamKeeps(LogTestCase):

@@ -20,12 +20,9 @@ from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.streamcases import LogTestCase
 from collective.streamguard.tests.streamcases import StreamingTestCase
+from collective.streamguard.tests.streamcases import parked
 
 ZODB_PATH = "/plone/@@streamguard-test-zodb"
-
-
-def parked():
-    return [record for record in live_streams.live() if record.is_parked]
 
 
 class Installed:
@@ -167,13 +164,6 @@ class TestParkedZODBProducer(Installed, StreamingTestCase):
     def setUp(self):
         super().setUp()
         self.db = self.layer["zodbDB"]
-
-    def site(self):
-        tm = transaction.TransactionManager()
-        connection = self.db.open(transaction_manager=tm)
-        self.addCleanup(connection.close)
-        self.addCleanup(tm.abort)
-        return connection.root()["Application"]["plone"]
 
     def start(self, finish):
         tag = self.tag()

@@ -4,8 +4,6 @@ Requests as plone.restapi's own functional tests make them: ``Accept:
 application/json``, basic auth or a JWT token from ``POST @login``.
 """
 
-import base64
-import http.client
 import json
 import socket
 
@@ -33,20 +31,12 @@ class RestAPITestCase(StreamingTestCase):
         if body is not None:
             headers["Content-Type"] = "application/json"
             body = json.dumps(body)
-        if auth is not None:
-            credentials = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            headers["Authorization"] = f"Basic {credentials}"
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
-        try:
-            connection.request(method, f"/plone/{path}", body=body, headers=headers)
-            response = connection.getresponse()
-            payload = response.read()
-            headers = {name.lower(): value for name, value in response.getheaders()}
-            return response.status, headers, json.loads(payload) if payload else None
-        finally:
-            connection.close()
+        status, headers, payload = self.http(
+            f"/plone/{path}", method, auth=auth, headers=headers, body=body
+        )
+        return status, headers, json.loads(payload) if payload else None
 
     def login(self, user, password):
         code, _, answer = self.api("POST", "@login", {"login": user, "password": password})

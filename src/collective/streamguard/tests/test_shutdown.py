@@ -6,7 +6,6 @@ stopped with SIGTERM (process managers) or SIGINT (Ctrl-C).  Streams that
 hold their thread and parked streams (no thread, watched by the hub) alike.
 """
 
-import base64
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import unittest
 
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.helpers import wait_until_serving
@@ -71,16 +71,11 @@ class TestProcessShutdown(unittest.TestCase):
         self.stream_then_stop(signal.SIGTERM)
 
     def parked_count(self):
-        auth = base64.b64encode(b"admin:admin").decode()
-        client = HTTPClient((HOST, self.port))
-        with client:
-            client.request(
-                "/@@stream-status?format=json",
-                headers={"Authorization": f"Basic {auth}", "Connection": "close"},
-            )
-            status, _headers = client.head()
-            self.assertEqual(status, 200)
-            return json.loads(client.body())["parked"]
+        status, _, body = http_request(
+            (HOST, self.port), "/@@stream-status?format=json", auth=("admin", "admin")
+        )
+        self.assertEqual(status, 200)
+        return json.loads(body)["parked"]
 
     def test_sigterm_ends_parked_streams_and_runs_their_cleanups(self):
         # The first request a server publishes lets it park streams: a page.

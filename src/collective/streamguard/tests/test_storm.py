@@ -7,12 +7,12 @@ normal pages answer all through it.
 """
 
 import faulthandler
-import http.client
 import os
 import threading
 
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import open_connections
 from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
@@ -37,16 +37,11 @@ class PagePoller(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            connection = http.client.HTTPConnection(*self.address, timeout=10)
             try:
-                connection.request("GET", "/plone")
-                response = connection.getresponse()
-                response.read()
-                self.statuses.append(response.status)
+                status, _, _ = http_request(self.address, "/plone", timeout=10)
+                self.statuses.append(status)
             except OSError as error:
                 self.statuses.append(repr(error))
-            finally:
-                connection.close()
 
 
 class TestAbandonStorm(StreamingTestCase):

@@ -137,7 +137,7 @@ class TestThreadPoolProtection(StreamingTestCase):
             read_until(sock, f"first line of {tag}".encode())
         status, headers, body = self.get(f"/plone/@@streamguard-test-stream?tag={self.tag()}")
         self.assertEqual(status, 503)
-        self.assertEqual(headers["Retry-After"], "10")
+        self.assertEqual(headers["retry-after"], "10")
         self.assertIn(b"Too many live streams", body)
         # Three threads stream; the fourth still serves normal pages.
         status, _, _ = self.get("/plone")

@@ -37,14 +37,6 @@ class TestOwnZODBConnection(StreamingTestCase):
             )
         )
 
-    def site(self):
-        """The Plone site as a new connection sees it now."""
-        tm = transaction.TransactionManager()
-        connection = self.db.open(transaction_manager=tm)
-        self.addCleanup(connection.close)
-        self.addCleanup(tm.abort)
-        return connection.root()["Application"]["plone"]
-
     def test_producer_runs_as_the_user_in_the_site_with_its_own_connection(self):
         tag = self.tag()
         sock = self.open(f"tag={tag}&mode=write", auth=True, path=PATH)

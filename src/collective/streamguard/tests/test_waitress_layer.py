@@ -1,10 +1,10 @@
 """The real-waitress test layer: a Plone site served over real sockets."""
 
-import http.client
 import unittest
 
 from collective.streamguard.testing import STREAMGUARD_WAITRESS_TESTING
 from collective.streamguard.testing import WaitressServer
+from collective.streamguard.tests.helpers import http_request
 
 
 class TestWaitressLayer(unittest.TestCase):
@@ -17,14 +17,8 @@ class TestWaitressLayer(unittest.TestCase):
         self.assertFalse(adj.expose_tracebacks)
 
     def test_plone_site_answers_over_a_real_socket(self):
-        connection = http.client.HTTPConnection(self.layer["host"], self.layer["port"], timeout=30)
-        try:
-            connection.request("GET", "/plone")
-            response = connection.getresponse()
-            body = response.read()
-        finally:
-            connection.close()
-        self.assertEqual(response.status, 200)
+        status, _, body = http_request((self.layer["host"], self.layer["port"]), "/plone")
+        self.assertEqual(status, 200)
         self.assertIn(b"Plone site", body)
 
     def test_options_given_to_a_layer_reach_waitress(self):

@@ -24,6 +24,7 @@ from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.waitress.output import HELD_LIMIT
 from collective.streamguard.waitress.output import QUEUE_LIMIT
+from collective.streamguard.waitress.output import RECHECK
 from collective.streamguard.waitress.output import DirectOutput
 
 MiB = 1 << 20
@@ -39,6 +40,17 @@ def expected_body(sizes):
     return b"".join(chunk(i, size) for i, size in enumerate(sizes))
 
 
+class CountingGuard(StreamGuard):
+    """Counts ``check()``: a producer held back on a full queue asks it
+    every ``RECHECK`` seconds whether to stop, and at nothing else."""
+
+    checks = 0
+
+    def check(self):
+        self.checks += 1
+        return super().check()
+
+
 class App:
     """``/chunks?sizes=70000,10,1048576`` yields those chunks under a guard
     (``&batch=1``: with ``guard.batch_output``, ``&pause=S``: then waits S
@@ -48,6 +60,7 @@ class App:
     def __init__(self):
         self.produced = 0
         self.cleanups = 0
+        self.guard = None  # the last stream's
 
     def __call__(self, environ, start_response):
         query = parse_qs(environ.get("QUERY_STRING", ""))
@@ -55,7 +68,7 @@ class App:
         pause = float(query.get("pause", ["0"])[0])
         batch = "batch" in query
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
-        guard = StreamGuard(client_connection(environ))
+        guard = self.guard = CountingGuard(client_connection(environ))
         guard.add_cleanup(self.cleaned)
         body = GuardedStream(
             lambda guard: self.producer(guard, sizes, pause, batch),
@@ -158,12 +171,20 @@ class DirectOutputTests(unittest.TestCase):
         before_produced, before_cleanups = self.app.produced, self.app.cleanups
         sock = self.connect("/chunks?sizes=1048576&repeat=2000&batch=1")  # 2 GiB
         read_until(sock, b"\r\n\r\n")
+
         # Not reading: the kernel's socket buffers fill, then waitress'
-        # queue up to QUEUE_LIMIT, then the producer waits.
-        time.sleep(1.0)
+        # queue up to QUEUE_LIMIT, then the producer waits, asking its guard
+        # every RECHECK seconds.  Held back: nothing produced between two
+        # of those questions (the second one a whole RECHECK after the first).
+        def produces_nothing_for_two_checks():
+            produced, checks = self.app.produced, self.app.guard.checks
+            wait_for(lambda: self.app.guard.checks >= checks + 2, 3 * RECHECK)
+            return self.app.produced == produced
+
+        self.assertTrue(wait_for(lambda: self.app.guard is not None))
+        self.assertTrue(wait_for(produces_nothing_for_two_checks, 30), "never held back")
         produced = self.app.produced - before_produced
-        time.sleep(0.5)
-        self.assertEqual(self.app.produced - before_produced, produced, "the producer went on")
+        self.assertTrue(produces_nothing_for_two_checks(), "the producer went on")
         # Queued, held, and what the loopback socket buffers hold: 14 MiB
         # were produced in all when this was written.
         self.assertLess(produced, QUEUE_LIMIT + HELD_LIMIT + 12 * MiB)

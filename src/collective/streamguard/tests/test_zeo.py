@@ -7,33 +7,18 @@ when the producer finished, and never when the client left first.
 """
 
 import os
-import socket
 import subprocess
-import time
 import unittest
-import urllib.request
 
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
 from collective.streamguard.tests.zopeinstance import ZopeInstance
-
-
-def wait_for_port(port, process, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"runzeo exited with {process.returncode}")
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port} after {timeout} s")
 
 
 class ZEOLayer:
@@ -59,7 +44,7 @@ class ZEOLayer:
             stderr=subprocess.DEVNULL,
         )
         self.processes.append(zeo)
-        wait_for_port(self.zeo_port, zeo)
+        wait_until_serving(self.zeo_port, zeo, timeout=30.0, path=None)
         self.instances = []
         for _name in "ab":
             port = free_port()
@@ -95,9 +80,11 @@ class TestStreamsOnZEO(unittest.TestCase):
     layer = ZEO_TWO_INSTANCES
 
     def mark_seen_by(self, instance):
-        url = f"http://{HOST}:{instance.port}/@@streamguard-test-mark"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
+        status, _, body = http_request(
+            (HOST, instance.port), "/@@streamguard-test-mark", timeout=10
+        )
+        self.assertEqual(status, 200, body)
+        return body.decode()
 
     def stream(self, instance, query):
         sock = HTTPClient((HOST, instance.port))

@@ -13,11 +13,9 @@ from the thread that iterates the body, so no other thread (and no
 The producers of ``views.StreamView`` report to the instance's events file.
 """
 
-import http.client
 import os
 import socket
 import sys
-import time
 import unittest
 import uuid
 
@@ -102,13 +100,8 @@ class ZopeServerContract(servers.LayerTestCase):
     # helpers
 
     def get(self, path):
-        connection = http.client.HTTPConnection(*self.server.address, timeout=SOON)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            connection.close()
+        status, _, body = helpers.http_request(self.server.address, path, timeout=SOON)
+        return status, body.decode()
 
     def open_stream(self, mode):
         tag = uuid.uuid4().hex[:12]
@@ -122,7 +115,7 @@ class ZopeServerContract(servers.LayerTestCase):
             # Let the producer reach guard.idle(): a client leaving before
             # the server asks for the next chunk is caught by the guard's
             # check in front of it instead (both are asserted below).
-            time.sleep(0.1)
+            self.assertTrue(wait_for(lambda: self.instance.events("idle", tag=tag), SOON))
         return sock, tag, head
 
     def assert_ended_once(self, tag, reason):

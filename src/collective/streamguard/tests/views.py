@@ -48,7 +48,8 @@ def gate(tag):
 class StreamView(BrowserView):
     """``@@streamguard-test-stream?tag=T&mode=M&type=T``.
 
-    Modes: ``idle`` (one line, then waits for the client to leave),
+    Modes: ``idle`` (one line, then records "idle" and waits for the client
+    to leave),
     ``gated`` (one line, then waits for the test's gate, then one more),
     ``finish`` (three lines), ``error`` (one line, then raises),
     ``heartbeat`` (waits with heartbeats), ``long`` (yields lines forever
@@ -111,6 +112,7 @@ class StreamView(BrowserView):
                         yield f"line {n}\n"
                         time.sleep(0.01)
                 else:
+                    record("idle", tag=tag)
                     stopped = yield from guard.idle()
                     record("idle-returned", tag=tag, stopped=stopped)
             except GeneratorExit:

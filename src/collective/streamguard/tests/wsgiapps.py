@@ -41,6 +41,7 @@ import uuid
 from urllib.parse import parse_qs
 
 from collective.streamguard import client_connection
+from collective.streamguard import watcher
 from collective.streamguard.connection import ConnectionState
 
 EVENTS_ENV = "STREAMGUARD_TEST_EVENTS"
@@ -98,6 +99,8 @@ def _control_loop(sock):
             reply["callbacks"] = _callbacks.get(rid, 0)
         if op == "state" and connection is not None:
             reply.update(describe(connection))
+            current = watcher._watcher  # None until a callback is watched
+            reply["sweeps"] = None if current is None else current.sweeps
         elif op == "release" and release is not None:
             release.set()
         elif op != "ping":
