@@ -10,7 +10,7 @@ For an integrator's own tests (README, Testing):
   real sockets: the in-process test browser drains the whole body and
   would hang on a stream.
 - ``open_stream``, ``StreamClient``, ``wait_for_streams_to_end``,
-  ``end_reasons``.
+  ``end_reasons``, ``committed_site``.
 
 The add-on's own tests also use its test views (``TEST_VIEWS_*``), a site
 as the ``Plone`` distribution makes it, and the real classic ZServer
@@ -128,6 +128,19 @@ def wait_for_streams_to_end(timeout=10.0):
     """True once no stream of this process is live any more: every one has
     ended and run its cleanups (they run in the server's threads)."""
     return wait_for(lambda: not live_streams.live(), timeout)
+
+
+def committed_site(testcase, site_id="plone"):
+    """The site as a new ZODB connection sees it: what is committed, as a
+    stream's own connection sees it.  The connection is closed when
+    ``testcase`` ends."""
+    import transaction
+
+    manager = transaction.TransactionManager()
+    connection = testcase.layer["zodbDB"].open(transaction_manager=manager)
+    testcase.addCleanup(connection.close)
+    testcase.addCleanup(manager.abort)
+    return connection.root()["Application"][site_id]
 
 
 def end_reasons():

@@ -12,6 +12,7 @@ from plone.app.testing import SITE_OWNER_PASSWORD
 from plone.app.testing import TEST_USER_ID
 from plone.app.testing import setRoles
 
+from collective.streamguard.testing import committed_site
 from collective.streamguard.testing import end_reasons
 from collective.streamguard.testing import open_stream
 from collective.streamguard.testing import wait_for_streams_to_end
@@ -44,16 +45,8 @@ class TestNewcomerViews(unittest.TestCase):
         self.clients.append(client)
         return client
 
-    def site(self):
-        """The site as committed, seen from a connection of the test's own."""
-        tm = transaction.TransactionManager()
-        connection = self.layer["zodbDB"].open(transaction_manager=tm)
-        self.addCleanup(connection.close)
-        self.addCleanup(tm.abort)
-        return connection.root()["Application"]["plone"]
-
     def titles(self):
-        site = self.site()
+        site = committed_site(self)
         return [site[f"doc-{n:02d}"].title for n in range(DOCUMENTS)]
 
     def test_slow_report_lists_the_titles(self):
@@ -151,6 +144,6 @@ class TestNewcomerViews(unittest.TestCase):
         self.assertEqual(titles[:20], [f"DOCUMENT {n:02d}" for n in range(20)])
         self.assertEqual(titles[30:], [f"document {n:02d}" for n in range(30, 40)])
         # The catalog followed the commits, not the aborted rest.
-        site = self.site()
+        site = committed_site(self)
         indexed = {b.getId: b.Title for b in site.portal_catalog(portal_type="Document")}
         self.assertEqual(indexed, {f"doc-{n:02d}": site[f"doc-{n:02d}"].title for n in range(40)})

@@ -410,3 +410,25 @@ def wait_until_serving(port, process, timeout=60.0, path="/", ready=None):
     # Nothing to wait on but the port itself: ask again every 50 ms.
     if not wait_for(serving, timeout, interval=0.05):
         raise NotServing(f"nothing served on port {port} within {timeout} s")
+
+
+class AllLogLines(logging.Handler):
+    """Every log line of the process (waitress' too), with its traceback."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.texts = []
+
+    @classmethod
+    def attach(cls, testcase):
+        handler = cls()
+        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+        root = logging.getLogger()
+        testcase.addCleanup(root.setLevel, root.level)
+        testcase.addCleanup(root.removeHandler, handler)
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        return handler
+
+    def emit(self, record):
+        self.texts.append(self.format(record))

@@ -20,6 +20,7 @@ from zope.component import getUtility
 
 from collective.streamguard.streams import live_streams
 from collective.streamguard.testing import TEST_VIEWS_WAITRESS_TESTING
+from collective.streamguard.testing import committed_site
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import http_request
@@ -101,11 +102,7 @@ class StreamingTestCase(unittest.TestCase):
 
     def site(self):
         """The Plone site as a new ZODB connection sees it now (what is committed)."""
-        tm = transaction.TransactionManager()
-        connection = self.layer["zodbDB"].open(transaction_manager=tm)
-        self.addCleanup(connection.close)
-        self.addCleanup(tm.abort)
-        return connection.root()["Application"]["plone"]
+        return committed_site(self)
 
     def cleanups(self, tag):
         return views.events("cleanup", tag=tag)

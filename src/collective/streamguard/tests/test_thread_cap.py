@@ -9,10 +9,9 @@ or sleeping outside ``guard.idle()``) counts once it has kept it for
 client can tell: no clean end of a text body, an ``error`` event for SSE.
 """
 
-import logging
-
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests import views
+from collective.streamguard.tests.helpers import AllLogLines
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.streamcases import StreamingTestCase
@@ -144,25 +143,3 @@ class TestThreadCap(StreamingTestCase):
         self.assertIn("ConnectionStateError", hints[0])
         self.assertIn("pass zodb=True and context= to stream_response()", hints[0])
         self.assertNotIn("Traceback", hints[0])
-
-
-class AllLogLines(logging.Handler):
-    """Every log line of the process (waitress' too), with its traceback."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.texts = []
-
-    @classmethod
-    def attach(cls, testcase):
-        handler = cls()
-        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
-        root = logging.getLogger()
-        testcase.addCleanup(root.setLevel, root.level)
-        testcase.addCleanup(root.removeHandler, handler)
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        return handler
-
-    def emit(self, record):
-        self.texts.append(self.format(record))
