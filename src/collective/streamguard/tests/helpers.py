@@ -351,22 +351,39 @@ class SocketTestCase(unittest.TestCase):
         return server, client
 
 
-class Recorder(logging.Handler):
-    """The "stream N ended" lines of collective.streamguard's log."""
+class AllLogLines(logging.Handler):
+    """Every log line of ``logger_name`` (the root: the whole process,
+    waitress' too), formatted with its traceback."""
+
+    logger_name = ""
 
     def __init__(self):
         super().__init__(logging.INFO)
-        self.ended = []
+        self.setFormatter(logging.Formatter("%(name)s %(message)s"))
+        self.texts = []
 
     @classmethod
     def attach(cls, testcase):
-        recorder = cls()
-        logger = logging.getLogger("collective.streamguard")
+        handler = cls()
+        logger = logging.getLogger(cls.logger_name)
         testcase.addCleanup(logger.setLevel, logger.level)
-        testcase.addCleanup(logger.removeHandler, recorder)
-        logger.addHandler(recorder)
+        testcase.addCleanup(logger.removeHandler, handler)
+        logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        return recorder
+        return handler
+
+    def emit(self, record):
+        self.texts.append(self.format(record))
+
+
+class Recorder(AllLogLines):
+    """The "stream N ended" lines of collective.streamguard's log."""
+
+    logger_name = "collective.streamguard"
+
+    def __init__(self):
+        super().__init__()
+        self.ended = []
 
     def emit(self, record):
         match = ENDED.match(record.getMessage())
@@ -410,25 +427,3 @@ def wait_until_serving(port, process, timeout=60.0, path="/", ready=None):
     # Nothing to wait on but the port itself: ask again every 50 ms.
     if not wait_for(serving, timeout, interval=0.05):
         raise NotServing(f"nothing served on port {port} within {timeout} s")
-
-
-class AllLogLines(logging.Handler):
-    """Every log line of the process (waitress' too), with its traceback."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.texts = []
-
-    @classmethod
-    def attach(cls, testcase):
-        handler = cls()
-        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
-        root = logging.getLogger()
-        testcase.addCleanup(root.setLevel, root.level)
-        testcase.addCleanup(root.removeHandler, handler)
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        return handler
-
-    def emit(self, record):
-        self.texts.append(self.format(record))
