@@ -47,8 +47,8 @@ from bench_parked_streams import ASYNCIO_SERVER  # noqa: E402
 from bench_parked_streams import FDS_KEPT  # noqa: E402
 from bench_parked_streams import HOST  # noqa: E402
 from bench_parked_streams import ZOPE_HEADERS  # noqa: E402
-from bench_parked_streams import cpu_seconds  # noqa: E402
 from bench_parked_streams import ZOPE_PATH  # noqa: E402
+from bench_parked_streams import cpu_seconds  # noqa: E402
 from bench_parked_streams import free_port  # noqa: E402
 from bench_parked_streams import page_latencies  # noqa: E402
 from bench_parked_streams import percentile  # noqa: E402
@@ -102,7 +102,7 @@ def burst(port, path, count, headers, done):
     sent = set()
     deadline = started + 300
     while pending and time.monotonic() < deadline:
-        for key, events in selector.select(1.0):
+        for key, _events in selector.select(1.0):
             sock = key.fileobj
             if sock not in sent:
                 try:
@@ -195,8 +195,12 @@ def measure(kind, count):
         for sock in socks:
             sock.close()
         result.update(
-            seconds=seconds, served=served, refused=refused, lost=lost,
-            pages=pages.latencies, failures=pages.failures,
+            seconds=seconds,
+            served=served,
+            refused=refused,
+            lost=lost,
+            pages=pages.latencies,
+            failures=pages.failures,
         )
         return result
     finally:

@@ -1,22 +1,36 @@
-"""An abandon storm: 200 streams opened and left, on a 4-thread waitress.
+"""Storms on a 4-thread waitress: streams abandoned, streams arriving at once.
 
-Every abandoned stream used to hold a worker thread for nobody, and four of
-them stopped the site.  After the storm nothing may be left: no thread, no
-file descriptor, no ZODB connection, no open producer transaction; and
-normal pages answer all through it.
+An abandon storm: 200 streams opened and left.  Every abandoned stream used
+to hold a worker thread for nobody, and four of them stopped the site.
+After the storm nothing may be left: no thread, no file descriptor, no
+ZODB connection, no open producer transaction; and normal pages answer
+all through it.
+
+An arrival burst: what an instance sees when it restarts with hundreds of
+log viewers open (every EventSource comes back at once).  Every stream is
+served and parks; every page asked for meanwhile answers.
 """
 
 import faulthandler
 import os
+import selectors
+import socket
 import threading
+import time
+
+from plone.app.testing import SITE_OWNER_NAME
+from plone.app.testing import SITE_OWNER_PASSWORD
 
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import basic_auth
 from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import open_connections
 from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.streamcases import LogTestCase
 from collective.streamguard.tests.streamcases import StreamingTestCase
+from collective.streamguard.tests.streamcases import parked
 from collective.streamguard.zodb import open_sessions
 
 STREAMS = 200
@@ -100,3 +114,91 @@ class TestAbandonStorm(StreamingTestCase):
         self.assertTrue(wait_for(lambda: fd_count() <= fds), (fd_count(), fds))
         self.assertTrue(wait_for(lambda: len(open_connections(db)) <= connections))
         self.assertTrue(wait_for(lambda: open_sessions() == 0), open_sessions())
+
+
+#: Streams that arrive at once.  The layer's waitress polls with select():
+#: a parked socket must keep its descriptor below 900 (waitress.park), and
+#: both ends of every connection are in this process.
+BURST = 300
+
+
+def burst(address, path, count, headers, deadline=60.0):
+    """Open ``count`` connections at once, each sending ``GET path``; read
+    each until its first SSE event or its end.  ``{socket: bytes}``."""
+    request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode()
+    selector = selectors.DefaultSelector()
+    received = {}
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(address)
+        received[sock] = None  # not sent yet
+        selector.register(sock, selectors.EVENT_WRITE)
+    pending = len(received)
+    until = time.monotonic() + deadline
+    while pending and time.monotonic() < until:
+        for key, _events in selector.select(1.0):
+            sock = key.fileobj
+            if received[sock] is None:
+                sock.sendall(request)
+                received[sock] = b""
+                selector.modify(sock, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            received[sock] += data
+            if not data or b"\n\n" in received[sock].partition(b"\r\n\r\n")[2]:
+                selector.unregister(sock)
+                pending -= 1
+    selector.close()
+    return received
+
+
+class TestArrivalBurst(LogTestCase):
+    def test_a_burst_of_sse_viewers_is_served_while_every_page_answers(self):
+        self.configure(max_streams_per_user=0)
+        address = (self.layer["host"], self.layer["port"])
+        # Parking is installed on the server by its first published request.
+        status, _, _ = http_request(address, "/plone")
+        self.assertEqual(status, 200)
+        poller = PagePoller(*address)
+        poller.start()
+        self.addCleanup(poller.join, 15)
+        self.addCleanup(poller.stop.set)
+        self.assertTrue(wait_for(lambda: poller.statuses))
+
+        auth = basic_auth(SITE_OWNER_NAME, SITE_OWNER_PASSWORD)
+        received = burst(
+            address,
+            "/plone/@@stream-log?log=app&format=sse",
+            BURST,
+            f"Authorization: {auth}\r\nAccept: text/event-stream\r\n",
+        )
+        self.sockets.extend(received)
+        heads = [data.partition(b"\r\n")[0] for data in received.values()]
+        self.assertEqual(
+            [h for h in heads if not h.startswith(b"HTTP/1.1 200")], [], "streams refused or lost"
+        )
+        self.assertTrue(all(b"retry: " in data for data in received.values()))
+        self.assertTrue(wait_for(lambda: len(parked()) == BURST, 30), len(parked()))
+        # Every parked stream still follows the log.
+        self.write("after the burst\n")
+        for sock in received:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            data = b""
+            while b"data: after the burst" not in data:
+                chunk = sock.recv(65536)
+                self.assertTrue(chunk, "a stream ended")
+                data += chunk
+        poller.stop.set()
+        poller.join(15)
+        self.assertTrue(poller.statuses)
+        self.assertEqual(set(poller.statuses), {200}, poller.statuses[:20])
+        for sock in received:
+            sock.close()
+        self.assertTrue(wait_for(lambda: not parked(), 30))

@@ -77,6 +77,10 @@ class ParkingChannel(HTTPChannel):
     #: ``__init__``: a live HTTPChannel can take this class (``install``).
     _servicing = None
 
+    #: True when writable() answered False to a wake because a worker held
+    #: the output lock; that worker's write_soon() then wakes the loop.
+    _wake_refused = False
+
     def writable(self):
         # While a worker holds the output lock (inside write_soon(), sending
         # or waiting for the GIL after its send), waitress' handle_write
@@ -85,11 +89,11 @@ class ParkingChannel(HTTPChannel):
         # readable() and writable() on every channel of the map each time.
         # Under a burst of arrivals that spin took the GIL from the very
         # worker it waited for: 500,000 loop passes over ~500 channels for
-        # 1,000 stream opens, 40-70 s instead of 1.5 s
-        # (benchmarks/bench_arrivals.py).  The worker's write_soon() below
-        # wakes the loop once the lock is free.
+        # 1,000 stream opens, 40-70 s instead of 2-3 s
+        # (benchmarks/bench_arrivals.py).
         if self.requests and not (self.will_close or self.close_when_flushed):
             if not self.outbuf_lock.acquire(False):
+                self._wake_refused = True
                 return False
             self.outbuf_lock.release()
         return super().writable()
@@ -98,10 +102,12 @@ class ParkingChannel(HTTPChannel):
         try:
             return super().write_soon(data)
         finally:
-            # waitress pulls the trigger inside the lock; writable() above
-            # may have answered False to that wake.  Now the lock is free.
-            if self.total_outbufs_len and self.connected:
-                self.server.pull_trigger()
+            # waitress pulls the trigger inside the lock, where writable()
+            # may have refused that wake.  Now the lock is free.
+            if self._wake_refused:
+                self._wake_refused = False
+                if self.total_outbufs_len and self.connected:
+                    self.server.pull_trigger()
 
     def service(self):
         self._servicing = threading.get_ident()

@@ -1,0 +1,197 @@
+"""waitress' queue and I/O loop under a burst of stream openings.
+
+``PagesFirstQueue`` orders real waitress requests (parsed by waitress' own
+parser from the bytes a browser sends); the ``ParkingChannel`` checks run
+on a real waitress server and channel over a real socket pair, whose loop
+is not started: the test plays the I/O thread.
+"""
+
+import select
+import socket
+import threading
+import unittest
+
+from waitress.parser import HTTPRequestParser
+from waitress.server import create_server
+from waitress.task import ThreadedTaskDispatcher
+
+from collective.streamguard.waitress import admission
+from collective.streamguard.waitress.park import ParkingChannel
+
+
+def app(environ, start_response):  # never called: no loop runs
+    start_response("200 OK", [])
+    return [b""]
+
+
+class Waiting:
+    """What waitress queues for a request: a channel whose first request
+    waits (only ``requests`` is read by the queue)."""
+
+    def __init__(self, server, raw):
+        parser = HTTPRequestParser(server.adj)
+        parser.received(raw)
+        self.requests = [parser]
+        self.name = getattr(parser, "path", "?")
+
+    def __repr__(self):
+        return self.name
+
+
+def request(path, accept="text/html"):
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n".encode()
+
+
+class ServerTestCase(unittest.TestCase):
+    def setUp(self):
+        # No worker threads: nothing here is served.
+        self.server = create_server(
+            app, host="127.0.0.1", port=0, _dispatcher=ThreadedTaskDispatcher()
+        )
+        self.addCleanup(self.server.close)
+
+
+class TestStreamRequests(unittest.TestCase):
+    def test_what_opens_a_stream(self):
+        opens = admission.is_stream_request
+        self.assertTrue(opens("/Plone/@@stream-log", ""))
+        self.assertTrue(opens("/Plone/stream-log", ""))
+        self.assertTrue(opens("/Plone/folder/@@export-stream", ""))
+        self.assertTrue(opens("/Plone/@@anything", "text/event-stream"))
+        self.assertTrue(opens("/Plone/@@anything", "text/html, text/event-stream;q=0.5"))
+        self.assertFalse(opens("/Plone/@@stream-status", "text/html"))
+        self.assertFalse(opens("/Plone/@@stream-log-viewer", "text/html"))
+        self.assertFalse(opens("/Plone/front-page", "*/*"))
+        self.assertFalse(opens("/", ""))
+
+
+class TestPagesFirstQueue(ServerTestCase):
+    def test_pages_and_openings_take_turns_and_keep_their_order(self):
+        queue = admission.PagesFirstQueue()
+        for n in range(4):
+            queue.append(Waiting(self.server, request(f"/s{n}/@@stream-log")))
+        queue.append(Waiting(self.server, request("/p0")))
+        queue.append(Waiting(self.server, request("/e0", accept="text/event-stream")))
+        queue.append(Waiting(self.server, request("/p1")))
+        self.assertEqual((len(queue), queue.waiting_openings), (7, 5))
+        order = [queue.popleft().name for _ in range(7)]
+        self.assertEqual(
+            order,
+            ["/p0", "/s0/@@stream-log", "/p1", "/s1/@@stream-log"]
+            + ["/s2/@@stream-log", "/s3/@@stream-log", "/e0"],
+        )
+        self.assertFalse(queue)
+        with self.assertRaises(IndexError):
+            queue.popleft()
+
+    def test_anything_but_a_waiting_request_keeps_waitress_order(self):
+        queue = admission.PagesFirstQueue()
+        runner = object()  # a parked stream's step: no requests
+        broken = Waiting(self.server, b"GARBAGE\r\n\r\n")
+        queue.append(runner)
+        queue.append(broken)
+        self.assertIsNotNone(broken.requests[0].error)
+        self.assertEqual([queue.popleft(), queue.popleft()], [runner, broken])
+
+    def test_installed_on_a_dispatcher_it_keeps_what_waits(self):
+        dispatcher = ThreadedTaskDispatcher()
+        page = Waiting(self.server, request("/p"))
+        dispatcher.queue.append(page)
+        queue = admission.install(dispatcher)
+        self.assertIs(dispatcher.queue, queue)
+        self.assertIs(admission.install(dispatcher), queue)
+        dispatcher.add_task(Waiting(self.server, request("/@@stream-log")))
+        self.assertEqual(len(dispatcher.queue), 2)
+        self.assertIs(dispatcher.queue.popleft(), page)
+
+
+class TestNoSpinWhileAWorkerSends(ServerTestCase):
+    """waitress' loop polls a channel for writing while it has output; when
+    a worker holds the output lock the loop cannot flush, and poll() would
+    return at once, again and again (the spin of issue 18)."""
+
+    def setUp(self):
+        super().setUp()
+        ours, self.peer = socket.socketpair()
+        self.addCleanup(self.peer.close)
+        self.channel = ParkingChannel(self.server, ours, ("127.0.0.1", 1), self.server.adj)
+        self.addCleanup(self.channel.close)
+        self.channel.requests = [HTTPRequestParser(self.server.adj)]
+        self.drain_trigger()
+
+    def drain_trigger(self):
+        while select.select([self.server.trigger.socket], [], [], 0)[0]:
+            self.server.trigger.handle_read()
+
+    def trigger_pulled(self):
+        return bool(select.select([self.server.trigger.socket], [], [], 0)[0])
+
+    def lock_is_free(self):
+        """Whether another thread (the I/O thread) could take the output
+        lock now."""
+        free = []
+
+        def look():
+            free.append(self.channel.outbuf_lock.acquire(False))
+            if free[0]:
+                self.channel.outbuf_lock.release()
+
+        thread = threading.Thread(target=look)
+        thread.start()
+        thread.join(10)
+        return free[0]
+
+    def test_not_writable_while_a_worker_holds_the_output_lock(self):
+        holding, release = threading.Event(), threading.Event()
+
+        def worker():
+            with self.channel.outbuf_lock:
+                self.channel.outbufs[-1].append(b"queued")
+                self.channel.total_outbufs_len += 6
+                holding.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(release.set)
+        self.assertTrue(holding.wait(10))
+        self.assertFalse(self.channel.writable())
+        release.set()
+        thread.join(10)
+        self.assertTrue(self.channel.writable())
+
+    def test_a_refused_wake_is_given_again_when_the_worker_lets_go(self):
+        entered, go_on = threading.Event(), threading.Event()
+        send = self.channel.send
+
+        def slow_send(data, do_close=True):
+            # Inside write_soon(), with the lock held: the loop looks now.
+            entered.set()
+            go_on.wait(10)
+            return 0  # the socket took nothing: the data stays queued
+
+        self.channel.send = slow_send
+        self.addCleanup(setattr, self.channel, "send", send)
+        thread = threading.Thread(target=self.channel.write_soon, args=(b"headers",))
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(go_on.set)
+        pulls = []  # for each wake: could the loop have flushed then?
+        pull_trigger = self.server.pull_trigger
+        self.server.pull_trigger = lambda: (pulls.append(self.lock_is_free()), pull_trigger())
+        self.addCleanup(setattr, self.server, "pull_trigger", pull_trigger)
+        self.assertTrue(entered.wait(10))
+        self.assertFalse(self.channel.writable())  # the wake is refused
+        go_on.set()
+        thread.join(10)
+        # waitress wakes the loop inside the lock, where writable() says
+        # False again; the wake that counts comes after.
+        self.assertEqual(pulls, [False, True])
+        self.assertTrue(self.channel.writable())
+
+    def test_no_extra_wake_when_nothing_was_refused(self):
+        self.channel.write_soon(b"headers")  # sent at once by the socket pair
+        self.assertEqual(self.peer.recv(100), b"headers")
+        self.assertEqual(self.channel.total_outbufs_len, 0)
+        self.assertFalse(self.trigger_pulled())
