@@ -31,7 +31,16 @@ class TestParse(FollowTestCase):
         self.assertEqual(ResumePoint.parse("42"), ResumePoint(42, None))
 
     def test_anything_else_is_a_point_in_no_file(self):
-        for text in ("", "x", "-1", "42-", "0123456789abcdef-", "0123456789ABCDEF-1", "1" * 16, None):
+        for text in (
+            "",
+            "x",
+            "-1",
+            "42-",
+            "0123456789abcdef-",
+            "0123456789ABCDEF-1",
+            "1" * 16,
+            None,
+        ):
             with self.subTest(text=text):
                 point = ResumePoint.parse(text)
                 self.assertEqual(point, ResumePoint(None))

@@ -193,10 +193,7 @@ class TestViewerNamesItsInstance(ChromiumTestCase):
             divider.text,
             "Switched to log app on backend-2 (other file): its last 100 lines follow.",
         )
-        lines = [
-            element.text
-            for element in output.find_elements(By.XPATH, "./*")
-        ]
+        lines = [element.text for element in output.find_elements(By.XPATH, "./*")]
         self.assertEqual(
             lines,
             ["an old line", "before the switch", divider.text, "after the switch"],
