@@ -28,6 +28,7 @@ import threading
 from collective.streamguard.logs.position import HEAD
 from collective.streamguard.logs.position import TAIL
 from collective.streamguard.logs.position import Switch
+from collective.streamguard.logs.position import carry
 from collective.streamguard.logs.position import event_id
 from collective.streamguard.logs.source import LogSource
 from collective.streamguard.logs.source import LogUnavailable
@@ -153,7 +154,9 @@ class LogFollower:
     with ``last_lines`` or nothing but no ``offset``) starts where it says if
     that is a place in the file followed now; else ``switched`` says why
     not (a ``logs.position.Switch`` reason) and the follower starts as
-    ``last_lines`` says.  A line starting with ``end_marker`` (None or
+    ``last_lines`` says, or, where the id carries a place in this file
+    (``Switch.RETURNED``), there.  ``carried`` is what its ids carry along
+    (``logs.position``).  A line starting with ``end_marker`` (None or
     "" for none) ends the log: it and everything after it are never returned.
     Pieces cover at most ``max_piece`` bytes of the file.
 
@@ -192,6 +195,8 @@ class LogFollower:
         self._resume = resume
         #: None, or why ``resume`` was not honoured (set by ``open()``).
         self.switched = None
+        #: The places in other files that ids of this stream carry (bytes).
+        self.carried = b""
         self._source = None
         self._file = None  # the source's OpenFile we read, or None
         self._callbacks = []  # see on_change()
@@ -411,14 +416,16 @@ class LogFollower:
                 if self._resume is not None:
                     unknown = self._resume.offset is None
                     self.switched = Switch.UNKNOWN_ID if unknown else Switch.NO_FILE
+                    self.carried = carry((self._resume, *self._resume.carried))
                 return  # followed from 0 once it exists
             offset, last_lines = self._start
             size = os.fstat(self._file.fd).st_size
             if self._resume is not None:
-                self.switched = self._resume.check(self._file.fd, self._file.ident, size)
-                if self.switched is None:
-                    offset = self._resume.offset
-                    last_lines = None
+                place, self.switched, self.carried = self._resume.choose(
+                    self._file.fd, self._file.ident, size
+                )
+                if place is not None:
+                    offset, last_lines = place, None
             if last_lines is not None:
                 self._scan_lines = last_lines
                 self._pos = size

@@ -19,6 +19,16 @@ offset are others.  Everything in it is derived from the file at the
 offset, so any instance can check an id against the file it follows
 without keeping state.
 
+After a switch to another file, the id also carries the places the
+client had reached in the files it followed before (at most
+``MAX_CARRIED``, most recent first), each ``.<fingerprint>-<offset>``::
+
+    0a1b2c3d4e5f6071-2048.9f2c61d0a4b7e358-18324
+
+so that a reconnect that lands on one of those files again (a balancer's
+round robin between two instances) goes on where the client left it
+instead of sending lines it already has.
+
 Ids of plain digits are what earlier versions sent (a bare offset); they
 are honoured where they can be right: within the file, at the start of a
 line.
@@ -37,7 +47,11 @@ HEAD = 64
 #: Bytes just before the offset that the fingerprint covers.
 TAIL = 32
 
-_ID = re.compile(r"(?:([0-9a-f]{16})-)?([0-9]{1,15})")
+#: Places in other files an id carries along, at most.
+MAX_CARRIED = 3
+
+_PLACE = r"[0-9a-f]{16}-[0-9]{1,15}"
+_ID = re.compile(rf"(?:([0-9a-f]{{16}})-)?([0-9]{{1,15}})((?:\.{_PLACE}){{0,{MAX_CARRIED}}})")
 
 
 class Switch:
@@ -53,6 +67,9 @@ class Switch:
     NOT_A_LINE_START = "offset not at a line start"
     #: The name has no file now.
     NO_FILE = "no file"
+    #: Not the id's own file, but one it carries: the client was here
+    #: before, and the stream goes on where it left this file.
+    RETURNED = "returned"
 
 
 def fingerprint(ident, head, tail):
@@ -81,15 +98,45 @@ class ResumePoint:
 
     offset: int | None
     fingerprint: str | None = None
+    #: The places in other files the id carries (``ResumePoint`` objects).
+    carried: tuple = ()
 
     @classmethod
     def parse(cls, text):
         """The point an SSE id names.  Never raises: whatever the client
         sent that is no id of ours is ``ResumePoint(None)``."""
         match = _ID.fullmatch(text.strip()) if isinstance(text, str) else None
-        if match is None:
+        if match is None or (match.group(3) and not match.group(1)):
             return cls(None)
-        return cls(int(match.group(2)), match.group(1))
+        carried = tuple(
+            cls(int(offset), fingerprint)
+            for fingerprint, _, offset in (
+                place.partition("-") for place in match.group(3).split(".")[1:]
+            )
+        )
+        return cls(int(match.group(2)), match.group(1), carried)
+
+    @property
+    def place(self):
+        """``<fingerprint>-<offset>`` (bytes), or None for a plain offset."""
+        if self.fingerprint is None or self.offset is None:
+            return None
+        return b"%s-%d" % (self.fingerprint.encode("ascii"), self.offset)
+
+    def choose(self, fd, ident, size):
+        """Where to start in the open file ``fd``: ``(offset, switch,
+        carried)``.  ``offset`` is None where no place the id names is in
+        this file (start as ``lines=`` says); ``switch`` is None for the
+        id's own place, else a ``Switch`` reason; ``carried`` is what the
+        stream's ids carry along (bytes: ``.<place>`` each, or b"")."""
+        switch = self.check(fd, ident, size)
+        if switch is None:
+            return self.offset, None, carry(self.carried)
+        for index, other in enumerate(self.carried):
+            if other.check(fd, ident, size) is None:
+                rest = (self, *self.carried[:index], *self.carried[index + 1 :])
+                return other.offset, Switch.RETURNED, carry(rest)
+        return None, switch, carry((self, *self.carried))
 
     def check(self, fd, ident, size):
         """None when this point is a place in the open file ``fd`` (``ident``:
@@ -110,3 +157,10 @@ class ResumePoint:
         if fingerprint(ident, head, tail) != self.fingerprint:
             return Switch.OTHER_FILE
         return None
+
+
+def carry(points):
+    """What ids carry along of ``points`` (bytes, ``.<place>`` each): the
+    first ``MAX_CARRIED`` that name a file."""
+    places = [point.place for point in points if point.place is not None]
+    return b"".join(b"." + place for place in places[:MAX_CARRIED])

@@ -18,6 +18,7 @@ import random
 import weakref
 
 from collective.streamguard.logs.follower import LogUnavailable
+from collective.streamguard.logs.position import Switch
 from collective.streamguard.streams import EndReason
 
 logger = logging.getLogger("collective.streamguard")
@@ -55,14 +56,19 @@ def piece_size(sse):
 
 def start_event(follower, instance, log, last_lines, event_id=None):
     """The first event of an SSE stream (bytes): ``stream``, or ``switch``
-    when the follower could not resume where it was asked to."""
+    when the follower did not resume at the place the id names first."""
     about = {"instance": instance, "log": log}
     if follower.switched is None:
         name = b"stream"
     else:
         name = b"switch"
-        # Where the stream starts instead: the last N lines, or the end.
-        about.update(reason=follower.switched, lines=last_lines)
+        # Where the stream starts instead: where the client left this file
+        # before ("returned"), or the last N lines, or the end.
+        if follower.switched == Switch.RETURNED:
+            about.update(reason=follower.switched, start="resumed", lines=None)
+        else:
+            start = "end" if last_lines is None else "lines"
+            about.update(reason=follower.switched, start=start, lines=last_lines)
     # JSON escapes CR and LF (and everything else an SSE line cannot hold):
     # one data line whatever the instance's name is.
     data = json.dumps(about, sort_keys=True).encode("ascii")
@@ -130,12 +136,13 @@ class LogStream:
                 # no data to carry an id, this event has the start's id, so
                 # that a reconnect before any data resumes right there.
                 first = False
+                place = None if pieces else follower.event_id
                 yield start_event(
                     follower,
                     self.instance,
                     self.log,
                     self.last_lines,
-                    None if pieces else follower.event_id,
+                    None if place is None else place + follower.carried,
                 )
             for piece in pieces:
                 yield self.format(piece)
@@ -164,7 +171,8 @@ class LogStream:
     def format(self, piece):
         if not self.sse:
             return piece.data  # the file's own bytes: nothing to re-encode
-        if self._after_cr:
+        if self._after_cr or self.follower.carried:
+            # Ids that carry other places are this stream's own: not shared.
             return self._format(piece)
         # In a fan-out the followers of a path share their pieces: the
         # event is made once and kept on the piece.
@@ -184,11 +192,12 @@ class LogStream:
             # went with the CR.
             data = data[1:]
         self._after_cr = data.endswith(b"\r")
+        event_id = piece.event_id + self.follower.carried
         if not data:
-            return b"id: %s\n\n" % piece.event_id  # no data: only the place moves
+            return b"id: %s\n\n" % event_id  # no data: only the place moves
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         return b"id: %s\ndata: %s\n\n" % (
-            piece.event_id,
+            event_id,
             data.replace(b"\n", b"\ndata: "),
         )

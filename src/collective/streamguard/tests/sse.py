@@ -60,10 +60,11 @@ class EventStream:
     @property
     def offset(self):
         """The byte offset of the last id this response sent
-        (``<file>-<offset>``), or None before its first."""
+        (``<file>-<offset>[.<file>-<offset>...]``), or None before its first."""
         if not self.id_here:
             return None
-        return int(self.id_here.rpartition("-")[2])
+        # Places in other files it carries come after a ".".
+        return int(self.id_here.partition(".")[0].rpartition("-")[2])
 
     def _more(self, timeout):
         line = self.client.read_until(b"\r\n", timeout)

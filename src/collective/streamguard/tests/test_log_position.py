@@ -122,3 +122,27 @@ class TestResume(FollowTestCase):
         follower = self.follower(resume=ResumePoint.parse(last))
         self.assertEqual(follower.switched, Switch.NO_FILE)
         self.assertIsNone(follower.event_id)
+
+    def test_an_id_carries_the_place_in_the_file_left(self):
+        last = self.last_id()
+        other = os.path.join(self.dir, "other.log")
+        self.append("other line\n", path=other)
+        on_other = self.follower(other, resume=ResumePoint.parse(last), last_lines=1)
+        self.assertEqual(on_other.switched, Switch.OTHER_FILE)
+        self.assertEqual(on_other.carried, b"." + last.encode())
+        self.assertEqual([p.text for p in read_all(on_other)], ["other line\n"])
+        back = (on_other.event_id + on_other.carried).decode()
+        # Back on the first file: on where the client left it, not lines=.
+        self.append("fourth line\n")
+        follower = self.follower(resume=ResumePoint.parse(back), last_lines=3)
+        self.assertEqual(follower.switched, Switch.RETURNED)
+        self.assertEqual(follower.carried, b"." + on_other.event_id)
+        self.assertEqual([p.text for p in read_all(follower)], ["fourth line\n"])
+
+    def test_at_most_three_places_are_carried(self):
+        places = [f"{n:016x}-{n}" for n in range(1, 5)]
+        self.assertEqual(ResumePoint.parse(".".join(places)).carried[-1].offset, 4)
+        self.assertEqual(ResumePoint.parse(".".join([*places, "0" * 16 + "-5"])), ResumePoint(None))
+        follower = self.follower(resume=ResumePoint.parse(".".join(places)))
+        self.assertEqual(follower.switched, Switch.OTHER_FILE)
+        self.assertEqual(follower.carried, "".join("." + p for p in places[:3]).encode())

@@ -151,6 +151,41 @@ class TestSwitch(ResumeTestCase):
         self.assertEqual(stream.start.type, "stream")
         self.assertEqual(self.read_to_the_end(stream, other), "more in the other file\n")
 
+    def test_back_and_forth_between_two_files_every_line_once(self):
+        # As a round robin between two instances: the name is one file,
+        # then the other; the id carries the place in the file left.
+        paths = [self.path, os.path.join(self.directory, "other.log")]
+        with open(paths[1], "w") as f:
+            f.write("other first\nother second\n")
+        received = {path: [] for path in paths}
+        stream = self.events("lines=2")
+        for round in range(12):
+            here = paths[round % 2]
+            if round:
+                self.assertEqual(stream.start.type, "switch", stream.start)
+                about = stream.start.json()
+                if round == 1:  # the first time on the other file
+                    self.assertEqual(
+                        (about["reason"], about["start"]), (Switch.OTHER_FILE, "lines")
+                    )
+                else:
+                    self.assertEqual(
+                        (about["reason"], about["start"]), (Switch.RETURNED, "resumed")
+                    )
+            for path in paths:
+                with open(path, "a") as f:
+                    f.write(f"round {round} in {os.path.basename(path)}\n")
+            received[here].append(self.read_to_the_end(stream, here))
+            stream.close()
+            self.configure(log_files=[f"app|{paths[(round + 1) % 2]}"])
+            stream = self.events("lines=2", last_event_id=stream.last_event_id)
+        received[paths[0]].append(self.read_to_the_end(stream, paths[0]))
+        with open(paths[0], encoding="utf-8") as f:
+            self.assertEqual("".join(received[paths[0]]), f.read())
+        with open(paths[1], encoding="utf-8") as f:
+            # From the last 2 lines when it was first switched to.
+            self.assertEqual("other first\n" + "".join(received[paths[1]]), f.read())
+
     def test_a_file_rotated_by_rename_is_a_switch(self):
         last = self.last_id()
         os.rename(self.path, self.path + ".1")

@@ -88,8 +88,9 @@
   }
 
   function showSize(id) {
-    // An id is "<file>-<offset>" (or a bare offset): show the offset.
-    var offset = /^(?:[0-9a-f]+-)?([0-9]+)$/.exec(id || "");
+    // An id is "<file>-<offset>", perhaps followed by places in other
+    // files (".<file>-<offset>"), or a bare offset: show the offset.
+    var offset = /^(?:[0-9a-f]+-)?([0-9]+)(?:\.|$)/.exec(id || "");
     if (offset !== null) {
       sizeLabel.textContent = "(" + offset[1] + " bytes read)";
     }
@@ -118,7 +119,12 @@
     var element = document.createElement("div");
     element.className = "streamguard-divider";
     element.setAttribute("role", "separator");
-    var lines = typeof stream.lines === "number" && stream.lines > 0;
+    var start = "new lines follow.";
+    if (stream.start === "resumed") {
+      start = "it goes on where this viewer left it.";
+    } else if (typeof stream.lines === "number" && stream.lines > 0) {
+      start = "its last " + stream.lines + " lines follow.";
+    }
     element.textContent =
       "Switched to log " +
       String(stream.log) +
@@ -127,7 +133,7 @@
       " (" +
       String(stream.reason) +
       "): " +
-      (lines ? "its last " + stream.lines + " lines follow." : "new lines follow.");
+      start;
     output.appendChild(element);
   }
 
