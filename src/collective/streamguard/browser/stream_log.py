@@ -4,8 +4,11 @@ On the Plone site root (add-on installed) and on the Zope application root.
 Parameters: ``log`` (a configured name, never a path), where to start
 (``lines=N``: the last N lines; ``offset=N``: a byte offset; neither: the
 end) and ``format=sse`` (or ``Accept: text/event-stream``).  A reconnecting
-EventSource sends ``Last-Event-ID``: the byte offset after the last event it
-got, so it gets exactly what it missed.
+EventSource sends ``Last-Event-ID`` (``resume=`` in the query does the same
+for clients that cannot send headers): the id of the last event it got,
+which names the file and the offset (``logs.position``).  Where that is a
+place in the file followed here, the stream goes on from there exactly;
+else it says so (``event: switch``) and starts as ``lines=`` says.
 """
 
 import re
@@ -15,10 +18,12 @@ from AccessControl import getSecurityManager
 from AccessControl.SpecialUsers import nobody
 from Products.Five import BrowserView
 
+from collective.streamguard.deployment import instance_name
 from collective.streamguard.deployment import log_rules
 from collective.streamguard.logs.follower import END_MARKER
 from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.logs.follower import LogUnavailable
+from collective.streamguard.logs.position import ResumePoint
 from collective.streamguard.logs.rules import configured_logs
 from collective.streamguard.logs.stream import HEARTBEAT
 from collective.streamguard.logs.stream import LogStream
@@ -90,6 +95,12 @@ class StreamLogView(LogAccessView):
             offset, last_lines = self.start(form)
         except ValueError as error:
             return self.error(400, str(error))
+        resume = self.resume_point(form)
+        if resume is not None:
+            # An offset= is into whichever file the first request found:
+            # a switched stream starts as lines= says, or at the end.
+            offset = None
+            last_lines = self.number(form, "lines")
         sse = form.get("format") == "sse" or "text/event-stream" in (
             self.request.getHeader("Accept") or ""
         )
@@ -97,6 +108,7 @@ class StreamLogView(LogAccessView):
             logs[name],
             offset=offset,
             last_lines=last_lines,
+            resume=resume,
             end_marker=self.end_marker(),
             max_piece=piece_size(sse),
         )
@@ -106,7 +118,13 @@ class StreamLogView(LogAccessView):
             return self.error(404, f"The log {name} cannot be read now: {error}")
         return stream_response(
             self.request,
-            LogStream(follower, sse),
+            LogStream(
+                follower,
+                sse,
+                instance=instance_name(self.request.environ),
+                log=name,
+                last_lines=last_lines,
+            ),
             "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
             heartbeat=HEARTBEAT if sse else None,
             label=f"log {name}",
@@ -114,20 +132,33 @@ class StreamLogView(LogAccessView):
             catch_up=True,
         )
 
-    def start(self, form):
-        """(offset, last_lines) from Last-Event-ID, ``offset`` or ``lines``."""
+    def resume_point(self, form):
+        """The ``ResumePoint`` of ``Last-Event-ID`` (or of ``resume=``), or
+        None.  Never an error: an id that is none of ours is a point in no
+        file, and the stream says so in its switch event."""
         last_event_id = self.request.getHeader("Last-Event-ID")
-        if last_event_id is not None:
-            if not NUMBER.fullmatch(last_event_id):
-                raise ValueError("Last-Event-ID must be a byte offset.")
-            return int(last_event_id), None
-        for key in ("offset", "lines"):
-            value = form.get(key)
-            if value is None or value == "":
-                continue
-            if not isinstance(value, str) or not NUMBER.fullmatch(value):
-                raise ValueError(f"{key} must be a whole number of at most 15 digits.")
-            if key == "lines" and int(value) > MAX_LINES:
-                raise ValueError(f"lines must be at most {MAX_LINES}.")
-            return (int(value), None) if key == "offset" else (None, int(value))
-        return None, None
+        if last_event_id is None:
+            last_event_id = form.get("resume")
+        if last_event_id is None or last_event_id == "":
+            # EventSource sends no header before it got an id; "" is what
+            # a client sends that has none (the viewer before any event).
+            return None
+        return ResumePoint.parse(last_event_id)
+
+    def start(self, form):
+        """(offset, last_lines) from ``offset`` or else ``lines``; raises
+        ValueError for one that is not a whole number."""
+        lines = self.number(form, "lines")
+        offset = self.number(form, "offset")
+        return (offset, None) if offset is not None else (None, lines)
+
+    def number(self, form, key):
+        """The whole number of ``form[key]``, or None; raises ValueError."""
+        value = form.get(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not NUMBER.fullmatch(value):
+            raise ValueError(f"{key} must be a whole number of at most 15 digits.")
+        if key == "lines" and int(value) > MAX_LINES:
+            raise ValueError(f"lines must be at most {MAX_LINES}.")
+        return int(value)

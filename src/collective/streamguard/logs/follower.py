@@ -25,6 +25,11 @@ import stat
 import sys
 import threading
 
+from collective.streamguard.logs.position import HEAD
+from collective.streamguard.logs.position import TAIL
+from collective.streamguard.logs.position import Switch
+from collective.streamguard.logs.position import carry
+from collective.streamguard.logs.position import event_id
 from collective.streamguard.logs.source import LogSource
 from collective.streamguard.logs.source import LogUnavailable
 from collective.streamguard.logs.source import reason_of
@@ -52,17 +57,19 @@ class Piece:
     ``data`` is the text as UTF-8: where the file held valid UTF-8, the
     file's own bytes as read (no encoding, no copy).  ``text`` is decoded
     from them the first time it is asked for: a stream sending bytes never
-    builds it.
+    builds it.  ``mark`` is what names the piece's file at ``offset``
+    (``(ident, head, tail)``, see ``logs.position``), or None.
     """
 
-    __slots__ = ("offset", "_text", "_data", "event")
+    __slots__ = ("offset", "_text", "_data", "event", "mark")
 
-    def __init__(self, text, offset, data=None):
+    def __init__(self, text, offset, data=None, mark=None):
         if not (text or data):
             raise ValueError("a piece holds text or data")
         self.offset = offset
         self._text = text
         self._data = data
+        self.mark = mark
         #: The piece as a server-sent event, kept by its first formatter:
         #: the followers of a path share their pieces in a fan-out.
         self.event = None
@@ -79,6 +86,14 @@ class Piece:
             self._data = self._text.encode("utf-8")
         return self._data
 
+    @property
+    def event_id(self):
+        """The SSE id (bytes) of the place just after the piece: its file
+        and offset (``logs.position``); the bare offset without a mark."""
+        if self.mark is None:
+            return b"%d" % self.offset
+        return event_id(*self.mark, self.offset)
+
     def __eq__(self, other):
         if not isinstance(other, Piece):
             return NotImplemented
@@ -94,10 +109,9 @@ class Piece:
 #: ``lines=`` on a large log costs no more than this (then it starts at the
 #: first line that begins within it).
 MAX_SCAN_BYTES = 8 << 20
-#: Bytes remembered just before the read position, to tell a file that was
-#: truncated and grew again past that position (copytruncate) from one that
-#: only grew.
-_TAIL_CHECK = 32
+#: Bytes remembered just before the read position (``logs.position.TAIL``),
+#: to tell a file that was truncated and grew again past that position
+#: (copytruncate) from one that only grew; they are part of the SSE id too.
 
 
 def _start_of_last_lines(fd, size, count, max_bytes=MAX_SCAN_BYTES):
@@ -136,7 +150,13 @@ class LogFollower:
 
     Start at byte ``offset`` (0 if it is beyond the current size: the file
     was rotated or truncated), or before the last ``last_lines`` complete
-    lines, or else at the end.  A line starting with ``end_marker`` (None or
+    lines, or else at the end.  ``resume`` (a ``logs.position.ResumePoint``,
+    with ``last_lines`` or nothing but no ``offset``) starts where it says if
+    that is a place in the file followed now; else ``switched`` says why
+    not (a ``logs.position.Switch`` reason) and the follower starts as
+    ``last_lines`` says, or, where the id carries a place in this file
+    (``Switch.RETURNED``), there.  ``carried`` is what its ids carry along
+    (``logs.position``).  A line starting with ``end_marker`` (None or
     "" for none) ends the log: it and everything after it are never returned.
     Pieces cover at most ``max_piece`` bytes of the file.
 
@@ -152,13 +172,14 @@ class LogFollower:
         *,
         offset=None,
         last_lines=None,
+        resume=None,
         end_marker=END_MARKER,
         max_piece=65536,
         poll_interval=1.0,
         use_inotify=True,
     ):
-        if offset is not None and last_lines is not None:
-            raise ValueError("give offset or last_lines, not both")
+        if offset is not None and (last_lines is not None or resume is not None):
+            raise ValueError("give offset or last_lines (and resume), not both")
         if (offset or 0) < 0 or (last_lines or 0) < 0:
             raise ValueError("offset and last_lines must not be negative")
         self.path = os.path.abspath(os.fspath(path))
@@ -171,13 +192,19 @@ class LogFollower:
         self.poll_interval = poll_interval
         self._use_inotify = use_inotify
         self._start = (offset, last_lines)
+        self._resume = resume
+        #: None, or why ``resume`` was not honoured (set by ``open()``).
+        self.switched = None
+        #: The places in other files that ids of this stream carry (bytes).
+        self.carried = b""
         self._source = None
         self._file = None  # the source's OpenFile we read, or None
         self._callbacks = []  # see on_change()
         self._eventfd = -1  # see fileno()
         self._pos = 0
         self._scan_lines = None  # last_lines, scanned at the first read()
-        self._tail = b""  # the bytes just before _pos, see _rewritten()
+        self._tail = b""  # the TAIL bytes just before _pos, see _rewritten()
+        self._head = b""  # the file's first min(HEAD, _pos) bytes
         self._at_line_start = True
         #: The source's change count when a read last reached the end of
         #: the file: until it moves, there is nothing new to read.
@@ -262,6 +289,7 @@ class LogFollower:
                     size = os.fstat(self._file.fd).st_size
                     self._pos = _start_of_last_lines(self._file.fd, size, count)
                     self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
+                    self._read_marks()
                 except OSError as error:
                     self._fail(reason_of(error))
             key = None
@@ -271,13 +299,16 @@ class LogFollower:
                     self._pos,
                     self._at_line_start,
                     self._tail,
+                    self._head,
                     self._marker,
                     self.max_piece,
                     max_bytes,
                 )
                 known = source.recall(key)
                 if known is not None:
-                    pieces, self._pos, self._at_line_start, self._tail, self._ended = known
+                    pieces, self._pos, self._at_line_start, self._tail, self._head, self._ended = (
+                        known
+                    )
                     self._read_up_to = changes
                     return list(pieces)
             pieces = []
@@ -287,7 +318,13 @@ class LogFollower:
                     self._read_up_to = changes
                     if key is not None and self._file is file and _small(pieces):
                         # Pieces are not changed once made: shared as they are.
-                        state = (self._pos, self._at_line_start, self._tail, self._ended)
+                        state = (
+                            self._pos,
+                            self._at_line_start,
+                            self._tail,
+                            self._head,
+                            self._ended,
+                        )
                         source.remember(key, (tuple(pieces), *state), changes)
             except LogUnavailable:
                 if not pieces:
@@ -323,6 +360,15 @@ class LogFollower:
     def offset(self):
         """Byte offset, in the current file, just after the last piece."""
         return self._pos
+
+    @property
+    def event_id(self):
+        """The SSE id (bytes, ``logs.position``) of where the follower is
+        now, or None while there is no file at the name."""
+        with self._lock:
+            if self._file is None or self._scan_lines is not None:
+                return None
+            return event_id(self._file.ident, self._head, self._tail, self._pos)
 
     def close(self):
         """Let go of the shared file and directory; idempotent."""
@@ -367,9 +413,19 @@ class LogFollower:
         self._seen = self._source.changes
         try:
             if not self._open_file():
+                if self._resume is not None:
+                    unknown = self._resume.offset is None
+                    self.switched = Switch.UNKNOWN_ID if unknown else Switch.NO_FILE
+                    self.carried = carry((self._resume, *self._resume.carried))
                 return  # followed from 0 once it exists
             offset, last_lines = self._start
             size = os.fstat(self._file.fd).st_size
+            if self._resume is not None:
+                place, self.switched, self.carried = self._resume.choose(
+                    self._file.fd, self._file.ident, size
+                )
+                if place is not None:
+                    offset, last_lines = place, None
             if last_lines is not None:
                 self._scan_lines = last_lines
                 self._pos = size
@@ -378,6 +434,7 @@ class LogFollower:
             else:
                 self._pos = size
             self._at_line_start = self._pos == 0 or self._byte_before() == b"\n"
+            self._read_marks()
         except OSError as error:
             self.close()
             raise LogUnavailable(f"{self.path} {reason_of(error)}") from None
@@ -478,13 +535,13 @@ class LogFollower:
             if self._file is None:
                 if where is _MISSING or not self._open_file():
                     return True
-                self._pos, self._at_line_start, self._tail = 0, True, b""
+                self._pos, self._at_line_start, self._tail, self._head = 0, True, b"", b""
                 where = _SAME
             elif source.size(self._file, self._shared) < self._pos or self._rewritten():
                 # copytruncate: the file shrank under us (or shrank and grew
                 # past our position before we looked); its new content
                 # starts at 0.
-                self._pos, self._at_line_start, self._tail = 0, True, b""
+                self._pos, self._at_line_start, self._tail, self._head = 0, True, b"", b""
             # Once the name points elsewhere, this file only gets what the
             # writer still had buffered: read it to its end, hold nothing back.
             used, at_end = self._read_into(pieces, budget, final=where is _OTHER)
@@ -497,6 +554,14 @@ class LogFollower:
 
     def _byte_before(self):
         return self._source.pread(self._file, 1, self._pos - 1, self._shared)
+
+    def _read_marks(self):
+        """Read ``_head`` and ``_tail`` for a position set from outside
+        (start, resume, the scan for the last lines); reading keeps them."""
+        pos, fd = self._pos, self._file.fd
+        self._head = os.pread(fd, min(HEAD, pos), 0) if pos else b""
+        start = max(0, pos - TAIL)
+        self._tail = os.pread(fd, pos - start, start) if pos else b""
 
     def _rewritten(self):
         """True when the bytes before the read position are not the ones we
@@ -578,10 +643,20 @@ class LogFollower:
         else:
             raw = data if taken == len(data) else data[:taken]
         if taken:
+            before = self._pos
             self._pos += taken
             self._at_line_start = data[taken - 1] == 0x0A
-            self._tail = bytes(data[max(0, taken - _TAIL_CHECK) : taken])
-            pieces.append(Piece(text, self._pos, raw))
+            # The TAIL bytes before the position and the file's first HEAD
+            # bytes, kept exact as the position moves: they name the file
+            # in the SSE id (logs.position), and a tail shorter than TAIL
+            # would miss a rewrite _rewritten() can see.
+            if taken >= TAIL:
+                self._tail = bytes(data[taken - TAIL : taken])
+            else:
+                self._tail = (self._tail + bytes(data[:taken]))[-TAIL:]
+            if before < HEAD:
+                self._head += bytes(data[: min(taken, HEAD - before)])
+            pieces.append(Piece(text, self._pos, raw, (self._file.ident, self._head, self._tail)))
         return taken
 
     def _find_marker(self, data):

@@ -3,13 +3,22 @@
 Plain Python (the view in ``browser/stream_log.py`` adds Zope): the follower's
 pieces, formatted, with ``guard.idle()`` between them, so the stream waits on
 inotify and the client's socket at once and sends heartbeats while idle.
+
+As server-sent events, every stream first says what it follows, before any
+data: ``event: stream`` (it starts where it was asked to), or ``event:
+switch`` (it was asked to resume at a place, a ``Last-Event-ID``, that is
+not in the file followed here: it starts as ``lines=`` says instead).  Both
+carry JSON: the instance, the log's name, and for a switch the reason and
+where it starts.  Event ids are ``logs.position`` ids: file and offset.
 """
 
+import json
 import logging
 import random
 import weakref
 
 from collective.streamguard.logs.follower import LogUnavailable
+from collective.streamguard.logs.position import Switch
 from collective.streamguard.streams import EndReason
 
 logger = logging.getLogger("collective.streamguard")
@@ -45,12 +54,42 @@ def piece_size(sse):
     return SSE_PIECE if sse else TEXT_PIECE
 
 
-class LogStream:
-    """The producer of ``@@stream-log``: the follower's pieces, formatted."""
+def start_event(follower, instance, log, last_lines, event_id=None):
+    """The first event of an SSE stream (bytes): ``stream``, or ``switch``
+    when the follower did not resume at the place the id names first."""
+    about = {"instance": instance, "log": log}
+    if follower.switched is None:
+        name = b"stream"
+    else:
+        name = b"switch"
+        # Where the stream starts instead: where the client left this file
+        # before ("returned"), or the last N lines, or the end.
+        if follower.switched == Switch.RETURNED:
+            about.update(reason=follower.switched, start="resumed", lines=None)
+        else:
+            start = "end" if last_lines is None else "lines"
+            about.update(reason=follower.switched, start=start, lines=last_lines)
+    # JSON escapes CR and LF (and everything else an SSE line cannot hold):
+    # one data line whatever the instance's name is.
+    data = json.dumps(about, sort_keys=True).encode("ascii")
+    if event_id is None:
+        return b"event: %s\ndata: %s\n\n" % (name, data)
+    return b"event: %s\nid: %s\ndata: %s\n\n" % (name, event_id, data)
 
-    def __init__(self, follower, sse):
+
+class LogStream:
+    """The producer of ``@@stream-log``: the follower's pieces, formatted.
+
+    ``instance`` and ``log`` name the stream in its first event (SSE
+    only); ``last_lines`` is where a switched stream starts (None: the end).
+    """
+
+    def __init__(self, follower, sse, *, instance="", log="", last_lines=None):
         self.follower = follower
         self.sse = sse
+        self.instance = instance
+        self.log = log
+        self.last_lines = last_lines
         self._after_cr = False  # the last event ended with CR
         # A body the publisher drops without running still closes the
         # follower's file and inotify descriptors.
@@ -79,6 +118,7 @@ class LogStream:
         # after its request (stream_response(catch_up=True) set
         # guard.catching_up); past it, such a client counts as gone.
         caught_up_at = follower.size
+        first = self.sse
         while True:
             try:
                 pieces = follower.read(notified=notifies)
@@ -91,6 +131,19 @@ class LogStream:
                     yield UNAVAILABLE_EVENT
                 guard.stop(EndReason.LOG_UNAVAILABLE)
                 return
+            if first:
+                # After the first read, which places a lines= start: with
+                # no data to carry an id, this event has the start's id, so
+                # that a reconnect before any data resumes right there.
+                first = False
+                place = None if pieces else follower.event_id
+                yield start_event(
+                    follower,
+                    self.instance,
+                    self.log,
+                    self.last_lines,
+                    None if place is None else place + follower.carried,
+                )
             for piece in pieces:
                 yield self.format(piece)
             if follower.ended:
@@ -118,7 +171,8 @@ class LogStream:
     def format(self, piece):
         if not self.sse:
             return piece.data  # the file's own bytes: nothing to re-encode
-        if self._after_cr:
+        if self._after_cr or self.follower.carried:
+            # Ids that carry other places are this stream's own: not shared.
             return self._format(piece)
         # In a fan-out the followers of a path share their pieces: the
         # event is made once and kept on the piece.
@@ -138,11 +192,12 @@ class LogStream:
             # went with the CR.
             data = data[1:]
         self._after_cr = data.endswith(b"\r")
+        event_id = piece.event_id + self.follower.carried
         if not data:
-            return b"id: %d\n\n" % piece.offset  # no data: only the offset moves
+            return b"id: %s\n\n" % event_id  # no data: only the place moves
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        return b"id: %d\ndata: %s\n\n" % (
-            piece.offset,
+        return b"id: %s\ndata: %s\n\n" % (
+            event_id,
             data.replace(b"\n", b"\ndata: "),
         )

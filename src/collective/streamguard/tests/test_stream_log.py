@@ -165,14 +165,14 @@ class TestFollowing(LogTestCase):
 
 
 class TestServerSentEvents(LogTestCase):
-    def test_event_ids_are_byte_offsets_and_last_event_id_resumes_exactly(self):
+    def test_event_ids_name_file_and_offset_and_last_event_id_resumes_exactly(self):
         sock, head = self.follow("log=app&format=sse&lines=2")
         self.assertIn(b"Content-Type: text/event-stream; charset=utf-8", head)
         data = (
             head if b"second old line\n" in head else head + read_until(sock, b"second old line\n")
         )
         offset = os.path.getsize(self.path)
-        self.assertIn(f"id: {offset}\n".encode(), data)
+        last_id = re.findall(rb"id: ([0-9a-f]{16}-%d)\n" % offset, data)[-1].decode()
         sock.close()
         # Written while no client follows; a reconnecting EventSource sends
         # the last id it got.
@@ -180,13 +180,15 @@ class TestServerSentEvents(LogTestCase):
         sock = self.connect().request(
             "/plone/@@stream-log?log=app&format=sse",
             auth=("admin", "secret"),
-            headers={"Last-Event-ID": offset},
+            headers={"Last-Event-ID": last_id},
         )
         data = read_until(sock, b"missed two\n")
         text = data.decode()
-        self.assertEqual(re.findall(r"data: (.*)\n", text)[:2], ["missed one", "missed two"])
+        self.assertIn("event: stream\n", text)
+        self.assertNotIn("event: switch", text)
+        self.assertEqual(re.findall(r"data: (.*)\n", text)[1:3], ["missed one", "missed two"])
         self.assertNotIn("old line", text)
-        self.assertIn(f"id: {os.path.getsize(self.path)}\n", text)
+        self.assertRegex(text, f"id: [0-9a-f]{{16}}-{os.path.getsize(self.path)}\n")
 
     def test_every_event_stream_says_when_to_reconnect_and_they_differ(self):
         self.configure(max_streams_per_user=0)
@@ -206,13 +208,14 @@ class TestServerSentEvents(LogTestCase):
         body, ended = TestFollowing.read_to_the_end(self, "log=app&format=sse&offset=0")
         events = body.decode().split("\n\n")
         self.assertRegex(events[0], r"^retry: \d+$")
+        self.assertRegex(events[1], r"^event: stream\ndata: \{.*\}$")
         self.assertEqual(events[-2:], ["event: end\ndata: ", ""])
         received, offset = [], 0
-        for event in events[1:-2]:
+        for event in events[2:-2]:
             head, *data = event.split("\n")
-            self.assertTrue(head.startswith("id: "), head)
-            self.assertGreater(int(head[4:]), offset)
-            offset = int(head[4:])
+            self.assertRegex(head, r"^id: [0-9a-f]{16}-[0-9]+$")
+            self.assertGreater(int(head.rpartition("-")[2]), offset)
+            offset = int(head.rpartition("-")[2])
             self.assertTrue(all(line.startswith("data: ") for line in data))
             received.append("\n".join(line[6:] for line in data))
         self.assertEqual("".join(received), text.replace("\r\n", "\n"))

@@ -12,6 +12,8 @@ the cookie ``@login`` sets.
 
 import os
 
+from App.config import getConfiguration
+
 from collective.streamguard.testing import STREAMGUARD_DISTRIBUTION_WAITRESS_TESTING
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.streamcases import LogTestCase
@@ -145,6 +147,68 @@ class TestViewerInChromium(ChromiumTestCase):
         )
         self.driver.switch_to.window(first)
         self.assertEqual(len(self.live_streams()), 1)
+
+
+class TestViewerNamesItsInstance(ChromiumTestCase):
+    def name_instance(self, name):
+        """As zope.conf's ``instance-name``, for the rest of the test."""
+        config = getConfiguration()
+        before = config.product_config
+        product_config = dict(before)
+        product_config["collective.streamguard"] = dict(
+            product_config["collective.streamguard"], **{"instance-name": name}
+        )
+        config.product_config = product_config
+        self.addCleanup(setattr, config, "product_config", before)
+
+    def test_instance_always_shown_and_a_switch_is_a_divider(self):
+        from selenium.webdriver.common.by import By
+
+        # Whatever the server says is shown as text, also an instance's name.
+        first = '<img src="x" onerror="window.pwned=1">backend-1'
+        self.name_instance(first)
+        self.log_in()
+        self.driver.get(f"{self.base}/@@stream-log-viewer")
+        viewer = self.driver.find_element(By.ID, "streamguard-viewer")
+        output = self.driver.find_element(By.ID, "streamguard-output")
+        instance = self.driver.find_element(By.ID, "streamguard-instance")
+        self.wait(lambda: instance.text == f"on {first}", message="the instance is not shown")
+        self.assertEqual(viewer.get_attribute("data-instance"), first)
+        self.write("before the switch\n")
+        self.wait(lambda: "before the switch" in output.text)
+
+        # Paused; the log rotates, and the stream comes back from another
+        # instance (here: the same server under another name): the id the
+        # viewer resumes with names a file that is not followed any more.
+        self.driver.find_element(By.ID, "streamguard-pause").click()
+        self.wait(lambda: not self.live_streams(), message="pause did not end the stream")
+        os.rename(self.path, self.path + ".1")
+        self.write("after the switch\n", mode="w")
+        self.name_instance("backend-2")
+        self.driver.find_element(By.ID, "streamguard-follow").click()
+        self.wait(lambda: "after the switch" in output.text, message="no line after the switch")
+        self.assertEqual(instance.text, "on backend-2")
+        [divider] = output.find_elements(By.CLASS_NAME, "streamguard-divider")
+        self.assertEqual(
+            divider.text,
+            "Switched to log app on backend-2 (other file): its last 100 lines follow.",
+        )
+        lines = [element.text for element in output.find_elements(By.XPATH, "./*")]
+        self.assertEqual(
+            lines,
+            ["an old line", "before the switch", divider.text, "after the switch"],
+        )
+        self.assertEqual(self.driver.find_elements(By.CSS_SELECTOR, "#streamguard-viewer img"), [])
+        self.assertIsNone(self.driver.execute_script("return window.pwned"))
+
+        # A reconnect to the same file is no switch: no second divider.
+        self.driver.find_element(By.ID, "streamguard-pause").click()
+        self.wait(lambda: not self.live_streams(), message="pause did not end the stream")
+        self.write("while paused\n")
+        self.driver.find_element(By.ID, "streamguard-follow").click()
+        self.wait(lambda: "while paused" in output.text, message="no line after the resume")
+        self.assertEqual(len(output.find_elements(By.CLASS_NAME, "streamguard-divider")), 1)
+        self.assertEqual(output.text.count("after the switch"), 1)
 
 
 class TestViewerReconnects(ChromiumTestCase):

@@ -1,10 +1,16 @@
 /* collective.streamguard: follow a log with EventSource.
  *
- * Every byte of the log goes into the page through textContent, never as
- * HTML: a log line holding <script> shows as text.  EventSource reconnects
- * by itself and sends Last-Event-ID, the byte offset after the last event it
- * got, so a reconnection neither loses nor repeats anything; the server
- * tells it when (a jittered retry: field).  Where EventSource gives up (the
+ * Every byte of the log, and everything else the server says, goes into the
+ * page through textContent, never as HTML: a log line holding <script>
+ * shows as text.  EventSource reconnects by itself and sends Last-Event-ID,
+ * the id of the last event it got (the file and the byte offset after it),
+ * so a reconnection to the same file neither loses nor repeats anything;
+ * the server tells it when (a jittered retry: field).  Every stream first
+ * names the instance serving it (event "stream"), shown next to the log's
+ * name.  A reconnection that lands where that file is not followed (another
+ * instance behind a balancer, a rotated log) gets event "switch" instead:
+ * the viewer draws a divider naming the instance and the log, and the
+ * lines after it are that file's, from where the server says.  Where EventSource gives up (the
  * server answered 503 or 429, as while an instance restarts), the viewer
  * tries again itself after a random delay that doubles at every failure:
  * a restart does not bring every viewer back in the same second.
@@ -26,9 +32,10 @@
   var nameLabel = document.getElementById("streamguard-name");
   var sizeLabel = document.getElementById("streamguard-size");
   var stateLabel = document.getElementById("streamguard-state");
+  var instanceLabel = document.getElementById("streamguard-instance");
   var source = null;
   var partial = null; // the last line's element while it has no newline yet
-  var resume = null; // {name, offset} after a pause
+  var resume = null; // {name, id}: the last event id of the log followed
   var retryTimer = null;
   var failures = 0; // connections that failed in a row
 
@@ -80,8 +87,61 @@
     }
   }
 
-  function showSize(offset) {
-    sizeLabel.textContent = offset === null ? "" : "(" + offset + " bytes read)";
+  function showSize(id) {
+    // An id is "<file>-<offset>", perhaps followed by places in other
+    // files (".<file>-<offset>"), or a bare offset: show the offset.
+    var offset = /^(?:[0-9a-f]+-)?([0-9]+)(?:\.|$)/.exec(id || "");
+    if (offset !== null) {
+      sizeLabel.textContent = "(" + offset[1] + " bytes read)";
+    }
+  }
+
+  function about(event) {
+    // What the server says of the stream: {instance, log[, reason, lines]}.
+    try {
+      var parsed = JSON.parse(event.data);
+      return parsed !== null && typeof parsed === "object" ? parsed : {};
+    } catch (error) {
+      return {};
+    }
+  }
+
+  function showInstance(stream) {
+    var instance = typeof stream.instance === "string" ? stream.instance : "";
+    instanceLabel.textContent = instance ? "on " + instance : "";
+    root.setAttribute("data-instance", instance);
+  }
+
+  function divider(stream) {
+    // A line of the old file that had no newline yet is not continued by
+    // the new file's text.
+    partial = null;
+    var element = document.createElement("div");
+    element.className = "streamguard-divider";
+    element.setAttribute("role", "separator");
+    var start = "new lines follow.";
+    if (stream.start === "resumed") {
+      start = "it goes on where this viewer left it.";
+    } else if (typeof stream.lines === "number" && stream.lines > 0) {
+      start = "its last " + stream.lines + " lines follow.";
+    }
+    element.textContent =
+      "Switched to log " +
+      String(stream.log) +
+      " on " +
+      String(stream.instance) +
+      " (" +
+      String(stream.reason) +
+      "): " +
+      start;
+    output.appendChild(element);
+  }
+
+  function remember(event) {
+    if (event.lastEventId) {
+      resume.id = event.lastEventId;
+      showSize(event.lastEventId);
+    }
   }
 
   function retryLater() {
@@ -115,15 +175,17 @@
       return;
     }
     var query = "format=sse&log=" + encodeURIComponent(name);
-    if (resume !== null && resume.name === name && resume.offset !== null) {
-      query += "&offset=" + encodeURIComponent(resume.offset);
+    // lines= also says where a resumed stream starts if it switches.
+    query += "&lines=" + (parseInt(linesInput.value, 10) || 0);
+    if (resume !== null && resume.name === name && resume.id !== null) {
+      query += "&resume=" + encodeURIComponent(resume.id);
     } else {
       output.textContent = "";
       partial = null;
-      query += "&lines=" + (parseInt(linesInput.value, 10) || 0);
+      resume = { name: name, id: null };
     }
-    resume = { name: name, offset: null };
     nameLabel.textContent = name;
+    showInstance({});
     var size = select.options[select.selectedIndex].getAttribute("data-size");
     sizeLabel.textContent = size ? "(" + size + " bytes)" : "";
     setState("Connecting…");
@@ -134,9 +196,18 @@
     };
     source.onmessage = function (event) {
       append(event.data);
-      resume.offset = event.lastEventId;
-      showSize(event.lastEventId);
+      remember(event);
     };
+    source.addEventListener("stream", function (event) {
+      showInstance(about(event));
+      remember(event);
+    });
+    source.addEventListener("switch", function (event) {
+      var stream = about(event);
+      showInstance(stream);
+      divider(stream);
+      remember(event);
+    });
     source.addEventListener("end", function () {
       stop();
       resume = null;
@@ -174,7 +245,7 @@
     }
   });
   filterInput.addEventListener("input", function () {
-    var lines = output.children;
+    var lines = output.getElementsByClassName("streamguard-line");
     for (var i = 0; i < lines.length; i++) {
       filterLine(lines[i]);
     }
