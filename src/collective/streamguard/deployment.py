@@ -45,6 +45,31 @@ def instance_name(environ=None):
     return f"{host}:{port}" if port else host
 
 
+def job_pool_settings():
+    """``(size, queue_size)`` of the job pool (``stream_response(run_on="pool")``):
+    zope.conf's ``job-pool-size`` and ``job-queue-size``, else 2 and 16.
+
+    Set per process in zope.conf, not per site in the registry: the pool is
+    the process's, shared by every site it serves.  Each job of a
+    ``zodb=True`` stream holds a connection of the database's pool while it
+    runs."""
+    from collective.streamguard.jobs import DEFAULT_POOL_SIZE
+    from collective.streamguard.jobs import DEFAULT_QUEUE_SIZE
+
+    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    return (
+        _positive_int(product.get("job-pool-size"), DEFAULT_POOL_SIZE, 1),
+        _positive_int(product.get("job-queue-size"), DEFAULT_QUEUE_SIZE, 0),
+    )
+
+
+def _positive_int(value, default, least):
+    try:
+        return max(least, int(str(value).strip())) if value is not None else default
+    except ValueError:
+        return default
+
+
 def log_rules():
     """The ``LogRules`` of this process (made again when zope.conf's
     directories or Zope's own logs change: tests change them)."""
