@@ -491,4 +491,3 @@ def _stop_jobs_at_exit():
     pool.stop()
     if job_streams.live():
         job_streams.shutdown()
-

@@ -37,10 +37,10 @@ from zope.component import queryUtility
 from zope.interface import implementer
 from ZPublisher.Iterators import IUnboundStreamIterator
 
+from collective.streamguard import jobs
 from collective.streamguard.connection import client_connection
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
-from collective.streamguard import jobs
 from collective.streamguard.interfaces import DEFAULT_HEARTBEAT_INTERVAL
 from collective.streamguard.interfaces import DEFAULT_MAX_DURATION
 from collective.streamguard.interfaces import DEFAULT_MAX_STREAMS_PER_USER
@@ -50,8 +50,8 @@ from collective.streamguard.parkpolicy import hold_or_end
 from collective.streamguard.parkpolicy import max_parked_streams
 from collective.streamguard.parkpolicy import park_function
 from collective.streamguard.streams import HELD
-from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import PARKABLE
+from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import Refused
 from collective.streamguard.streams import live_streams
 from collective.streamguard.waitress.channel import channel_of

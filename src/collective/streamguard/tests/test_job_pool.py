@@ -192,7 +192,9 @@ class TestJobPoolStreams(unittest.TestCase):
         client.close()
         # The web side has ended: the job is told (its guard has a reason).
         self.assertTrue(
-            wait_for(lambda: all(r.guard is None or r.guard.stopping for r in jobs.job_streams.live()))
+            wait_for(
+                lambda: all(r.guard is None or r.guard.stopping for r in jobs.job_streams.live())
+            )
         )
         views.gate("b1").set()
         self.assertTrue(wait_for(lambda: views.events("producer-finally", tag="b1")))
@@ -313,7 +315,10 @@ class TestJobPoolStreams(unittest.TestCase):
         self.assertTrue(self.open("tag=e3&mode=csv&type=text/csv&run_on=pool").body())
 
     def test_the_job_runs_as_the_user_who_asked_with_that_users_permissions(self):
-        for auth, user, manage in ((OWNER, SITE_OWNER_NAME, True), ((TEST_USER_NAME, TEST_USER_PASSWORD), TEST_USER_ID, False)):
+        for auth, user, manage in (
+            (OWNER, SITE_OWNER_NAME, True),
+            ((TEST_USER_NAME, TEST_USER_PASSWORD), TEST_USER_ID, False),
+        ):
             with self.subTest(user=user):
                 tag = f"who-{user}"
                 body = self.open(f"tag={tag}&mode=whoami&run_on=pool", auth=auth).body()
@@ -326,7 +331,9 @@ class TestJobPoolStreams(unittest.TestCase):
         client = self.open("tag=st&mode=busy&run_on=pool")
         client.read_until(b"busy 1\n")
         address = (self.layer["host"], self.layer["port"])
-        status, _headers, body = http_request(address, "/plone/@@stream-status?format=json", auth=OWNER)
+        status, _headers, body = http_request(
+            address, "/plone/@@stream-status?format=json", auth=OWNER
+        )
         data = json.loads(body)
         (stream,) = [s for s in data["live"] if "streamguard-test-pool" in s["label"]]
         self.assertEqual(stream["runs"], "pool")
