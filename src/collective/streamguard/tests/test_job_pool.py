@@ -3,6 +3,7 @@ real sockets on the 4-thread waitress of the test layer."""
 
 import json
 import re
+import sys
 import threading
 import unittest
 
@@ -33,6 +34,18 @@ POOL = "/plone/@@streamguard-test-pool"
 def jobs_done():
     """True once no job of the pool is live (their cleanups ran)."""
     return wait_for(lambda: not jobs.job_streams.live())
+
+
+def job_blocked_in_put():
+    """True while a job thread waits in ``Relay.put`` (backpressure)."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("streamguard-jobs"):
+            frame = sys._current_frames().get(thread.ident)
+            while frame is not None:
+                if frame.f_code is jobs.Relay.put.__code__:
+                    return True
+                frame = frame.f_back
+    return False
 
 
 class TestRelay(unittest.TestCase):
@@ -215,6 +228,22 @@ class TestJobPoolStreams(unittest.TestCase):
         self.assertTrue(wait_for(lambda: views.events("producer-finally", tag="busy-reset")))
         self.assertTrue(jobs_done())
         self.assertEqual(views.events("cleanup", tag="busy-reset")[0]["reason"], "client gone")
+
+    def test_a_client_that_does_not_read_holds_the_job_back(self):
+        client = self.open("tag=fl&mode=flood&run_on=pool")
+        client.head()
+        # The job blocks in the relay's put(): the client's queue (and the
+        # relay) are above their high-water marks.
+        self.assertTrue(wait_for(job_blocked_in_put))
+        made = views.FLOODED["fl"]
+        # Bounded by what the kernel's buffers, the client's queue and the
+        # relay hold: far below what an unbounded job makes meanwhile.
+        self.assertLess(made, 64 << 20)
+        # The client reads: the job goes on.
+        client.read_exactly(made + (1 << 20))
+        self.assertGreater(views.FLOODED["fl"], made)
+        client.close()
+        self.assertTrue(wait_for(lambda: views.events("producer-finally", tag="fl")))
 
     # -- the queue -----------------------------------------------------------
 

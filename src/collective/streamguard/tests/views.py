@@ -382,6 +382,10 @@ class PlainStreamView(BrowserView):
         return stream_response(self.request, body())
 
 
+#: Bytes made by ``flood`` producers, by tag.
+FLOODED = {}
+
+
 class PoolStreamView(BrowserView):
     """``@@streamguard-test-pool?tag=T&mode=M&run_on=pool``: busy producers,
     run on the job pool (``run_on=pool``) or in the serving thread (none).
@@ -392,7 +396,8 @@ class PoolStreamView(BrowserView):
     for the test's gate outside the guard, so that only its next chunk can
     stop it), ``busy`` (a line every 50 ms until the gate opens or the
     guard says stop), ``error`` (writes a mark, one line, then raises),
-    ``whoami`` (the user and its permissions, as the producer sees them).
+    ``whoami`` (the user and its permissions, as the producer sees them),
+    ``flood`` (64 KiB chunks without end; bytes made in ``FLOODED``).
     Every mode records where it ran (``start``: the thread's name).
     ``type`` sets the content type.  Its stream declares itself safe from
     CSRF (the tests write on GET).
@@ -447,6 +452,13 @@ class PoolStreamView(BrowserView):
                         yield f"busy {n}\n"
                         if guard.wait(0.05):
                             return
+                elif mode == "flood":
+                    # 64 KiB chunks as fast as they are taken: how far it
+                    # gets is what the client's reading lets through.
+                    chunk = b"x" * (64 << 10)
+                    while True:
+                        FLOODED[tag] = FLOODED.get(tag, 0) + len(chunk)
+                        yield chunk
                 elif mode == "error":
                     session.site._streamguard_mark = tag
                     yield "one line\n"
