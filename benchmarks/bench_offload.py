@@ -168,12 +168,16 @@ class Stream(threading.Thread):
                     break
                 data += more
             self.status = int(data.split(b" ", 2)[1]) if data else 0
-            while len(data) < 200 and self.status == 200:
+            # The first line of the body: a step's, or the queue's notice.
+            while (
+                self.status == 200
+                and b"\n" not in data.partition(b"\r\n\r\n")[2].split(b"\r\n", 1)[-1]
+            ):
                 more = sock.recv(65536)
                 if not more:
                     break
                 data += more
-            self.queued = b"queued: position" in data[:400]
+            self.queued = b"queued: position" in data.partition(b"\r\n\r\n")[2][:64]
             while True:
                 more = sock.recv(1 << 20)
                 if not more:
