@@ -13,6 +13,7 @@ the instance's ``etc/`` is always refused (``logs.LogRules`` lists the rest).
 """
 
 import functools
+import logging
 import os
 import socket
 
@@ -22,6 +23,8 @@ from collective.streamguard.logs.rules import LogRules
 from collective.streamguard.logs.rules import default_log_directories
 
 PRODUCT = "collective.streamguard"
+
+logger = logging.getLogger("collective.streamguard")
 
 
 def configured_log_directories():
@@ -58,15 +61,26 @@ def job_pool_settings():
 
     product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
     return (
-        _positive_int(product.get("job-pool-size"), DEFAULT_POOL_SIZE, 1),
-        _positive_int(product.get("job-queue-size"), DEFAULT_QUEUE_SIZE, 0),
+        _whole_number(product, "job-pool-size", DEFAULT_POOL_SIZE, 1),
+        _whole_number(product, "job-queue-size", DEFAULT_QUEUE_SIZE, 0),
     )
 
 
-def _positive_int(value, default, least):
+_warned = set()
+
+
+def _whole_number(product, name, default, least):
+    """zope.conf's ``name`` as a whole number of at least ``least``; the
+    default (and one warning) for anything else."""
+    value = product.get(name)
+    if value is None:
+        return default
     try:
-        return max(least, int(str(value).strip())) if value is not None else default
+        return max(least, int(str(value).strip()))
     except ValueError:
+        if (name, value) not in _warned:
+            _warned.add((name, value))
+            logger.warning("zope.conf: %s %r is not a whole number; using %d", name, value, default)
         return default
 
 

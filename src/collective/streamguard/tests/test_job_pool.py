@@ -245,6 +245,20 @@ class TestJobPoolStreams(unittest.TestCase):
         client.close()
         self.assertTrue(wait_for(lambda: views.events("producer-finally", tag="fl")))
 
+    def test_max_duration_stops_the_job(self):
+        client = self.open("tag=md&mode=busy&run_on=pool&max_duration=0.5")
+        client.read_until(b"busy 1\n")
+        # Ends cleanly, as a stream that timed out in process does.
+        self.assertTrue(client.body().startswith(b"busy 1\n"))
+        self.assertTrue(wait_for(lambda: views.events("cleanup", tag="md")))
+        self.assertEqual(views.events("cleanup", tag="md")[0]["reason"], "timeout")
+
+    def test_the_job_sees_what_its_request_wrote(self):
+        # The job starts after the request's transaction has committed.
+        body = self.open("tag=seen&mode=sees&run_on=pool").body()
+        self.assertEqual(body, b"seen\n")
+        self.assertEqual(views.events("sees", tag="seen")[0]["mark"], "seen")
+
     # -- the queue -----------------------------------------------------------
 
     def test_ten_busy_streams_on_a_pool_of_two(self):

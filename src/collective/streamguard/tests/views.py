@@ -397,7 +397,9 @@ class PoolStreamView(BrowserView):
     stop it), ``busy`` (a line every 50 ms until the gate opens or the
     guard says stop), ``error`` (writes a mark, one line, then raises),
     ``whoami`` (the user and its permissions, as the producer sees them),
-    ``flood`` (64 KiB chunks without end; bytes made in ``FLOODED``).
+    ``flood`` (64 KiB chunks without end; bytes made in ``FLOODED``),
+    ``sees`` (the request writes a mark on the site; the job reports
+    whether it sees it).  ``max_duration`` is passed on.
     Every mode records where it ran (``start``: the thread's name).
     ``type`` sets the content type.  Its stream declares itself safe from
     CSRF (the tests write on GET).
@@ -417,7 +419,13 @@ class PoolStreamView(BrowserView):
         hold = int(form.get("hold", "-1"))
         batch = int(form.get("batch", "100"))
         gate(tag).clear()
-        zodb = mode in ("csv", "retitle", "batch", "error", "whoami")
+        zodb = mode in ("csv", "retitle", "batch", "error", "whoami", "sees")
+        options = {}
+        if "max_duration" in form:
+            options["max_duration"] = float(form["max_duration"])
+        if mode == "sees":
+            # Written by the request: the job must see it.
+            self.context._streamguard_request_mark = tag
 
         def producer(guard):
             import transaction
@@ -463,6 +471,10 @@ class PoolStreamView(BrowserView):
                     session.site._streamguard_mark = tag
                     yield "one line\n"
                     raise ValueError("the job failed on purpose")
+                elif mode == "sees":
+                    seen = getattr(session.site, "_streamguard_request_mark", None)
+                    record("sees", tag=tag, mark=seen)
+                    yield f"{seen}\n"
                 elif mode == "whoami":
                     from AccessControl.SecurityManagement import getSecurityManager
 
@@ -489,6 +501,7 @@ class PoolStreamView(BrowserView):
             zodb=zodb,
             context=self.context,
             run_on=run_on,
+            **options,
         )
 
 
