@@ -13,6 +13,7 @@ the instance's ``etc/`` is always refused (``logs.LogRules`` lists the rest).
 """
 
 import functools
+import logging
 import os
 import socket
 
@@ -22,6 +23,8 @@ from collective.streamguard.logs.rules import LogRules
 from collective.streamguard.logs.rules import default_log_directories
 
 PRODUCT = "collective.streamguard"
+
+logger = logging.getLogger("collective.streamguard")
 
 
 def configured_log_directories():
@@ -43,6 +46,42 @@ def instance_name(environ=None):
     port = (environ or {}).get("SERVER_PORT")
     host = socket.gethostname()
     return f"{host}:{port}" if port else host
+
+
+def job_pool_settings():
+    """``(size, queue_size)`` of the job pool (``stream_response(run_on="pool")``):
+    zope.conf's ``job-pool-size`` and ``job-queue-size``, else 2 and 16.
+
+    Set per process in zope.conf, not per site in the registry: the pool is
+    the process's, shared by every site it serves.  Each job of a
+    ``zodb=True`` stream holds a connection of the database's pool while it
+    runs."""
+    from collective.streamguard.jobs import DEFAULT_POOL_SIZE
+    from collective.streamguard.jobs import DEFAULT_QUEUE_SIZE
+
+    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    return (
+        _whole_number(product, "job-pool-size", DEFAULT_POOL_SIZE, 1),
+        _whole_number(product, "job-queue-size", DEFAULT_QUEUE_SIZE, 0),
+    )
+
+
+_warned = set()
+
+
+def _whole_number(product, name, default, least):
+    """zope.conf's ``name`` as a whole number of at least ``least``; the
+    default (and one warning) for anything else."""
+    value = product.get(name)
+    if value is None:
+        return default
+    try:
+        return max(least, int(str(value).strip()))
+    except ValueError:
+        if (name, value) not in _warned:
+            _warned.add((name, value))
+            logger.warning("zope.conf: %s %r is not a whole number; using %d", name, value, default)
+        return default
 
 
 def log_rules():

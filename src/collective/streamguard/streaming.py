@@ -20,11 +20,15 @@ around a producer, with the guard of ``collective.streamguard.guard``:
   cap, ``max_parked_streams``;
 - ``zodb=True`` gives the producer its own ZODB connection and transaction
   (``collective.streamguard.zodb``);
+- ``run_on="pool"`` runs the producer on the add-on's job pool
+  (``collective.streamguard.jobs``), never on the server's threads; the
+  request's stream relays its chunks and parks in between;
 - on classic ZServer an iterator body would be drained by the asyncore main
   thread and freeze the whole server, so there the same view streams with
   ``response.write()`` from the worker thread instead.
 """
 
+import json
 import sys
 
 from AccessControl.SecurityManagement import getSecurityManager
@@ -33,6 +37,7 @@ from zope.component import queryUtility
 from zope.interface import implementer
 from ZPublisher.Iterators import IUnboundStreamIterator
 
+from collective.streamguard import jobs
 from collective.streamguard.connection import client_connection
 from collective.streamguard.guard import GuardedStream
 from collective.streamguard.guard import StreamGuard
@@ -46,6 +51,7 @@ from collective.streamguard.parkpolicy import max_parked_streams
 from collective.streamguard.parkpolicy import park_function
 from collective.streamguard.streams import HELD
 from collective.streamguard.streams import PARKABLE
+from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import Refused
 from collective.streamguard.streams import live_streams
 from collective.streamguard.waitress.channel import channel_of
@@ -70,6 +76,10 @@ TOO_MANY_WITH_ZODB = (
 #: The last event of a server-sent event stream that failed: EventSource
 #: dispatches it as an ``error`` event, then reconnects.
 SSE_ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
+QUEUE_FULL = "Too many jobs wait for this server's job pool; try again in a few seconds.\n"
+#: Where a producer runs: the thread that serves the stream (today's, the
+#: default), or the add-on's job pool.
+RUN_ON = (None, "pool")
 REFUSALS = {Refused.USER_LIMIT: TOO_MANY_FOR_USER, Refused.ZODB_BUSY: TOO_MANY_WITH_ZODB}
 
 
@@ -159,6 +169,7 @@ def stream_response(
     label=None,
     log=None,
     catch_up=False,
+    run_on=None,
 ):
     """Return what a view returns to stream ``producer`` to the client.
 
@@ -187,6 +198,8 @@ def stream_response(
         )
     if zodb and context is None:
         raise TypeError("stream_response(zodb=True) needs the view's context")
+    if run_on not in RUN_ON:
+        raise ValueError(f"stream_response(run_on=...) takes None or 'pool', got {run_on!r:.40}")
     response = request.response
     if request.get("REQUEST_METHOD", "GET") == "HEAD":
         # The headers of the stream, no stream: nothing runs, nothing is
@@ -207,14 +220,18 @@ def stream_response(
     # against the thread cap unless it turns out to hold its thread.  A
     # plain iterable never sees the guard, so it can never park: it counts
     # from the start, and is refused before its first byte.
-    park = park_function(request.environ, defaults) if takes_guard(producer) else None
+    # On the pool, the request's stream only relays (it may always park),
+    # and the job's connection is counted by the pool's size, not here.
+    on_pool = run_on == "pool"
+    may_park = on_pool or takes_guard(producer)
+    park = park_function(request.environ, defaults) if may_park else None
     kind = HELD if park is None else PARKABLE
     refused = live_streams.reserve(
         limit if park is None else max_parked_streams(defaults),
         _user_key(request, user),
         user_limit,
         kind=kind,
-        zodb_limit=zodb_stream_limit(context, request.environ) if zodb else None,
+        zodb_limit=zodb_stream_limit(context, request.environ) if zodb and not on_pool else None,
     )
     if refused is not None:
         _close_producer(producer)
@@ -225,6 +242,7 @@ def stream_response(
         )
         response.setHeader("Retry-After", str(RETRY_AFTER))
         return REFUSALS.get(refused, TOO_MANY)
+    job = None
     try:
         guard = StreamGuard(
             client_connection(request),
@@ -236,11 +254,22 @@ def stream_response(
         )
         guard.catching_up = catch_up
         session = ZODBSession(context, request, write_policy(request)) if zodb else None
+        stream_label = label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", "")
+        if on_pool:
+            job = pool_job(
+                request, producer, content_type, guard, session, stream_label, user_name, user
+            )
+            if job is None:
+                live_streams.release(_user_key(request, user), kind, False)
+                untransformed_headers(request, "text/plain; charset=utf-8", status=503)
+                response.setHeader("Retry-After", str(jobs.retry_after()))
+                return QUEUE_FULL
+            producer, session = jobs.relay_producer(job), None
         stream = StreamIterator(
             producer,
             guard,
             setup=session.open if session is not None else None,
-            label=label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", ""),
+            label=stream_label,
             user=user_name,
             user_key=_user_key(request, user),
             client=request.environ.get("REMOTE_ADDR", ""),
@@ -248,20 +277,85 @@ def stream_response(
             reserved=True,
             park=park,
             kind=kind,
-            zodb=zodb,
+            zodb=zodb and not on_pool,
             error_chunk=SSE_ERROR_EVENT if is_event_stream(content_type) else None,
             direct_output=direct_output_for(request.environ),
         )
+        if job is not None:
+            job.stream_id = stream.record.id
+            # Whatever ends the request's stream (the client left, max_duration,
+            # shutdown, a dropped body) stops the job.
+            jobs.cancel_with(guard, job.relay)
         if park is not None:
             guard.on_hold = hold_or_end(stream, limit)
     except BaseException:
-        live_streams.release(_user_key(request, user), kind, zodb)
+        if job is not None:
+            job.relay.cancel(EndReason.ERROR)
+        live_streams.release(_user_key(request, user), kind, zodb and not on_pool)
         raise
 
     _streaming_headers(request, content_type)
     if _zserver_response(response):
         return write_in_this_thread(response, stream)
     return stream
+
+
+def pool_job(request, producer, content_type, guard, session, label, user_name, user):
+    """The job that runs ``producer`` on the pool for the stream of
+    ``guard``, admitted (it starts at the stream's first step); None when
+    the pool's queue is full."""
+    from collective.streamguard.deployment import job_pool_settings
+
+    jobs.pool.configure(*job_pool_settings())
+    relay = jobs.Relay(guard.wake)
+    job = jobs.Job(None, relay, notice=queue_notice(content_type), label=label)
+    try:
+        jobs.pool.admit(job)
+    except jobs.QueueFull:
+        return None
+    try:
+        # The job's guard: its "client" is the relay, its clock the stream's.
+        job_guard = StreamGuard(
+            jobs.RelayConnection(relay),
+            max_duration=guard.max_duration,
+            live_streams=jobs.job_streams,
+        )
+        job.stream = GuardedStream(
+            producer,
+            job_guard,
+            setup=session.open if session is not None else None,
+            label=f"pool job: {label}",
+            user=user_name,
+            user_key=_user_key(request, user),
+            client=request.environ.get("REMOTE_ADDR", ""),
+            zodb=session is not None,
+        )
+    except BaseException:
+        jobs.pool.withdraw(job)
+        raise
+    return job
+
+
+def queue_notice(content_type):
+    """How a queued job's client learns its place: ``notice(position,
+    first)`` gives the chunk (position 0: it starts now), or None for
+    content types that must not get extra bytes (CSV, JSON, binary)."""
+    if is_event_stream(content_type):
+        return _event_notice
+    if content_type.split(";")[0].strip().lower() == "text/plain":
+        return _text_notice
+    return None
+
+
+def _event_notice(position, first):
+    if not position:
+        return b"event: started\ndata: {}\n\n"
+    return b"event: queued\ndata: %s\n\n" % json.dumps({"position": position}).encode()
+
+
+def _text_notice(position, first):
+    # One line, the first of the body: text has no way to take it back.
+    return b"queued: position %d\n" % position if first and position else None
 
 
 def direct_output_for(environ):

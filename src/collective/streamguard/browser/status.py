@@ -7,6 +7,7 @@ from datetime import timezone
 from Products.Five import BrowserView
 
 from collective.streamguard.deployment import instance_name
+from collective.streamguard.jobs import pool
 from collective.streamguard.streaming import untransformed_headers
 from collective.streamguard.streams import live_streams
 from collective.streamguard.zodb import open_sessions
@@ -16,12 +17,12 @@ def status(environ=None):
     """The process's streams as plain data (``environ``: of the request
     that asks, for the instance's name)."""
     snapshot = live_streams.snapshot()
-    return {
-        # Counts and limits are this process's: in a cluster, every
-        # instance answers for itself.
-        "instance": instance_name(environ),
-        "scope": "instance",
-        "live": [
+    live = []
+    places = {"held thread": 0, "parked": 0, "pool": 0, "queued": 0}
+    for record in sorted(live_streams.live(), key=lambda r: r.id):
+        place, position = where(record)
+        places[place] += 1
+        live.append(
             {
                 "id": record.id,
                 "log": record.log,
@@ -35,15 +36,35 @@ def status(environ=None):
                 # (it runs now, or it cannot park).
                 "parked": record.is_parked,
                 "thread": "parked" if record.is_parked else "holds a thread",
+                # Where its producer runs: "held thread", "parked", "pool"
+                # (a job thread; the stream itself relays, parked between
+                # chunks) or "queued" (``position`` in the pool's queue).
+                "runs": place,
+                "position": position,
             }
-            for record in sorted(live_streams.live(), key=lambda r: r.id)
-        ],
+        )
+    return {
+        # Counts and limits are this process's: in a cluster, every
+        # instance answers for itself.
+        "instance": instance_name(environ),
+        "scope": "instance",
+        "live": live,
+        "places": places,
+        "pool": pool.snapshot(),
         "parked": snapshot["parked"],
         "holding_a_thread": snapshot["holding_a_thread"],
         "ended": snapshot["ended"],
         "refused": snapshot["refused"],
         "open_zodb_sessions": open_sessions(),
     }
+
+
+def where(record):
+    """``(place, position)``: where the producer of a live stream runs."""
+    place = pool.place_of(record.id)
+    if place is not None:
+        return place
+    return ("parked" if record.is_parked else "held thread"), 0
 
 
 class StreamStatusView(BrowserView):

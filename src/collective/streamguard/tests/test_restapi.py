@@ -64,6 +64,8 @@ class TestStreamStatusService(RestAPITestCase):
                 "open_zodb_sessions",
                 "parked",
                 "holding_a_thread",
+                "places",
+                "pool",
             },
         )
         # Which instance answers, and that the counts are its own.

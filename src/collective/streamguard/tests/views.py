@@ -380,3 +380,159 @@ class PlainStreamView(BrowserView):
                 record("producer-finally", tag=tag)
 
         return stream_response(self.request, body())
+
+
+#: Bytes made by ``flood`` producers, by tag.
+FLOODED = {}
+
+
+class PoolStreamView(BrowserView):
+    """``@@streamguard-test-pool?tag=T&mode=M&run_on=pool``: busy producers,
+    run on the job pool (``run_on=pool``) or in the serving thread (none).
+
+    Modes: ``csv`` (README's CSV export), ``retitle`` (README's batch job;
+    ``batch=N`` documents per commit), ``batch`` (create ``count``
+    documents, commit every 10, one line each; at document ``hold`` it waits
+    for the test's gate outside the guard, so that only its next chunk can
+    stop it), ``busy`` (a line every 50 ms until the gate opens or the
+    guard says stop), ``error`` (writes a mark, one line, then raises),
+    ``whoami`` (the user and its permissions, as the producer sees them),
+    ``flood`` (64 KiB chunks without end; bytes made in ``FLOODED``),
+    ``sees`` (the request writes a mark on the site; the job reports
+    whether it sees it).  ``max_duration`` is passed on.
+    Every mode records where it ran (``start``: the thread's name).
+    ``type`` sets the content type.  Its stream declares itself safe from
+    CSRF (the tests write on GET).
+    """
+
+    def __call__(self):
+        from plone.protect.interfaces import IDisableCSRFProtection
+        from zope.interface import alsoProvides
+
+        alsoProvides(self.request, IDisableCSRFProtection)
+        form = self.request.form
+        tag = form.get("tag", "")
+        mode = form.get("mode", "busy")
+        run_on = form.get("run_on") or None
+        content_type = form.get("type", "text/plain; charset=utf-8")
+        count = int(form.get("count", "25"))
+        hold = int(form.get("hold", "-1"))
+        batch = int(form.get("batch", "100"))
+        gate(tag).clear()
+        zodb = mode in ("csv", "retitle", "batch", "error", "whoami", "sees")
+        options = {}
+        if "max_duration" in form:
+            options["max_duration"] = float(form["max_duration"])
+        if mode == "sees":
+            # Written by the request: the job must see it.
+            self.context._streamguard_request_mark = tag
+
+        def producer(guard):
+            import transaction
+
+            session = guard.zodb
+            guard.add_cleanup(lambda: record("cleanup", tag=tag, reason=guard.reason.value))
+            record(
+                "start",
+                tag=tag,
+                thread=threading.current_thread().name,
+                manager_is_own=session is not None
+                and transaction.manager.manager is session.transaction_manager,
+            )
+            try:
+                if mode == "csv":
+                    yield from _readme_documents_csv(guard)
+                elif mode == "retitle":
+                    yield from _readme_retitle_documents(guard, batch)
+                elif mode == "batch":
+                    for n in range(count):
+                        session.site.invokeFactory("Document", f"{tag}-{n}", title=f"{tag} {n}")
+                        if (n + 1) % 10 == 0:
+                            session.commit()
+                        record("step", tag=tag, n=n)
+                        yield f"created {n}\n"
+                        if n == hold:
+                            gate(tag).wait(30)
+                elif mode == "busy":
+                    n = 0
+                    while not gate(tag).is_set():
+                        n += 1
+                        yield f"busy {n}\n"
+                        if guard.wait(0.05):
+                            return
+                elif mode == "flood":
+                    # 64 KiB chunks as fast as they are taken: how far it
+                    # gets is what the client's reading lets through.
+                    chunk = b"x" * (64 << 10)
+                    while True:
+                        FLOODED[tag] = FLOODED.get(tag, 0) + len(chunk)
+                        yield chunk
+                elif mode == "error":
+                    session.site._streamguard_mark = tag
+                    yield "one line\n"
+                    raise ValueError("the job failed on purpose")
+                elif mode == "sees":
+                    seen = getattr(session.site, "_streamguard_request_mark", None)
+                    record("sees", tag=tag, mark=seen)
+                    yield f"{seen}\n"
+                elif mode == "whoami":
+                    from AccessControl.SecurityManagement import getSecurityManager
+
+                    security = getSecurityManager()
+                    site = session.site
+                    record(
+                        "whoami",
+                        tag=tag,
+                        user=security.getUser().getId(),
+                        manage=bool(security.checkPermission("Manage portal", site)),
+                        view=bool(security.checkPermission("View", site)),
+                    )
+                    yield f"{security.getUser().getId()}\n"
+            except GeneratorExit:
+                record("generator-exit", tag=tag)
+                raise
+            finally:
+                record("producer-finally", tag=tag)
+
+        return stream_response(
+            self.request,
+            producer,
+            content_type,
+            zodb=zodb,
+            context=self.context,
+            run_on=run_on,
+            **options,
+        )
+
+
+def _readme_documents_csv(guard):
+    # README.rst's CSV export, as it is there.
+    import csv
+    import io
+
+    catalog = guard.zodb.site.portal_catalog
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "title", "modified"])
+    for brain in catalog(portal_type="Document", sort_on="path"):
+        writer.writerow([brain.getPath(), brain.Title, brain.modified.ISO8601()])
+        if buffer.tell() > 64 * 1024:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _readme_retitle_documents(guard, batch_size):
+    # README.rst's batch job, as it is there (BATCH_SIZE from the test).
+    catalog = guard.zodb.site.portal_catalog
+    done = 0
+    for brain in catalog(portal_type="Document", sort_on="path"):
+        document = brain.getObject()
+        document.title = document.title.upper()
+        document.reindexObject(idxs=["Title"])
+        done += 1
+        if done % batch_size == 0:
+            guard.zodb.commit()
+        yield f"{done} {brain.getPath()}\n"
+    yield f"done: {done} documents\n"
