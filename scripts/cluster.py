@@ -209,10 +209,13 @@ class Cluster:
         )
         if created.returncode:
             raise SystemExit(f"make cluster: scripts/create_site.py failed ({created.returncode})")
-        for name, port, home, var in self.instances:
+        for name, _port, home, var in self.instances:
             log = os.path.join(var, "log", "console.log")
-            self.start(name, [os.path.join(bin_, "runwsgi"), os.path.join(home, "etc", "zope.ini")], log)
-        for (name, process, log), (_, port, _, _) in zip(self.processes[1:], self.instances):
+            self.start(
+                name, [os.path.join(bin_, "runwsgi"), os.path.join(home, "etc", "zope.ini")], log
+            )
+        started = zip(self.processes[1:], self.instances, strict=True)
+        for (name, process, log), (_, port, _, _) in started:
             self.wait_ready(name, process, log, port, path=f"/{site}")
         checked = subprocess.run(["haproxy", "-c", "-q", "-f", self.haproxy_cfg])
         if checked.returncode:
