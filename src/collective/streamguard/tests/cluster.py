@@ -202,12 +202,20 @@ class ClusterLayer:
     __module__ = __name__
     __name__ = "CLUSTER"
 
+    skip_reason = None
+
     def setUp(self):
         self.processes = []
         self.instances = []
+        self.skip_reason = None
         self.directory = tempfile.mkdtemp(prefix="streamguard-cluster-")
         try:
             self._start()
+        except unittest.SkipTest as skip:
+            # Only for a program STREAMGUARD_SKIP_MISSING allows to be
+            # missing: zope.testrunner cannot skip a layer, so its tests
+            # skip themselves (ClusterTestCase.setUp).
+            self.skip_reason = str(skip)
         except BaseException:
             self.tearDown()
             raise

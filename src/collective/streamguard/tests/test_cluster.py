@@ -140,6 +140,8 @@ class ClusterTestCase(unittest.TestCase):
     layer = CLUSTER
 
     def setUp(self):
+        if self.layer.skip_reason:
+            self.skipTest(self.layer.skip_reason)
         self.addCleanup(self.layer.reset_settings)
         # Registered first, so that it runs after every client closed:
         # each test leaves the instances without streams.
