@@ -78,7 +78,9 @@ install-test: $(VENV)/.installed-test $(ZSERVER_DIR)/.installed-$(ZSERVER_VERSIO
 # Debian packages, installed with apt-get where a command is missing:
 # $(call apt-install,commands,packages).
 define apt-install
-	@missing=; for command in $(1); do command -v $$command >/dev/null || missing=1; done; \
+	@missing=; for command in $(1); do \
+	  command -v $$command >/dev/null || [ -x /usr/sbin/$$command ] || missing=1; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing $(2) with apt-get"; \

@@ -24,6 +24,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,12 +218,16 @@ class Cluster:
         started = zip(self.processes[1:], self.instances, strict=True)
         for (name, process, log), (_, port, _, _) in started:
             self.wait_ready(name, process, log, port, path=f"/{site}")
-        checked = subprocess.run(["haproxy", "-c", "-q", "-f", self.haproxy_cfg])
+        # Debian puts it in /usr/sbin, which a user's PATH may not have.
+        haproxy_command = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        checked = subprocess.run([haproxy_command, "-c", "-q", "-f", self.haproxy_cfg])
         if checked.returncode:
             raise SystemExit(f"make cluster: HAProxy refused {self.haproxy_cfg}")
         haproxy_log = os.path.join(self.var, "cluster", "haproxy.log")
         # -db: in the foreground, stopped by us.
-        haproxy = self.start("haproxy", ["haproxy", "-db", "-f", self.haproxy_cfg], haproxy_log)
+        haproxy = self.start(
+            "haproxy", [haproxy_command, "-db", "-f", self.haproxy_cfg], haproxy_log
+        )
         self.wait_ready("haproxy", haproxy, haproxy_log, self.port, path=f"/{site}")
         self.report(site)
 
