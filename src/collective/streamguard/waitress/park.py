@@ -25,7 +25,8 @@ fd is below SELECT_SAFE_FD: ``select()`` raises ValueError for fds from
 connections' fds up there.
 
 ``install(server)`` makes the server accept ``ParkingChannel``s, in its I/O
-thread; the channels it already has are switched too (same layout).  With
+thread; the channels it already has are switched too (same layout), and
+its task queue lets pages pass stream openings (``admission``).  With
 ``asyncore_use_poll`` it also raises the open-files limit to the hard limit.
 Written against waitress 3.0.2: never call ``write_soon``, ``task.write``
 or ``task.finish`` on a detached channel (above the high watermark they wait
@@ -40,6 +41,7 @@ import threading
 from collective.streamguard import hub as hubs
 from collective.streamguard.parking.scheduler import Scheduler
 from collective.streamguard.parking.stream import ParkedStream
+from collective.streamguard.waitress import admission
 from collective.streamguard.waitress.channel import channel_of
 from collective.streamguard.waitress.channel import task_of
 from collective.streamguard.waitress.output import SUPPORTED
@@ -49,9 +51,11 @@ logger = logging.getLogger("collective.streamguard")
 try:
     from waitress.channel import HTTPChannel
     from waitress.server import BaseWSGIServer
+    from waitress.task import ThreadedTaskDispatcher
     from waitress.task import WSGITask
 except ImportError:  # no waitress: nothing here is used
     HTTPChannel, WSGITask, BaseWSGIServer = object, None, None
+    ThreadedTaskDispatcher = None
 
 #: Without ``asyncore_use_poll`` parked sockets keep their fds below this,
 #: leaving room under select()'s 1024 for the server's own connections.
@@ -72,6 +76,32 @@ class ParkingChannel(HTTPChannel):
     #: The thread inside ``service()``, else None.  A class default, no
     #: ``__init__``: a live HTTPChannel can take this class (``install``).
     _servicing = None
+
+    def writable(self):
+        # While a worker holds the output lock (inside write_soon(), sending
+        # or waiting for the GIL after its send), waitress' handle_write
+        # cannot flush (_flush_some_if_lockable gives up), yet the socket is
+        # writable: poll() returns at once and the I/O loop spins, calling
+        # readable() and writable() on every channel of the map each time.
+        # Under a burst of arrivals that spin took the GIL from the very
+        # worker it waited for: 500,000 loop passes over ~500 channels for
+        # 1,000 stream opens, 40-70 s instead of 1.5 s
+        # (benchmarks/bench_arrivals.py).  The worker's write_soon() below
+        # wakes the loop once the lock is free.
+        if self.requests and not (self.will_close or self.close_when_flushed):
+            if not self.outbuf_lock.acquire(False):
+                return False
+            self.outbuf_lock.release()
+        return super().writable()
+
+    def write_soon(self, data):
+        try:
+            return super().write_soon(data)
+        finally:
+            # waitress pulls the trigger inside the lock; writable() above
+            # may have answered False to that wake.  Now the lock is free.
+            if self.total_outbufs_len and self.connected:
+                self.server.pull_trigger()
 
     def service(self):
         self._servicing = threading.get_ident()
@@ -116,6 +146,8 @@ def _install(server):
                 )
             return
         server.channel_class = ParkingChannel
+        if type(server.task_dispatcher) is ThreadedTaskDispatcher:
+            admission.install(server.task_dispatcher)
         if loop_polls(server):
             raise_open_files_limit()
         for channel in list(server.active_channels.values()):
