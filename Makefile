@@ -57,6 +57,10 @@ $(VENV)/.installed-plone: $(BIN)/python setup.py $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) pip setuptools wheel -e ".[plone]"
 	@touch $@
 
+$(VENV)/.installed-cluster: $(VENV)/.installed-plone
+	$(PIP) install -c $(CONSTRAINTS) -e ".[plone,cluster]"
+	@touch $@
+
 $(VENV)/.installed-test: $(VENV)/.installed-plone
 	$(PIP) install -c $(CONSTRAINTS) -e ".[test]"
 	@touch $@
@@ -149,12 +153,12 @@ CLUSTER_ARGS = --bin $(BIN) --directory $(CLUSTER) --var $(VAR) --host $(HOST) \
 ifeq ($(PLONE),6.1)
 cluster test-cluster: export AUTOINCLUDE_ALLOW_MODULE_NOT_FOUND_ERROR := 1
 endif
-cluster: $(VENV)/.installed-plone cluster-packages
+cluster: $(VENV)/.installed-cluster cluster-packages
 	$(BIN)/python scripts/cluster.py $(CLUSTER_ARGS)
 
 # make cluster from start to answer, on its own ports and data (CI runs it).
 CHECK_CLUSTER_DIR := $(CURDIR)/.check-cluster$(SUFFIX)
-test-cluster: $(VENV)/.installed-plone cluster-packages
+test-cluster: $(VENV)/.installed-cluster cluster-packages
 	rm -rf $(CHECK_CLUSTER_DIR)
 	$(BIN)/python scripts/cluster.py --bin $(BIN) --directory $(CHECK_CLUSTER_DIR)/cluster \
 	  --var $(CHECK_CLUSTER_DIR)/var --host 127.0.0.1 --port 0 --instances 2 --zeo-port 0 \
