@@ -77,6 +77,11 @@ setup(
             "Products.CMFPlone>=6.1",
             "plone.app.registry",
         ],
+        # `make cluster`: the ZEO server (runzeo) and the instances' ZEO
+        # client storage.
+        "cluster": [
+            "ZEO",
+        ],
         "test": [
             "Products.CMFPlone>=6.1",
             "plone.app.contenttypes",
