@@ -34,27 +34,20 @@ import platform
 import resource
 import selectors
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_parked_streams import ASYNCIO_SERVER  # noqa: E402
 from bench_parked_streams import FDS_KEPT  # noqa: E402
 from bench_parked_streams import HOST  # noqa: E402
-from bench_parked_streams import ZOPE_HEADERS  # noqa: E402
-from bench_parked_streams import ZOPE_PATH  # noqa: E402
 from bench_parked_streams import cpu_seconds  # noqa: E402
 from bench_parked_streams import free_port  # noqa: E402
 from bench_parked_streams import page_latencies  # noqa: E402
 from bench_parked_streams import percentile  # noqa: E402
-from bench_parked_streams import start_zope  # noqa: E402
-from bench_parked_streams import wait_until_serving  # noqa: E402
-from bench_parked_streams import zope_instance  # noqa: E402
+from bench_parked_streams import start_server  # noqa: E402
 
 
 class PageLoop(threading.Thread):
@@ -152,26 +145,9 @@ def answered(data):
 
 def measure(kind, count):
     port = free_port()
-    if kind == "zope":
-        instance, log_path, env = zope_instance(port, 2 * count)
-        process = start_zope(instance, env)
-        path, headers = ZOPE_PATH, ZOPE_HEADERS
-        cleanup = instance.remove
-    else:
-        home = tempfile.mkdtemp(prefix="streamguard-asyncio-")
-        log_path = os.path.join(home, "app.log")
-        open(log_path, "a").close()
-        process = subprocess.Popen(
-            [sys.executable, "-c", ASYNCIO_SERVER, log_path, str(port), os.devnull],
-            stdout=subprocess.PIPE,
-        )
-        process.stdout.readline()
-        path, headers = "/events", ""
-        cleanup = lambda: subprocess.run(["rm", "-rf", home])  # noqa: E731
+    process, log_path, path, headers, cleanup = start_server(kind, port, 2 * count)
     result = {}
     try:
-        if kind == "zope":
-            wait_until_serving(port, process)
         page_latencies(port, "/", 20)  # warm up
         result["idle"] = page_latencies(port, "/", 200)
         if kind == "zope":

@@ -342,6 +342,26 @@ def start_zope(instance, env):
     )
 
 
+def start_server(kind, port, connections):
+    """A serving Zope (``kind`` "zope") or asyncio server on ``port``:
+    ``(process, followed log, SSE path, request headers, cleanup)``.  The
+    Zope's ``connection_limit`` is ``connections``."""
+    if kind == "zope":
+        instance, log_path, env = zope_instance(port, connections)
+        process = start_zope(instance, env)
+        wait_until_serving(port, process)
+        return process, log_path, ZOPE_PATH, ZOPE_HEADERS, instance.remove
+    home = tempfile.mkdtemp(prefix="streamguard-asyncio-")
+    log_path = os.path.join(home, "app.log")
+    open(log_path, "a").close()
+    process = subprocess.Popen(
+        [sys.executable, "-c", ASYNCIO_SERVER, log_path, str(port), os.devnull],
+        stdout=subprocess.PIPE,
+    )
+    process.stdout.readline()
+    return process, log_path, "/events", "", lambda: subprocess.run(["rm", "-rf", home])
+
+
 def measure(kind, count):
     port = free_port()
     if kind == "zope":

@@ -24,22 +24,15 @@ import os
 import platform
 import resource
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_parked_streams import ASYNCIO_SERVER  # noqa: E402
 from bench_parked_streams import HOST  # noqa: E402
-from bench_parked_streams import ZOPE_HEADERS  # noqa: E402
-from bench_parked_streams import ZOPE_PATH  # noqa: E402
 from bench_parked_streams import free_port  # noqa: E402
 from bench_parked_streams import rss_and_fds  # noqa: E402
-from bench_parked_streams import start_zope  # noqa: E402
-from bench_parked_streams import wait_until_serving  # noqa: E402
-from bench_parked_streams import zope_instance  # noqa: E402
+from bench_parked_streams import start_server  # noqa: E402
 
 LINE = b"x" * 99 + b"\n"
 
@@ -80,25 +73,8 @@ def settled_rss(pid, seconds=60):
 
 def measure(kind, count, mib):
     port = free_port()
-    if kind == "zope":
-        instance, log_path, env = zope_instance(port, count + 50)
-        process = start_zope(instance, env)
-        path, headers = ZOPE_PATH, ZOPE_HEADERS
-        cleanup = instance.remove
-    else:
-        home = tempfile.mkdtemp(prefix="streamguard-asyncio-")
-        log_path = os.path.join(home, "app.log")
-        open(log_path, "a").close()
-        process = subprocess.Popen(
-            [sys.executable, "-c", ASYNCIO_SERVER, log_path, str(port), os.devnull],
-            stdout=subprocess.PIPE,
-        )
-        process.stdout.readline()
-        path, headers = "/events", ""
-        cleanup = lambda: subprocess.run(["rm", "-rf", home])  # noqa: E731
+    process, log_path, path, headers, cleanup = start_server(kind, port, count + 50)
     try:
-        if kind == "zope":
-            wait_until_serving(port, process)
         socks = open_stuck(port, path, headers, count)
         time.sleep(1)
         before = settled_rss(process.pid)
