@@ -75,10 +75,11 @@ install-test: $(VENV)/.installed-test $(ZSERVER_DIR)/.installed-$(ZSERVER_VERSIO
 
 # The viewer's end-to-end test drives Debian's Chromium with its driver
 # (browsers downloaded by test tools cannot be fetched on our machines); the
-# vanished-peer test puts its client in a network namespace (iproute2's ip).
-SYSTEM_PACKAGES := chromium chromium-driver iproute2
+# vanished-peer test puts its client in a network namespace (iproute2's ip);
+# the worker tests start their own Redis (redis-server) on a free port.
+SYSTEM_PACKAGES := chromium chromium-driver iproute2 redis-server
 system-packages:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v ip >/dev/null; then \
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v ip >/dev/null || ! command -v redis-server >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing $(SYSTEM_PACKAGES) with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \

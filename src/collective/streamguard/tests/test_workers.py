@@ -1,0 +1,303 @@
+"""Producers in worker processes (``stream_response(..., run_on="worker")``).
+
+Everything real, on loopback: a ZEO server (``runzeo``), Redis (Debian's
+``redis-server``, with ``requirepass``), a Zope web instance (``runwsgi``,
+waitress) and a worker (``streamguard-worker``), both ZEO clients of the
+same storage; the test process reads the database as a third ZEO client.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import unittest
+
+from collective.streamguard import workers
+from collective.streamguard.tests.helpers import HOST
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.helpers import wait_until_serving
+from collective.streamguard.tests.servers import executable
+from collective.streamguard.tests.servers import free_port
+from collective.streamguard.tests.zopeinstance import ZopeInstance
+
+PRODUCT_CONFIG = """
+<product-config collective.streamguard>
+  worker-broker redis://:{password}@{host}:{port}/0
+  worker-secret {secret}
+</product-config>
+"""
+
+
+class WorkersLayer:
+    """runzeo, redis-server, a runwsgi web instance and one worker, started
+    once for the module; ``start_worker()`` starts another after a test
+    killed it, ``start_web()`` another web instance."""
+
+    __bases__ = ()
+    __module__ = __name__
+    __name__ = "WORKERS"
+
+    def setUp(self):
+        self.processes = []
+        self.homes = []
+        self.zeo_port = free_port()
+        home = self.new_home()
+        zeo = self.spawn(
+            [
+                executable("runzeo"),
+                "-a",
+                f"{HOST}:{self.zeo_port}",
+                "-f",
+                os.path.join(home.home, "var", "zeo.fs"),
+            ]
+        )
+        wait_until_serving(self.zeo_port, zeo, timeout=30.0, path=None)
+        self.redis_port = free_port()
+        self.redis_password = secrets.token_hex(16)
+        self.secret = secrets.token_hex(16)
+        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.redis_process = self.spawn(
+            [
+                redis_server,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                HOST,
+                "--requirepass",
+                self.redis_password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                os.path.join(home.home, "var"),
+            ]
+        )
+        wait_until_serving(self.redis_port, self.redis_process, timeout=30.0, path=None)
+        self.broker_url = f"redis://:{self.redis_password}@{HOST}:{self.redis_port}/0"
+        self.web, self.web_process = self.start_web()
+        self.worker_log = os.path.join(home.home, "var", "worker.log")
+        self.worker_home = home
+        self.worker = self.start_worker()
+
+    def new_home(self, port=None):
+        home = ZopeInstance(port or free_port(), zeo=f"{HOST}:{self.zeo_port}")
+        self.homes.append(home)
+        return home
+
+    def spawn(self, args, env=None, log=None):
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        process = subprocess.Popen(
+            args, env=env or os.environ.copy(), stdout=out, stderr=subprocess.STDOUT
+        )
+        if log:
+            out.close()
+        self.processes.append(process)
+        return process
+
+    def configure(self, home):
+        with open(home.zope_conf, "a") as f:
+            f.write(
+                PRODUCT_CONFIG.format(
+                    password=self.redis_password,
+                    host=HOST,
+                    port=self.redis_port,
+                    secret=self.secret,
+                )
+            )
+
+    def start_web(self):
+        port = free_port()
+        home = self.new_home(port)
+        self.configure(home)
+        home.port = port
+        process = self.spawn(
+            [executable("runwsgi"), home.zope_ini], env={**os.environ, **home.env}
+        )
+        wait_until_serving(port, process)
+        return home, process
+
+    def start_worker(self):
+        home = self.worker_home
+        if not getattr(home, "configured", False):
+            self.configure(home)
+            home.configured = True
+        # The worker's producers report to the web instance's events file.
+        env = {**os.environ, **home.env, "STREAMGUARD_TEST_EVENTS": self.web.events_path}
+        process = self.spawn(
+            [executable("streamguard-worker"), home.zope_conf], env=env, log=self.worker_log
+        )
+        if not wait_for(lambda: "serves jobs" in self.worker_output(), 60):
+            raise AssertionError(f"the worker did not start: {self.worker_output()}")
+        return process
+
+    def worker_output(self):
+        try:
+            with open(self.worker_log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def tearDown(self):
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+        for home in self.homes:
+            home.remove()
+
+
+WORKERS = WorkersLayer()
+
+
+class TestWorkers(unittest.TestCase):
+    layer = WORKERS
+
+    def setUp(self):
+        import ZEO
+
+        self.db = ZEO.DB((HOST, self.layer.zeo_port))
+        self.addCleanup(self.db.close)
+        import redis
+
+        self.redis = redis.Redis.from_url(self.layer.broker_url)
+        self.addCleanup(self.redis.close)
+
+    def stream(self, query, instance=None):
+        instance = instance or self.layer.web
+        sock = HTTPClient((HOST, instance.port), timeout=30)
+        self.addCleanup(sock.close)
+        return sock.request(f"/@@streamguard-test-worker?{query}")
+
+    def events(self, name=None, **match):
+        return self.layer.web.events(name, **match)
+
+    def stored(self, name):
+        """The app's attribute ``name`` as committed (another ZEO client)."""
+        connection = self.db.open()
+        try:
+            connection.sync()
+            return getattr(connection.root()["Application"], name, None)
+        finally:
+            connection.close()
+
+    def worker_pid(self):
+        return self.layer.worker.pid
+
+    def test_csv_export_gives_the_same_bytes_on_a_worker_as_in_process(self):
+        here = self.stream("tag=csv-here&mode=csv").body(30)
+        on_worker = self.stream("tag=csv-worker&mode=csv&run_on=worker").body(30)
+        on_pool = self.stream("tag=csv-pool&mode=csv&run_on=pool").body(30)
+        self.assertGreater(len(here), 64 * 1024)  # more than one chunk
+        self.assertEqual(on_worker, here)
+        self.assertEqual(on_pool, here)
+        # And it ran in the worker, the others in the web process.
+        self.assertEqual(self.events("start", tag="csv-worker")[0]["pid"], self.worker_pid())
+        self.assertEqual(self.events("start", tag="csv-here")[0]["pid"], self.layer.web_process.pid)
+
+    def test_batch_job_commits_in_the_worker_and_finishes(self):
+        sock = self.stream("tag=done&mode=batch&count=25&run_on=worker")
+        body = sock.body(60)
+        self.assertEqual(body, b"".join(b"created %d\n" % n for n in range(25)))
+        [start] = self.events("start", tag="done")
+        self.assertEqual(start["pid"], self.worker_pid())
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="done"), 30))
+        self.assertEqual(self.events("cleanup", tag="done")[0]["reason"], "finished")
+        self.assertEqual(self.stored("sg_done_24"), 24)
+
+    def test_client_leaving_stops_the_job_and_aborts_since_the_last_commit(self):
+        sock = self.stream("tag=left&mode=batch&count=40&hold=14&run_on=worker")
+        sock.read_until(b"created 14\n", 60)
+        sock.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="left"), 30))
+        [cleanup] = self.events("cleanup", tag="left")
+        self.assertEqual(cleanup["reason"], "client gone")
+        self.assertEqual(cleanup["pid"], self.worker_pid())
+        self.assertEqual(len(self.events("producer-finally", tag="left")), 1)
+        # No step after the one it waited in.
+        self.assertEqual(max(e["n"] for e in self.events("step", tag="left")), 14)
+        # Documents 0-9 were committed at 10; 10-14 were aborted.
+        self.assertEqual(self.stored("sg_left_9"), 9)
+        self.assertIsNone(self.stored("sg_left_10"))
+        self.assertIsNone(self.stored("sg_left_14"))
+        # The worker is free: the next job runs.
+        self.assertEqual(self.stream("tag=after-left&mode=sees&run_on=worker").body(30), b"after-left\n")
+
+    def test_job_sees_what_its_request_wrote(self):
+        body = self.stream("tag=seen-mark&mode=sees&run_on=worker").body(30)
+        self.assertEqual(body, b"seen-mark\n")
+        self.assertEqual(self.events("sees", tag="seen-mark")[0]["pid"], self.worker_pid())
+
+    def test_job_that_raises_fails_the_stream_and_aborts(self):
+        sock = self.stream("tag=raised&mode=error&run_on=worker&type=text/event-stream")
+        body = sock.body(30)
+        self.assertIn(b"one line", body)
+        self.assertTrue(body.endswith(b"event: error\ndata: the stream failed on the server\n\n"))
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="raised"), 30))
+        self.assertEqual(self.events("cleanup", tag="raised")[0]["reason"], "error")
+        self.assertIsNone(self.stored("sg_raised_error"))
+        self.assertEqual(self.layer.worker_output().count("the job failed on purpose"), 1)
+        # The worker is back.
+        self.assertEqual(self.stream("tag=after-error&mode=sees&run_on=worker").body(30), b"after-error\n")
+
+    def test_unsigned_and_badly_signed_messages_are_refused_never_run(self):
+        message = {
+            "job": workers.new_job_id(),
+            "producer": "streamguard-test.batch",
+            "args": {"tag": "forged", "count": 1},
+            "session": None,
+        }
+        huey_message = [workers.new_job_id(), workers.TASK_NAME, None, 0, 0, None,
+                        [message], {}, None, None, None, None, None, None, None]
+        payload = json.dumps({"huey-message": huey_message}).encode()
+        queue = "huey.redis." + workers.QUEUE_NAME
+        self.redis.lpush(queue, payload)  # unsigned
+        self.redis.lpush(queue, workers.sign("not the secret", payload))  # badly signed
+        # A signed job after them runs: the worker has read both before.
+        self.assertEqual(self.stream("tag=after-forged&mode=sees&run_on=worker").body(30), b"after-forged\n")
+        self.assertEqual(self.events("start", tag="forged"), [])
+        self.assertEqual(self.layer.worker_output().count("refused a broker message"), 2)
+
+    def test_worker_killed_mid_job_fails_the_stream_and_commits_nothing_more(self):
+        sock = self.stream(
+            "tag=killed&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
+        )
+        sock.read_until(b"created 14\n", 60)
+        self.assertTrue(wait_for(lambda: self.events("step", tag="killed", n=14), 30))
+        worker = self.layer.worker
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        try:
+            # Within the heartbeat's bound (workers.LEASE + POLL seconds).
+            body = sock.body(workers.LEASE + 20)
+            self.assertTrue(body.endswith(b"event: error\ndata: the stream failed on the server\n\n"))
+            self.assertEqual(self.stored("sg_killed_9"), 9)
+            self.assertIsNone(self.stored("sg_killed_10"))
+            self.assertEqual(self.events("cleanup", tag="killed"), [])  # it died
+        finally:
+            self.layer.worker = self.layer.start_worker()
+        # Not run again by the new worker.
+        self.assertEqual(self.stream("tag=after-kill&mode=sees&run_on=worker").body(30), b"after-kill\n")
+        self.assertEqual(len(self.events("start", tag="killed")), 1)
+
+    def test_web_instance_killed_mid_job_cancels_the_job(self):
+        web, process = self.layer.start_web()
+        sock = self.stream("tag=orphan&mode=batch&count=40&hold=14&run_on=worker", web)
+        sock.read_until(b"created 14\n", 60)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        # Its lease expires: the worker cancels within LEASE + POLL seconds.
+        # (The worker's producers report to the first instance's file.)
+        found = wait_for(lambda: self.events("cleanup", tag="orphan"), workers.LEASE + 20)
+        self.assertTrue(found)
+        [cleanup] = self.events("cleanup", tag="orphan")
+        self.assertEqual(cleanup["reason"], "client gone")
+        self.assertEqual(self.stored("sg_orphan_9"), 9)
+        self.assertIsNone(self.stored("sg_orphan_10"))
