@@ -6,8 +6,8 @@ from datetime import timezone
 
 from Products.Five import BrowserView
 
-from collective.streamguard.deployment import instance_name
 from collective.streamguard import streaming
+from collective.streamguard.deployment import instance_name
 from collective.streamguard.jobs import pool
 from collective.streamguard.streaming import untransformed_headers
 from collective.streamguard.streams import live_streams

@@ -114,9 +114,7 @@ class WorkersLayer:
         home = self.new_home(port)
         self.configure(home)
         home.port = port
-        process = self.spawn(
-            [executable("runwsgi"), home.zope_ini], env={**os.environ, **home.env}
-        )
+        process = self.spawn([executable("runwsgi"), home.zope_ini], env={**os.environ, **home.env})
         wait_until_serving(port, process)
         return home, process
 
@@ -228,7 +226,9 @@ class TestWorkers(unittest.TestCase):
         self.assertIsNone(self.stored("sg_left_10"))
         self.assertIsNone(self.stored("sg_left_14"))
         # The worker is free: the next job runs.
-        self.assertEqual(self.stream("tag=after-left&mode=sees&run_on=worker").body(30), b"after-left\n")
+        self.assertEqual(
+            self.stream("tag=after-left&mode=sees&run_on=worker").body(30), b"after-left\n"
+        )
 
     def test_job_sees_what_its_request_wrote(self):
         body = self.stream("tag=seen-mark&mode=sees&run_on=worker").body(30)
@@ -245,7 +245,9 @@ class TestWorkers(unittest.TestCase):
         self.assertIsNone(self.stored("sg_raised_error"))
         self.assertEqual(self.layer.worker_output().count("the job failed on purpose"), 1)
         # The worker is back.
-        self.assertEqual(self.stream("tag=after-error&mode=sees&run_on=worker").body(30), b"after-error\n")
+        self.assertEqual(
+            self.stream("tag=after-error&mode=sees&run_on=worker").body(30), b"after-error\n"
+        )
 
     def test_unsigned_and_badly_signed_messages_are_refused_never_run(self):
         message = {
@@ -254,14 +256,31 @@ class TestWorkers(unittest.TestCase):
             "args": {"tag": "forged", "count": 1},
             "session": None,
         }
-        huey_message = [workers.new_job_id(), workers.TASK_NAME, None, 0, 0, None,
-                        [message], {}, None, None, None, None, None, None, None]
+        huey_message = [
+            workers.new_job_id(),
+            workers.TASK_NAME,
+            None,
+            0,
+            0,
+            None,
+            [message],
+            {},
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ]
         payload = json.dumps({"huey-message": huey_message}).encode()
         queue = "huey.redis." + workers.QUEUE_NAME
         self.redis.lpush(queue, payload)  # unsigned
         self.redis.lpush(queue, workers.sign("not the secret", payload))  # badly signed
         # A signed job after them runs: the worker has read both before.
-        self.assertEqual(self.stream("tag=after-forged&mode=sees&run_on=worker").body(30), b"after-forged\n")
+        self.assertEqual(
+            self.stream("tag=after-forged&mode=sees&run_on=worker").body(30), b"after-forged\n"
+        )
         self.assertEqual(self.events("start", tag="forged"), [])
         self.assertEqual(self.layer.worker_output().count("refused a broker message"), 2)
 
@@ -277,14 +296,18 @@ class TestWorkers(unittest.TestCase):
         try:
             # Within the heartbeat's bound (workers.LEASE + POLL seconds).
             body = sock.body(workers.LEASE + 20)
-            self.assertTrue(body.endswith(b"event: error\ndata: the stream failed on the server\n\n"))
+            self.assertTrue(
+                body.endswith(b"event: error\ndata: the stream failed on the server\n\n")
+            )
             self.assertEqual(self.stored("sg_killed_9"), 9)
             self.assertIsNone(self.stored("sg_killed_10"))
             self.assertEqual(self.events("cleanup", tag="killed"), [])  # it died
         finally:
             self.layer.worker = self.layer.start_worker()
         # Not run again by the new worker.
-        self.assertEqual(self.stream("tag=after-kill&mode=sees&run_on=worker").body(30), b"after-kill\n")
+        self.assertEqual(
+            self.stream("tag=after-kill&mode=sees&run_on=worker").body(30), b"after-kill\n"
+        )
         self.assertEqual(len(self.events("start", tag="killed")), 1)
 
     def test_web_instance_killed_mid_job_cancels_the_job(self):
