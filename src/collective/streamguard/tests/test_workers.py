@@ -17,6 +17,7 @@ import unittest
 from collective.streamguard import workers
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.servers import executable
@@ -29,6 +30,7 @@ PRODUCT_CONFIG = """
   worker-secret {secret}
 </product-config>
 """
+MANAGER = ("manager", secrets.token_hex(8))
 ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
 
 
@@ -80,9 +82,26 @@ class WorkersLayer:
         wait_until_serving(self.redis_port, self.redis_process, timeout=30.0, path=None)
         self.broker_url = f"redis://:{self.redis_password}@{HOST}:{self.redis_port}/0"
         self.web, self.web_process = self.start_web()
+        self.add_manager()
         self.worker_log = os.path.join(home.home, "var", "worker.log")
         self.worker_home = home
         self.worker = self.start_worker()
+
+    def add_manager(self):
+        # A Zope manager in the root user folder, from a third ZEO client.
+        import transaction
+        import ZEO
+
+        db = ZEO.DB((HOST, self.zeo_port))
+        try:
+            manager = transaction.TransactionManager()
+            connection = db.open(transaction_manager=manager)
+            app = connection.root()["Application"]
+            app.acl_users._doAddUser(MANAGER[0], MANAGER[1], ["Manager"], [])
+            manager.commit()
+            connection.close()
+        finally:
+            db.close()
 
     def new_home(self, port=None):
         home = ZopeInstance(port or free_port(), zeo=f"{HOST}:{self.zeo_port}")
@@ -169,11 +188,11 @@ class TestWorkers(unittest.TestCase):
         self.redis = redis.Redis.from_url(self.layer.broker_url)
         self.addCleanup(self.redis.close)
 
-    def stream(self, query, instance=None):
+    def stream(self, query, instance=None, auth=None):
         instance = instance or self.layer.web
         sock = HTTPClient((HOST, instance.port), timeout=30)
         self.addCleanup(sock.close)
-        return sock.request(f"/@@streamguard-test-worker?{query}")
+        return sock.request(f"/@@streamguard-test-worker?{query}", auth=auth)
 
     def events(self, name=None, **match):
         return self.layer.web.events(name, **match)
@@ -246,7 +265,9 @@ class TestWorkers(unittest.TestCase):
         self.assertTrue(wait_for(lambda: self.events("cleanup", tag="raised"), 30))
         self.assertEqual(self.events("cleanup", tag="raised")[0]["reason"], "error")
         self.assertIsNone(self.stored("sg_raised_error"))
-        self.assertEqual(self.layer.worker_output().count("ValueError: the job failed on purpose"), 1)
+        self.assertEqual(
+            self.layer.worker_output().count("ValueError: the job failed on purpose"), 1
+        )
         # The worker is back.
         self.assertEqual(
             self.stream("tag=after-error&mode=sees&run_on=worker").body(30), b"after-error\n"
@@ -325,3 +346,30 @@ class TestWorkers(unittest.TestCase):
         self.assertEqual(cleanup["reason"], "client gone")
         self.assertEqual(self.stored("sg_orphan_9"), 9)
         self.assertIsNone(self.stored("sg_orphan_10"))
+
+    def test_job_runs_as_the_user_who_asked_with_their_permissions(self):
+        body = self.stream("tag=as-manager&mode=whoami&run_on=worker", auth=MANAGER).body(30)
+        self.assertEqual(body, b"manager\n")
+        [seen] = self.events("whoami", tag="as-manager")
+        self.assertEqual((seen["user"], seen["manage"]), ("manager", True))
+        self.assertEqual(self.events("start", tag="as-manager")[0]["pid"], self.worker_pid())
+        self.stream("tag=as-anonymous&mode=whoami&run_on=worker").body(30)
+        [seen] = self.events("whoami", tag="as-anonymous")
+        self.assertEqual(seen["manage"], False)
+        self.assertNotEqual(seen["user"], "manager")
+
+    def test_status_shows_the_worker_that_runs_a_stream(self):
+        sock = self.stream("tag=shown&mode=batch&count=40&hold=3&run_on=worker", auth=MANAGER)
+        sock.read_until(b"created 3\n", 60)
+        status, _, body = http_request(
+            (HOST, self.layer.web.port), "/@@stream-status?format=json", auth=MANAGER
+        )
+        self.assertEqual(status, 200, body)
+        answer = json.loads(body)
+        [live] = [s for s in answer["live"] if "streamguard-test-worker" in s["label"]]
+        self.assertTrue(live["runs"].startswith("worker "), live)
+        self.assertIn(str(self.worker_pid()), live["runs"])
+        self.assertEqual(answer["places"]["worker"], 1)
+        self.assertGreaterEqual(answer["workers"]["started"], 1)
+        sock.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="shown"), 30))

@@ -647,3 +647,23 @@ class WorkerStreamView(BrowserView):
             run_on=form.get("run_on") or None,
             job_args=args,
         )
+
+
+@register_producer("streamguard-test.whoami")
+def worker_whoami(guard, tag=""):
+    """The user and a manager's permission, as the producer sees them."""
+    from AccessControl.SecurityManagement import getSecurityManager
+
+    _job_events(guard, tag)
+    security = getSecurityManager()
+    user = security.getUser()
+    record(
+        "whoami",
+        tag=tag,
+        user=user.getId(),
+        manage=bool(security.checkPermission("View management screens", guard.zodb.context)),
+    )
+    yield f"{user.getId()}\n"
+
+
+WORKER_PRODUCERS["whoami"] = worker_whoami
