@@ -413,6 +413,8 @@ def run_job(broker, message, stream_for, worker="worker"):
         broker.push(job_id, b"e", EndReason.ERROR.value.encode())
         broker.end_beat(job_id)
         return
+    # The broker's id of the job, for the producer's logs.
+    stream.guard.job_id = job_id
     job = jobs.Job(stream, relay, label=message.get("label", ""))
     broker.push(job_id, b"s", worker.encode())
     pump = threading.Thread(

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import unittest
 
+from collective.streamguard import jobs
 from collective.streamguard import workers
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
@@ -373,3 +374,58 @@ class TestWorkers(unittest.TestCase):
         self.assertGreaterEqual(answer["workers"]["started"], 1)
         sock.close()
         self.assertTrue(wait_for(lambda: self.events("cleanup", tag="shown"), 30))
+
+    def made(self, tag):
+        return max([e["made"] for e in self.events("made", tag=tag)] or [0])
+
+    def test_a_client_that_does_not_read_holds_the_worker_back(self):
+        sock = self.stream("tag=flood&mode=flood&run_on=worker")
+        sock.head(30)
+        self.assertTrue(wait_for(lambda: self.events("job", tag="flood"), 30))
+        job_id = self.events("job", tag="flood")[0]["job_id"]
+        self.assertTrue(job_id)
+        pending_key = workers.Broker.key(job_id, "pending")
+        bound = jobs.RELAY_HIGH + (64 << 10)
+        samples = []
+
+        def full():
+            samples.append(int(self.redis.get(pending_key) or 0))
+            return samples[-1] > jobs.RELAY_HIGH
+
+        # The client reads nothing: the output waiting in Redis reaches the
+        # bound, and never goes past it.
+        self.assertTrue(wait_for(full, 60))
+        self.assertLessEqual(max(samples), bound)
+        for _ in range(50):
+            self.assertLessEqual(int(self.redis.get(pending_key) or 0), bound)
+        # The client reads: the job goes on.
+        made = self.made("flood")
+        sock.read_exactly(8 << 20, 60)
+        self.assertTrue(wait_for(lambda: self.made("flood") > made, 30))
+        sock.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="flood"), 30))
+        self.assertEqual(self.events("cleanup", tag="flood")[0]["reason"], "client gone")
+
+    def test_a_job_whose_client_left_while_it_was_queued_never_starts(self):
+        busy = self.stream("tag=busy&mode=batch&count=40&hold=0&run_on=worker", auth=MANAGER)
+        busy.read_until(b"created 0\n", 60)
+        queue = "huey.redis." + workers.QUEUE_NAME
+        queued = self.stream("tag=left-queued&mode=sees&run_on=worker", auth=MANAGER)
+        queued.head(30)
+        self.assertTrue(wait_for(lambda: self.redis.llen(queue) == 1, 30))
+        queued.close()
+
+        def gone():
+            status, _, body = http_request(
+                (HOST, self.layer.web.port), "/@@stream-status?format=json", auth=MANAGER
+            )
+            return not [s for s in json.loads(body)["live"] if "left-queued" in s["label"]]
+
+        self.assertTrue(wait_for(gone, 30))
+        busy.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="busy"), 30))
+        # The worker takes the queued job, sees that its web side ended, and
+        # goes on to the next one.
+        body = self.stream("tag=after-queued&mode=sees&run_on=worker").body(30)
+        self.assertEqual(body, b"after-queued\n")
+        self.assertEqual(self.events("start", tag="left-queued"), [])

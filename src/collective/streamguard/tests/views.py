@@ -667,3 +667,21 @@ def worker_whoami(guard, tag=""):
 
 
 WORKER_PRODUCERS["whoami"] = worker_whoami
+
+
+@register_producer("streamguard-test.flood")
+def worker_flood(guard, tag=""):
+    """64 KiB chunks without end; records the bytes made every MiB (and
+    its job's id on a worker)."""
+    _job_events(guard, tag)
+    record("job", tag=tag, job_id=getattr(guard, "job_id", None))
+    chunk = b"x" * (64 << 10)
+    made = 0
+    while True:
+        made += len(chunk)
+        if made % (1 << 20) == 0:
+            record("made", tag=tag, made=made)
+        yield chunk
+
+
+WORKER_PRODUCERS["flood"] = worker_flood
