@@ -206,6 +206,17 @@ class Broker:
         pipe.expire(self.key(job_id, "ack"), KEEP)
         pipe.execute()
 
+    def position(self, job_id):
+        """The place of the job in huey's queue (1: it is taken next), or
+        0 when it is not there (a worker has it)."""
+        items = self.redis.lrange(self.queue_key, 0, -1)
+        marker = job_id.encode()
+        for index, item in enumerate(items):
+            if marker in item:
+                # huey pushes on the left and takes from the right.
+                return len(items) - index
+        return 0
+
     def renew_lease(self, job_id):
         self.redis.set(self.key(job_id, "lease"), b"1", ex=LEASE)
 
@@ -344,8 +355,13 @@ class WorkerDispatch:
                     broker.renew_lease(job_id)
                     renewed = now
                 item = broker.take(job_id)
+                if item is None and not started:
+                    # Still queued after POLL: the client learns its place
+                    # as the pool tells it (``Job.moved``: once per move).
+                    job.moved(broker.position(job_id))
+                    continue
                 if item is None:
-                    if started and not broker.worker_alive(job_id):
+                    if not broker.worker_alive(job_id):
                         logger.error("job %s: its worker stopped beating; the stream fails", job_id)
                         relay.finish(EndReason.ERROR)
                         return
@@ -356,6 +372,7 @@ class WorkerDispatch:
                     broker.taken(job_id, len(data))
                 elif kind == b"s":
                     started = True
+                    job.moved(0)  # "started", if it was told it waited
                     with self._lock:
                         self.started += 1
                         if job.stream_id in self._live:

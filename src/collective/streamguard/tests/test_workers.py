@@ -429,3 +429,22 @@ class TestWorkers(unittest.TestCase):
         body = self.stream("tag=after-queued&mode=sees&run_on=worker").body(30)
         self.assertEqual(body, b"after-queued\n")
         self.assertEqual(self.events("start", tag="left-queued"), [])
+
+    def test_queued_jobs_are_told_their_place_and_when_they_start(self):
+        busy = self.stream("tag=hog&mode=batch&count=40&hold=0&run_on=worker", auth=MANAGER)
+        busy.read_until(b"created 0\n", 60)
+        text = self.stream(
+            "tag=wait-text&mode=batch&count=1&run_on=worker&type=text/plain", auth=MANAGER
+        )
+        text.read_until(b"queued: position 1\n", 30)
+        # (A user has at most 2 live streams: this one is anonymous.)
+        events = self.stream("tag=wait-sse&mode=batch&count=1&run_on=worker&type=text/event-stream")
+        second = b'event: queued\ndata: {"position": 2}\n\n'
+        first = b'event: queued\ndata: {"position": 1}\n\n'
+        started = b"event: started\ndata: {}\n\ncreated 0\n"
+        events.read_until(second, 30)
+        busy.close()
+        self.assertEqual(text.body(60), b"queued: position 1\ncreated 0\n")
+        body = events.body(60)
+        # Position 1 is told if the feeder looked while it was there.
+        self.assertIn(body, (second + started, second + first + started))

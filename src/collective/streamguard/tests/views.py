@@ -625,7 +625,7 @@ class WorkerStreamView(BrowserView):
     """``@@streamguard-test-worker?tag=T&mode=M&run_on=worker``: the
     registered producers above, on a worker (``run_on=worker``), the pool
     (``pool``) or in the serving thread (none).  ``count``, ``hold`` are
-    the producer's arguments; ``type`` the content type."""
+    the producer's arguments; ``type`` the content type (default CSV)."""
 
     def __call__(self):
         form = self.request.form
@@ -641,7 +641,8 @@ class WorkerStreamView(BrowserView):
         return stream_response(
             self.request,
             WORKER_PRODUCERS[mode],
-            form.get("type", "text/plain; charset=utf-8"),
+            # CSV by default: no queue notices in the body (tests compare it).
+            form.get("type", "text/csv; charset=utf-8"),
             zodb=True,
             context=self.context,
             run_on=form.get("run_on") or None,
