@@ -448,3 +448,68 @@ class TestWorkers(unittest.TestCase):
         body = events.body(60)
         # Position 1 is told if the feeder looked while it was there.
         self.assertIn(body, (second + started, second + first + started))
+
+
+class TestMessages(unittest.TestCase):
+    """Signing and the producer registry, without a broker."""
+
+    def test_a_signed_payload_verifies_only_with_its_secret(self):
+        signed = workers.sign("s3cret", b'{"job": "1"}')
+        self.assertEqual(workers.verify("s3cret", signed), b'{"job": "1"}')
+        with self.assertRaises(workers.BadSignature):
+            workers.verify("other", signed)
+        with self.assertRaises(workers.BadSignature):
+            workers.verify("s3cret", b'{"job": "1"}')  # unsigned
+        forged = signed.replace(b'"1"', b'"2"')
+        with self.assertRaises(workers.BadSignature):
+            workers.verify("s3cret", forged)
+        with self.assertRaises(ValueError):
+            workers.sign("", b"x")  # no secret configured
+
+    def test_the_serializer_writes_signed_json_and_refuses_anything_else(self):
+        import pickle
+
+        from huey.registry import Message
+
+        serializer_class, _ = workers.broker_classes()
+        serializer = serializer_class("s3cret")
+        message = Message(
+            "id",
+            workers.TASK_NAME,
+            None,
+            0,
+            0,
+            None,
+            ({"job": "j"},),
+            {},
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        data = serializer.serialize(message)
+        self.assertTrue(json.loads(workers.verify("s3cret", data)))  # JSON, not pickle
+        self.assertEqual(serializer.deserialize(data).args, [{"job": "j"}])
+        with self.assertRaises(workers.BadSignature):
+            serializer.deserialize(pickle.dumps(message))
+        with self.assertRaises(workers.BadSignature):
+            serializer_class("other").deserialize(data)
+
+    def test_only_registered_producers_have_a_name(self):
+        @workers.register_producer("streamguard-test.unit")
+        def registered(guard):
+            yield "x"
+
+        self.addCleanup(workers.PRODUCERS.pop, "streamguard-test.unit")
+        self.assertEqual(workers.producer_name(registered), "streamguard-test.unit")
+
+        def unregistered(guard):
+            yield "x"
+
+        with self.assertRaises(TypeError):
+            workers.producer_name(unregistered)
+        with self.assertRaises(ValueError):
+            workers.register_producer("streamguard-test.unit")(unregistered)
