@@ -33,11 +33,13 @@ VAR := $(CURDIR)/var$(SUFFIX)
 
 export SITE_ID ADMIN_USER ADMIN_PASSWORD
 
-.PHONY: help install install-test system-packages instance run test test-buildout buildout pins lint format i18n clean
+.PHONY: help install install-test system-packages cluster-packages instance run cluster test-cluster test test-buildout buildout pins lint format i18n clean
 
 help:
 	@echo "make run    serve http://$(HOST):$(PORT)/$(SITE_ID) (login $(ADMIN_USER))"
 	@echo "make test   run the whole test suite"
+	@echo "make cluster   ZEO, INSTANCES=$(INSTANCES) instances and HAProxy on http://$(HOST):$(PORT)"
+	@echo "make test-cluster   start make cluster briefly and check it answers"
 	@echo "make test-buildout   install with buildout and check the instance answers"
 	@echo "make pins   regenerate constraints.txt and versions.cfg"
 	@echo "PLONE=6.1   any of these on Plone 6.1 instead of 6.2, in .venv-6.1 with"
@@ -53,6 +55,10 @@ $(BIN)/python:
 # pins or the package metadata change.
 $(VENV)/.installed-plone: $(BIN)/python setup.py $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) pip setuptools wheel -e ".[plone]"
+	@touch $@
+
+$(VENV)/.installed-cluster: $(VENV)/.installed-plone
+	$(PIP) install -c $(CONSTRAINTS) -e ".[plone,cluster]"
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-plone
@@ -73,21 +79,36 @@ $(ZSERVER_DIR)/.installed-$(ZSERVER_VERSION): $(BIN)/python
 install: $(VENV)/.installed-plone
 install-test: $(VENV)/.installed-test $(ZSERVER_DIR)/.installed-$(ZSERVER_VERSION) system-packages
 
-# The viewer's end-to-end test drives Debian's Chromium with its driver
-# (browsers downloaded by test tools cannot be fetched on our machines); the
-# vanished-peer test puts its client in a network namespace (iproute2's ip);
-# the worker tests start their own Redis (redis-server) on a free port.
-SYSTEM_PACKAGES := chromium chromium-driver iproute2 redis-server
-system-packages:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v ip >/dev/null || ! command -v redis-server >/dev/null; then \
+# Debian packages, installed with apt-get where a command is missing:
+# $(call apt-install,commands,packages).
+define apt-install
+	@missing=; for command in $(1); do \
+	  command -v $$command >/dev/null || [ -x /usr/sbin/$$command ] || missing=1; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "Installing $(SYSTEM_PACKAGES) with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	    echo "Installing $(2) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	  else \
-	    echo "make test needs Debian's $(SYSTEM_PACKAGES): sudo apt-get install $(SYSTEM_PACKAGES)"; \
+	    echo "This needs Debian's $(2): sudo apt-get install $(2)"; \
 	    exit 1; \
 	  fi; \
 	fi
+endef
+
+# The viewer's end-to-end test drives Debian's Chromium with its driver
+# (browsers downloaded by test tools cannot be fetched on our machines); the
+# vanished-peer test puts its client in a network namespace (iproute2's ip);
+# the cluster tests put HAProxy in front of two instances; the worker tests
+# start their own Redis (redis-server) on a free port.
+SYSTEM_PACKAGES := chromium chromium-driver iproute2 haproxy redis-server
+system-packages:
+	$(call apt-install,chromium chromedriver ip haproxy redis-server,$(SYSTEM_PACKAGES))
+
+# `make cluster` needs only the balancer.
+CLUSTER_PACKAGES := haproxy
+cluster-packages:
+	$(call apt-install,haproxy,$(CLUSTER_PACKAGES))
 
 # The instance's configuration is rendered on every run, so HOST, PORT and
 # THREADS take effect; the data (var/) is kept.
@@ -117,6 +138,33 @@ run: instance
 	@# Parked streams hold a socket each: the add-on raises the soft open-files
 	@# limit to the hard one (zope.ini sets asyncore_use_poll); see README.
 	$(BIN)/runwsgi $(INSTANCE)/etc/zope.ini
+
+# A cluster as production runs Plone: a ZEO server (runzeo, its data in
+# var/zeo/), INSTANCES Zope instances as its clients (ports PORT+1 to
+# PORT+INSTANCES, each with its own var/cluster/instanceN/ and log files) and
+# HAProxy in front on PORT, with etc/haproxy.cfg.in (README: Deployment).
+# scripts/cluster.py renders the configurations into cluster/, creates the
+# site on the ZEO storage as `make run` does, starts everything, prints the
+# URLs and stops everything on Ctrl-C.  `make run` keeps its FileStorage.
+INSTANCES ?= 2
+ZEO_PORT ?= 8100
+CLUSTER := $(CURDIR)/cluster$(SUFFIX)
+CLUSTER_ARGS = --bin $(BIN) --directory $(CLUSTER) --var $(VAR) --host $(HOST) \
+	--port $(PORT) --instances $(INSTANCES) --zeo-port $(ZEO_PORT) --threads $(THREADS)
+ifeq ($(PLONE),6.1)
+cluster test-cluster: export AUTOINCLUDE_ALLOW_MODULE_NOT_FOUND_ERROR := 1
+endif
+cluster: $(VENV)/.installed-cluster cluster-packages
+	$(BIN)/python scripts/cluster.py $(CLUSTER_ARGS)
+
+# make cluster from start to answer, on its own ports and data (CI runs it).
+CHECK_CLUSTER_DIR := $(CURDIR)/.check-cluster$(SUFFIX)
+test-cluster: $(VENV)/.installed-cluster cluster-packages
+	rm -rf $(CHECK_CLUSTER_DIR)
+	$(BIN)/python scripts/cluster.py --bin $(BIN) --directory $(CHECK_CLUSTER_DIR)/cluster \
+	  --var $(CHECK_CLUSTER_DIR)/var --host 127.0.0.1 --port 0 --instances 2 --zeo-port 0 \
+	  --threads 2 --check
+	rm -rf $(CHECK_CLUSTER_DIR)
 
 # The lint tools, where they were installed, are kept at their pins too:
 # the check below compares every installed package with the pins.
@@ -184,4 +232,4 @@ i18n: $(VENV)/.installed-i18n
 	  --create collective.streamguard src/collective/streamguard
 
 clean:
-	rm -rf $(VENV) $(INSTANCE) src/*.egg-info
+	rm -rf $(VENV) $(INSTANCE) $(CLUSTER) src/*.egg-info

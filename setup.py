@@ -77,8 +77,13 @@ setup(
             "Products.CMFPlone>=6.1",
             "plone.app.registry",
         ],
+        # `make cluster`: the ZEO server (runzeo) and the instances' ZEO
+        # client storage.
+        "cluster": [
+            "ZEO",
+        ],
         # Busy producers in worker processes (run_on="worker"): huey over
-        # Redis, and the `streamguard-worker` command.
+        # Redis, and the `streamguard-worker` command (a ZEO client).
         "workers": [
             "huey>=2.5",
             "redis>=4",

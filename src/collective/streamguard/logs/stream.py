@@ -12,6 +12,7 @@ carry JSON: the instance, the log's name, and for a switch the reason and
 where it starts.  Event ids are ``logs.position`` ids: file and offset.
 """
 
+import collections
 import json
 import logging
 import random
@@ -91,12 +92,20 @@ class LogStream:
         self.log = log
         self.last_lines = last_lines
         self._after_cr = False  # the last event ended with CR
+        self._unsent = ()  # pieces read and not yet given to the stream
         # A body the publisher drops without running still closes the
         # follower's file and inotify descriptors.
         weakref.finalize(self, follower.close)
 
     def close(self):
         self.follower.close()
+
+    @property
+    def held_bytes(self):
+        """Bytes of the log read and not yet handed to the stream: with a
+        client that does not read, what this producer holds besides the
+        stream's output queue (at most one piece)."""
+        return sum(len(piece.data) for piece in self._unsent)
 
     def __call__(self, guard):
         guard.add_cleanup(self.follower.close)
@@ -119,9 +128,16 @@ class LogStream:
         # guard.catching_up); past it, such a client counts as gone.
         caught_up_at = follower.size
         first = self.sse
+        # One piece per read: a step stops once the client's queue is full
+        # (parking.stream.OUT_HIGH), and what the generator holds then
+        # (the rest of a read) is this stream's memory for as long as the
+        # client does not read.  A 1 MiB read held up to 16 SSE pieces
+        # more, and their events: 2 MiB per stuck viewer, measured
+        # (benchmarks/bench_stuck_readers.py).
+        max_bytes = piece_size(self.sse)
         while True:
             try:
-                pieces = follower.read(notified=notifies)
+                pieces = follower.read(max_bytes, notified=notifies)
             except LogUnavailable as error:
                 # The file became something we must not read (a symlink, a
                 # hard link) or cannot be read: stop here, having sent
@@ -144,8 +160,9 @@ class LogStream:
                     self.last_lines,
                     None if place is None else place + follower.carried,
                 )
-            for piece in pieces:
-                yield self.format(piece)
+            unsent = self._unsent = collections.deque(pieces)
+            while unsent:
+                yield self.format(unsent.popleft())
             if follower.ended:
                 # The writer's end marker: tell an EventSource not to
                 # reconnect, then finish.
@@ -164,7 +181,7 @@ class LogStream:
             timeout = INOTIFY_SAFETY_NET if notifies else follower.poll_interval
             # The last pieces sent are not kept while idle: their data may be
             # a whole read buffer (1 MiB for text), for hours.
-            pieces = piece = None
+            pieces = None
             if (yield from guard.idle(timeout)):
                 return
 

@@ -108,6 +108,11 @@ class ParkedStream:
 
     # -- any thread ---------------------------------------------------------
 
+    @property
+    def queued_bytes(self):
+        """Bytes waiting for the client (framing included)."""
+        return self.out.size
+
     def adopt(self, leftovers=()):
         """The server has let go of the socket (its I/O thread): the hub
         takes the stream over, with what the server had not sent yet."""

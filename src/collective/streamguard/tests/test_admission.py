@@ -56,11 +56,12 @@ class TestStreamRequests(unittest.TestCase):
         opens = admission.is_stream_request
         self.assertTrue(opens("/Plone/@@stream-log", ""))
         self.assertTrue(opens("/Plone/stream-log", ""))
-        self.assertTrue(opens("/Plone/folder/@@export-stream", ""))
+        self.assertTrue(opens("/Plone/folder/@@stream-export", ""))
         self.assertTrue(opens("/Plone/@@anything", "text/event-stream"))
         self.assertTrue(opens("/Plone/@@anything", "text/html, text/event-stream;q=0.5"))
         self.assertFalse(opens("/Plone/@@stream-status", "text/html"))
         self.assertFalse(opens("/Plone/@@stream-log-viewer", "text/html"))
+        self.assertFalse(opens("/Plone/@@export-stream", "text/html"))
         self.assertFalse(opens("/Plone/front-page", "*/*"))
         self.assertFalse(opens("/", ""))
 

@@ -12,6 +12,7 @@ served and parks; every page asked for meanwhile answers.
 """
 
 import faulthandler
+import gc
 import os
 import selectors
 import socket
@@ -21,6 +22,9 @@ import time
 from plone.app.testing import SITE_OWNER_NAME
 from plone.app.testing import SITE_OWNER_PASSWORD
 
+from collective.streamguard.logs.stream import SSE_PIECE
+from collective.streamguard.logs.stream import LogStream
+from collective.streamguard.parking.stream import OUT_HIGH
 from collective.streamguard.streams import live_streams
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import basic_auth
@@ -202,3 +206,45 @@ class TestArrivalBurst(LogTestCase):
         for sock in received:
             sock.close()
         self.assertTrue(wait_for(lambda: not parked(), 30))
+
+
+class TestStuckReader(LogTestCase):
+    def test_a_viewer_that_stops_reading_holds_its_queue_and_one_piece_at_most(self):
+        self.configure(max_streams_per_user=0)
+        address = (self.layer["host"], self.layer["port"])
+        status, _, _ = http_request(address, "/plone")  # parking is installed
+        self.assertEqual(status, 200)
+        sock = socket.socket()
+        self.sockets.append(sock)
+        # A client that reads nothing more: the kernel's buffers fill first.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address)
+        auth = basic_auth(SITE_OWNER_NAME, SITE_OWNER_PASSWORD)
+        sock.sendall(
+            b"GET /plone/@@stream-log?log=app&format=sse HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: %s\r\n\r\n" % auth.encode()
+        )
+        sock.settimeout(10)
+        received = b""
+        while b"retry: " not in received:
+            received += sock.recv(4096)
+        self.assertTrue(wait_for(lambda: len(parked()) == 1))
+        line = "x" * 99 + "\n"
+        for _ in range(8):  # 8 MiB, far more than the socket's buffers
+            self.write(line * ((1 << 20) // len(line)))
+        record = parked()[0] if parked() else None
+
+        def stuck():
+            # Parked again, waiting for the client to read (backpressure).
+            stream = record.guard.parked
+            return record.is_parked and stream.queued_bytes > OUT_HIGH
+
+        self.assertTrue(wait_for(stuck, 30), record)
+        producers = [
+            o for o in gc.get_objects() if isinstance(o, LogStream) and o.follower.path == self.path
+        ]
+        self.assertEqual(len(producers), 1)
+        held = record.guard.parked.queued_bytes + producers[0].held_bytes
+        # The documented bound (docs/parked-streams.rst): the queue's high
+        # water mark, plus one piece read and its event.
+        self.assertLessEqual(held, OUT_HIGH + 3 * SSE_PIECE)

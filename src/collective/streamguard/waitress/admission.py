@@ -17,17 +17,20 @@ them.  Everything else (pages, error responses, parked streams' steps)
 keeps waitress' order.
 
 What opens a stream is decided from the request alone, before Zope sees
-it, with the rule a balancer in front can apply too (``etc/haproxy.cfg``):
+it, with the rule the shipped balancer applies too (``etc/haproxy.cfg.in``):
 ``Accept`` names ``text/event-stream`` (every EventSource sends it), or the
-last path segment, without ``@@``, is ``stream-log`` or ends in
-``-stream`` (README: "Marking your own stream views").
+view's name (the last path segment, without ``@@``) starts with
+``stream-`` (``@@stream-log``, and the convention for an integrator's own
+stream views, ``@@stream-export``: README, Deployment), except the add-on's
+pages ``@@stream-log-viewer`` and ``@@stream-status``.
 """
 
 import collections
 
-#: View names (the last path segment, ``@@`` removed) that open a stream.
-STREAM_VIEW_NAMES = frozenset({"stream-log"})
-STREAM_VIEW_SUFFIX = "-stream"
+#: View names (the last path segment, ``@@`` removed) that open a stream
+#: start so; the add-on's pages that do not are listed.
+STREAM_VIEW_PREFIX = "stream-"
+PAGES = frozenset({"stream-log-viewer", "stream-status"})
 
 
 def is_stream_request(path, accept):
@@ -38,7 +41,7 @@ def is_stream_request(path, accept):
     name = path.rstrip("/").rpartition("/")[2]
     if name.startswith("@@"):
         name = name[2:]
-    return name in STREAM_VIEW_NAMES or name.endswith(STREAM_VIEW_SUFFIX)
+    return name.startswith(STREAM_VIEW_PREFIX) and name not in PAGES
 
 
 def opens_stream(task):
