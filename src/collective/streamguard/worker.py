@@ -86,9 +86,13 @@ def main(argv=None):
     app._p_jar.close()
 
     from collective.streamguard import workers
+    from collective.streamguard.deployment import WorkersNotConfigured
     from collective.streamguard.deployment import worker_settings
 
-    url, secret = worker_settings()
+    try:
+        url, secret = worker_settings()
+    except WorkersNotConfigured as error:
+        parser.exit(2, f"streamguard-worker: {options.zope_conf}: {error}\n")
     name = options.name or f"{socket.gethostname()}:{os.getpid()}"
     broker = workers.Broker(url, secret)
     logger.info("streamguard worker %s serves jobs from the broker", name)

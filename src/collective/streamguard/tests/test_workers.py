@@ -513,3 +513,29 @@ class TestMessages(unittest.TestCase):
             workers.producer_name(unregistered)
         with self.assertRaises(ValueError):
             workers.register_producer("streamguard-test.unit")(unregistered)
+
+
+class TestWorkerCommand(unittest.TestCase):
+    def test_a_zope_conf_without_broker_or_secret_gets_a_clear_answer(self):
+        home = ZopeInstance(free_port())
+        self.addCleanup(home.remove)
+        result = subprocess.run(
+            [executable("streamguard-worker"), home.zope_conf],
+            env={**os.environ, **home.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("needs worker-broker and worker-secret", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_a_missing_zope_conf_gets_a_clear_answer(self):
+        result = subprocess.run(
+            [executable("streamguard-worker"), "/nonexistent/zope.conf"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no such file: /nonexistent/zope.conf", result.stderr)
