@@ -229,10 +229,10 @@ class TestStuckReader(LogTestCase):
         while b"retry: " not in received:
             received += sock.recv(4096)
         self.assertTrue(wait_for(lambda: len(parked()) == 1))
+        (record,) = parked()
         line = "x" * 99 + "\n"
         for _ in range(8):  # 8 MiB, far more than the socket's buffers
             self.write(line * ((1 << 20) // len(line)))
-        record = parked()[0] if parked() else None
 
         def stuck():
             # Parked again, waiting for the client to read (backpressure).
