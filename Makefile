@@ -99,10 +99,11 @@ endef
 # The viewer's end-to-end test drives Debian's Chromium with its driver
 # (browsers downloaded by test tools cannot be fetched on our machines); the
 # vanished-peer test puts its client in a network namespace (iproute2's ip);
-# the cluster tests put HAProxy in front of two instances.
-SYSTEM_PACKAGES := chromium chromium-driver iproute2 haproxy
+# the cluster tests put HAProxy in front of two instances; the worker tests
+# start their own Redis (redis-server) on a free port.
+SYSTEM_PACKAGES := chromium chromium-driver iproute2 haproxy redis-server
 system-packages:
-	$(call apt-install,chromium chromedriver ip haproxy,$(SYSTEM_PACKAGES))
+	$(call apt-install,chromium chromedriver ip haproxy redis-server,$(SYSTEM_PACKAGES))
 
 # `make cluster` needs only the balancer.
 CLUSTER_PACKAGES := haproxy

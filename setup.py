@@ -82,7 +82,17 @@ setup(
         "cluster": [
             "ZEO",
         ],
+        # Busy producers in worker processes (run_on="worker"): huey over
+        # Redis, and the `streamguard-worker` command (a ZEO client).
+        "workers": [
+            "huey>=2.5",
+            "redis>=4",
+            "ZEO",
+        ],
         "test": [
+            # The [workers] extra's.
+            "huey>=2.5",
+            "redis>=4",
             "Products.CMFPlone>=6.1",
             "plone.app.contenttypes",
             "plone.app.registry",
@@ -117,6 +127,9 @@ setup(
         "plone.autoinclude.plugin": [
             "target = plone",
             "module = collective.streamguard",
+        ],
+        "console_scripts": [
+            "streamguard-worker = collective.streamguard.worker:main",
         ],
     },
 )

@@ -7,7 +7,10 @@ instance with the add-on, its test views and a manager user) serves
 its own ZODB connection (about 20 ms of work; ``--steps`` steps, about 10 s in
 all), one line per step.  For each place (``in-process``: today's, the
 producer on waitress' worker; ``pool``: ``run_on="pool"``, 2 job threads,
-a queue of 16), in one run:
+a queue of 16; ``workers``: ``run_on="worker"``, 2 ``streamguard-worker``
+processes, huey's queue in a Redis started here), in one run.  With
+``workers`` among the places the database is a ZEO server (``runzeo``)
+for every place, so that the columns compare the same storage:
 
 - N concurrent streams (``--streams``, 20) are opened at once: served
   (200, and it runs at once), queued (200, its first line says so),
@@ -25,7 +28,8 @@ a queue of 16), in one run:
 
 Run from the repository root, after ``make install-test``::
 
-    .venv/bin/python benchmarks/bench_offload.py [--streams 20] [--steps 500] [--reps 400]
+    .venv/bin/python benchmarks/bench_offload.py [--streams 20] [--steps 500] [--reps 400] \\
+        [--places in-process,pool,workers]
 
 Nothing is asserted.
 """
@@ -35,8 +39,11 @@ import base64
 import json
 import os
 import platform
+import secrets
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -52,6 +59,7 @@ from bench_parked_streams import start_zope  # noqa: E402
 
 from collective.streamguard.tests.helpers import HOST  # noqa: E402
 from collective.streamguard.tests.helpers import wait_until_serving  # noqa: E402
+from collective.streamguard.tests.servers import executable  # noqa: E402
 from collective.streamguard.tests.servers import free_port  # noqa: E402
 from collective.streamguard.tests.zopeinstance import ZopeInstance  # noqa: E402
 
@@ -69,6 +77,7 @@ from zope.interface import implementer
 
 from collective.streamguard.interfaces import IStreamSettingsProvider
 from collective.streamguard.streaming import stream_response
+from collective.streamguard.workers import register_producer
 
 FINALLY = {finally_path!r}
 ENTRIES = 20000
@@ -103,22 +112,29 @@ class Work(BrowserView):
         reps = int(form.get("reps", "400"))
         tag = form.get("tag", "")
 
-        def producer(guard):
-            tree = guard.zodb.app._bench_tree
-            try:
-                for n in range(steps):
-                    start = (n * 997) % ENTRIES
-                    total = 0
-                    for _ in range(reps):
-                        total += sum(tree.values(min=start, max=start + slice_))
-                    yield f"{{n}} {{total}}\\n"
-            finally:
-                with open(FINALLY, "a") as f:
-                    f.write(json.dumps({{"tag": tag, "time": time.monotonic()}}) + "\\n")
-
         return stream_response(
-            self.request, producer, zodb=True, context=self.context, run_on=run_on
+            self.request,
+            work,
+            zodb=True,
+            context=self.context,
+            run_on=run_on,
+            job_args={{"steps": steps, "slice_": slice_, "reps": reps, "tag": tag}},
         )
+
+
+@register_producer("bench.work")
+def work(guard, steps, slice_, reps, tag):
+    tree = guard.zodb.app._bench_tree
+    try:
+        for n in range(steps):
+            start = (n * 997) % ENTRIES
+            total = 0
+            for _ in range(reps):
+                total += sum(tree.values(min=start, max=start + slice_))
+            yield f"{{n}} {{total}}\\n"
+    finally:
+        with open(FINALLY, "a") as f:
+            f.write(json.dumps({{"tag": tag, "time": time.monotonic()}}) + "\\n")
 """
 
 SITE_ZCML = """\
@@ -256,11 +272,63 @@ def main():
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--closes", type=int, default=10)
     parser.add_argument("--reps", type=int, default=400, help="sums of 2,000 entries per step")
-    parser.add_argument("--places", default="in-process,pool")
+    parser.add_argument("--places", default="in-process,pool,workers")
     args = parser.parse_args()
+    places = args.places.split(",")
     port = free_port()
-    instance = ZopeInstance(port, stream_log=True)
+    helpers = []  # runzeo, redis-server, workers: stopped at the end
+    zeo = None
+    if "workers" in places:
+        zeo_port = free_port()
+        zeo_home = ZopeInstance(free_port())  # for its temp dir
+        helpers.append(
+            subprocess.Popen(
+                [
+                    executable("runzeo"),
+                    "-a",
+                    f"{HOST}:{zeo_port}",
+                    "-f",
+                    os.path.join(zeo_home.home, "var", "zeo.fs"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_until_serving(zeo_port, helpers[-1], timeout=30.0, path=None)
+        zeo = f"{HOST}:{zeo_port}"
+    instance = ZopeInstance(port, zeo=zeo, stream_log=True)
     home = instance.home
+    if zeo is not None:
+        redis_port, password = free_port(), secrets.token_hex(16)
+        helpers.append(
+            subprocess.Popen(
+                [
+                    shutil.which("redis-server") or "/usr/bin/redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    HOST,
+                    "--requirepass",
+                    password,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    os.path.join(home, "var"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_until_serving(redis_port, helpers[-1], timeout=30.0, path=None)
+        with open(instance.zope_conf, "a") as f:
+            f.write(
+                "<product-config collective.streamguard>\n"
+                f"  worker-broker redis://:{password}@{HOST}:{redis_port}/0\n"
+                f"  worker-secret {secrets.token_hex(16)}\n"
+                "</product-config>\n"
+            )
     with open(os.path.join(home, "etc", "site.zcml"), "w") as f:
         f.write(SITE_ZCML)
     finally_path = os.path.join(home, "var", "finally.jsonl")
@@ -276,6 +344,22 @@ def main():
     process = start_zope(instance, env)
     try:
         wait_until_serving(port, process)
+        if zeo is not None:
+            for n in range(2):
+                log = os.path.join(home, "var", f"worker-{n}.log")
+                helpers.append(
+                    subprocess.Popen(
+                        [executable("streamguard-worker"), instance.zope_conf],
+                        env=env,
+                        cwd=home,
+                        stdout=open(log, "ab"),  # noqa: SIM115
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+                while "serves jobs" not in open(log).read():
+                    if helpers[-1].poll() is not None:
+                        raise SystemExit(f"a worker failed to start: {open(log).read()}")
+                    time.sleep(0.05)
         get(port, "/@@bench-setup")
         page_latencies(port, "/", 20)  # warm up
         # One stream alone: how long the work takes.
@@ -289,7 +373,8 @@ def main():
         print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
         print(
             f"# runwsgi + waitress 4 threads; {args.streams} concurrent streams of "
-            f"{args.steps} steps; one alone takes {alone.ended - t0:.1f} s; pool 2, queue 16"
+            f"{args.steps} steps; one alone takes {alone.ended - t0:.1f} s; pool 2, queue 16; "
+            f"{'ZEO, 2 workers' if zeo else 'FileStorage'}"
         )
         header = (
             f"{'place':<11} {'served':>6} {'queued':>6} {'refused':>7} {'done':>4} "
@@ -298,8 +383,8 @@ def main():
         )
         print(header)
         print("-" * len(header))
-        for place in args.places.split(","):
-            run_on = "pool" if place == "pool" else ""
+        for place in places:
+            run_on = {"pool": "pool", "workers": "worker"}.get(place, "")
             r = measure(port, instance, run_on, args.streams, args.steps, args.closes)
             print(
                 f"{place:<11} {r['served']:>6} {r['queued']:>6} {r['refused']:>7} "
@@ -314,7 +399,12 @@ def main():
     finally:
         process.kill()
         process.wait(10)
+        for helper in reversed(helpers):
+            helper.terminate()
+            helper.wait(20)
         instance.remove()
+        if zeo is not None:
+            zeo_home.remove()
 
 
 if __name__ == "__main__":

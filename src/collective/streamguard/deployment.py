@@ -97,3 +97,23 @@ def log_rules():
 def _rules(directories, refused):
     # LogRules resolves its directories once (realpath), not per request.
     return LogRules(directories, refused)
+
+
+class WorkersNotConfigured(ValueError):
+    """``run_on="worker"`` without zope.conf's broker and secret."""
+
+
+def worker_settings():
+    """``(broker_url, secret)`` of worker processes (``run_on="worker"``):
+    zope.conf's ``worker-broker`` (``redis://:password@host:port/0``) and
+    ``worker-secret`` (the key that signs job messages; the same on the
+    web instances and the workers).  Raises ``WorkersNotConfigured``."""
+    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    url = str(product.get("worker-broker") or "").strip()
+    secret = str(product.get("worker-secret") or "").strip()
+    if not url or not secret:
+        raise WorkersNotConfigured(
+            "run_on='worker' needs worker-broker and worker-secret in zope.conf's "
+            "<product-config collective.streamguard>"
+        )
+    return url, secret

@@ -28,6 +28,7 @@ around a producer, with the guard of ``collective.streamguard.guard``:
   ``response.write()`` from the worker thread instead.
 """
 
+import functools
 import json
 import sys
 
@@ -78,8 +79,8 @@ TOO_MANY_WITH_ZODB = (
 SSE_ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
 QUEUE_FULL = "Too many jobs wait for this server's job pool; try again in a few seconds.\n"
 #: Where a producer runs: the thread that serves the stream (today's, the
-#: default), or the add-on's job pool.
-RUN_ON = (None, "pool")
+#: default), the add-on's job pool, or a worker process.
+RUN_ON = (None, "pool", "worker")
 REFUSALS = {Refused.USER_LIMIT: TOO_MANY_FOR_USER, Refused.ZODB_BUSY: TOO_MANY_WITH_ZODB}
 
 
@@ -170,6 +171,7 @@ def stream_response(
     log=None,
     catch_up=False,
     run_on=None,
+    job_args=None,
 ):
     """Return what a view returns to stream ``producer`` to the client.
 
@@ -190,6 +192,12 @@ def stream_response(
     starts by sending what was there when the request came, and clears
     ``guard.catching_up`` once it has; until then a client that shut down
     only its sending side after the request still gets it.
+
+    ``run_on``: None (the serving thread), ``"pool"`` (the job pool) or
+    ``"worker"`` (a worker process, ``collective.streamguard.workers``: the
+    producer must be registered with ``register_producer``, and
+    ``job_args``, a dict of JSON-able values, are its keyword arguments
+    there; they are passed the same way on the other places).
     """
     if producer is None or not (callable(producer) or hasattr(producer, "__iter__")):
         raise TypeError(
@@ -199,7 +207,17 @@ def stream_response(
     if zodb and context is None:
         raise TypeError("stream_response(zodb=True) needs the view's context")
     if run_on not in RUN_ON:
-        raise ValueError(f"stream_response(run_on=...) takes None or 'pool', got {run_on!r:.40}")
+        raise ValueError(
+            f"stream_response(run_on=...) takes None, 'pool' or 'worker', got {run_on!r:.40}"
+        )
+    on_worker = run_on == "worker"
+    if on_worker:
+        from collective.streamguard import workers
+
+        workers.producer_name(producer)  # TypeError unless registered
+        job_args = json.loads(json.dumps(job_args or {}))  # JSON-able, or TypeError
+    if job_args:
+        producer = functools.partial(producer, **job_args)
     response = request.response
     if request.get("REQUEST_METHOD", "GET") == "HEAD":
         # The headers of the stream, no stream: nothing runs, nothing is
@@ -222,7 +240,7 @@ def stream_response(
     # from the start, and is refused before its first byte.
     # On the pool, the request's stream only relays (it may always park),
     # and the job's connection is counted by the pool's size, not here.
-    on_pool = run_on == "pool"
+    on_pool = run_on in ("pool", "worker")
     may_park = on_pool or takes_guard(producer)
     park = park_function(request.environ, defaults) if may_park else None
     kind = HELD if park is None else PARKABLE
@@ -255,7 +273,12 @@ def stream_response(
         guard.catching_up = catch_up
         session = ZODBSession(context, request, write_policy(request)) if zodb else None
         stream_label = label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", "")
-        if on_pool:
+        if on_worker:
+            job = worker_job(
+                request, producer, content_type, guard, session, stream_label, user_name
+            )
+            producer, session = jobs.relay_producer(job), None
+        elif on_pool:
             job = pool_job(
                 request, producer, content_type, guard, session, stream_label, user_name, user
             )
@@ -333,6 +356,56 @@ def pool_job(request, producer, content_type, guard, session, label, user_name, 
     except BaseException:
         jobs.pool.withdraw(job)
         raise
+    return job
+
+
+#: The process's dispatch to worker processes, made when first needed.
+_dispatch = None
+
+
+def worker_dispatch():
+    """This process' ``WorkerDispatch`` (zope.conf's broker and secret)."""
+    global _dispatch
+    from collective.streamguard import workers
+    from collective.streamguard.deployment import worker_settings
+
+    settings = worker_settings()
+    if _dispatch is None or _dispatch.settings != settings:
+        dispatch = workers.WorkerDispatch(workers.Broker(*settings))
+        dispatch.settings = settings
+        _dispatch = dispatch
+    return _dispatch
+
+
+def current_worker_dispatch():
+    """This process' ``WorkerDispatch`` if it has dispatched, else None."""
+    return _dispatch
+
+
+def worker_job(request, producer, content_type, guard, session, label, user_name):
+    """The job that runs the registered ``producer`` in a worker process
+    for the stream of ``guard``; dispatched at the stream's first step
+    (after the request's transaction has committed)."""
+    from collective.streamguard import workers
+
+    args = {}
+    if isinstance(producer, functools.partial):
+        producer, args = producer.func, dict(producer.keywords)
+    dispatch = worker_dispatch()
+    relay = jobs.Relay(guard.wake)
+    job = jobs.Job(None, relay, notice=queue_notice(content_type), label=label)
+    job.pool = dispatch
+    job.message = {
+        "job": workers.new_job_id(),
+        "producer": workers.producer_name(producer),
+        "args": args,
+        "session": session.plain() if session is not None else None,
+        "may_write": write_policy(request) is None,
+        "max_duration": guard.max_duration,
+        "label": label,
+        "user": user_name,
+        "client": request.environ.get("REMOTE_ADDR", ""),
+    }
     return job
 
 

@@ -144,6 +144,52 @@ class ZODBSession:
         self._index_queue = ([], None)
         self._closed = False
 
+    #: What ``plain()`` carries to a worker process (``from_plain``).
+    PLAIN = (
+        "context_path",
+        "site_path",
+        "user_id",
+        "user_folder_path",
+        "environ",
+        "server_url",
+        "virtual_root",
+    )
+
+    def plain(self):
+        """What this session captured, as JSON-able data (for a worker)."""
+        data = {name: getattr(self, name) for name in self.PLAIN}
+        for name in ("context_path", "site_path", "user_folder_path", "virtual_root"):
+            if data[name] is not None:
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_plain(cls, db, data, write_check=None):
+        """A session on ``db`` (a worker's, a ZEO client of the same
+        storage) for what ``plain()`` gave: the same context, site, user."""
+        session = cls.__new__(cls)
+        session.write_check = write_check
+        session.db = db
+        for name in cls.PLAIN:
+            value = data.get(name)
+            if name.endswith("_path") or name == "virtual_root":
+                value = tuple(value) if value is not None else None
+            setattr(session, name, value)
+        session.environ = dict(session.environ or {})
+        session._reset()
+        return session
+
+    def _reset(self):
+        self.transaction_manager = None
+        self.connection = None
+        self.context = self.site = self.app = self.request = None
+        self._guard = None
+        self._thread_manager = None
+        self._security_manager = None
+        self._saved = None
+        self._index_queue = ([], None)
+        self._closed = False
+
     def open(self, guard):
         """Open the connection and set up user, site and request (serving thread)."""
         self._guard = guard

@@ -6,6 +6,7 @@ from datetime import timezone
 
 from Products.Five import BrowserView
 
+from collective.streamguard import streaming
 from collective.streamguard.deployment import instance_name
 from collective.streamguard.jobs import pool
 from collective.streamguard.streaming import untransformed_headers
@@ -18,10 +19,11 @@ def status(environ=None):
     that asks, for the instance's name)."""
     snapshot = live_streams.snapshot()
     live = []
-    places = {"held thread": 0, "parked": 0, "pool": 0, "queued": 0}
+    places = {"held thread": 0, "parked": 0, "pool": 0, "queued": 0, "worker": 0}
     for record in sorted(live_streams.live(), key=lambda r: r.id):
         place, position = where(record)
-        places[place] += 1
+        # "worker NAME" counts as "worker"; "worker queue" too.
+        places[place.split(" ")[0] if place.startswith("worker") else place] += 1
         live.append(
             {
                 "id": record.id,
@@ -38,7 +40,9 @@ def status(environ=None):
                 "thread": "parked" if record.is_parked else "holds a thread",
                 # Where its producer runs: "held thread", "parked", "pool"
                 # (a job thread; the stream itself relays, parked between
-                # chunks) or "queued" (``position`` in the pool's queue).
+                # chunks), "queued" (``position`` in the pool's queue),
+                # "worker NAME" (a worker process runs it) or "worker
+                # queue" (dispatched, no worker has taken it yet).
                 "runs": place,
                 "position": position,
             }
@@ -51,6 +55,7 @@ def status(environ=None):
         "live": live,
         "places": places,
         "pool": pool.snapshot(),
+        "workers": _workers_snapshot(),
         "parked": snapshot["parked"],
         "holding_a_thread": snapshot["holding_a_thread"],
         "ended": snapshot["ended"],
@@ -59,9 +64,18 @@ def status(environ=None):
     }
 
 
+def _workers_snapshot():
+    dispatch = streaming.current_worker_dispatch()
+    return dispatch.snapshot() if dispatch is not None else None
+
+
 def where(record):
     """``(place, position)``: where the producer of a live stream runs."""
     place = pool.place_of(record.id)
+    if place is not None:
+        return place
+    dispatch = streaming.current_worker_dispatch()
+    place = dispatch.place_of(record.id) if dispatch is not None else None
     if place is not None:
         return place
     return ("parked" if record.is_parked else "held thread"), 0

@@ -18,7 +18,17 @@ SRC = os.path.dirname(os.path.dirname(PACKAGE))
 #: The core's rooms: everything in them is plain Python.
 CORE_PACKAGES = ("parking", "logs")
 #: The core's modules at the top of the package.
-CORE = ("connection", "probes", "watcher", "guard", "streams", "shutdown", "hub", "jobs")
+CORE = (
+    "connection",
+    "probes",
+    "watcher",
+    "guard",
+    "streams",
+    "shutdown",
+    "hub",
+    "jobs",
+    "workers",
+)
 #: All of waitress' knowledge: may import waitress, nothing of Zope.
 WAITRESS_PACKAGE = "waitress"
 ZOPE = (
@@ -28,6 +38,7 @@ ZOPE = (
     "parkpolicy",
     "zodb",
     "deployment",
+    "worker",
     "browser.stream_log",
     "browser.status",
 )

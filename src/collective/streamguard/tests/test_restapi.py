@@ -66,6 +66,7 @@ class TestStreamStatusService(RestAPITestCase):
                 "holding_a_thread",
                 "places",
                 "pool",
+                "workers",
             },
         )
         # Which instance answers, and that the counts are its own.

@@ -536,3 +536,153 @@ def _readme_retitle_documents(guard, batch_size):
             guard.zodb.commit()
         yield f"{done} {brain.getPath()}\n"
     yield f"done: {done} documents\n"
+
+
+# -- Producers registered for worker processes (run_on="worker") --------
+
+from collective.streamguard.workers import register_producer  # noqa: E402
+
+
+def _job_events(guard, tag):
+    guard.add_cleanup(
+        lambda: record("cleanup", tag=tag, reason=guard.reason.value, pid=os.getpid())
+    )
+    record("start", tag=tag, pid=os.getpid(), thread=threading.current_thread().name)
+
+
+@register_producer("streamguard-test.csv")
+def worker_csv(guard, tag="", count=2000):
+    """CSV rows of the context's attributes ``sg_csv_N``, 64 KiB at most per
+    chunk (the README's export, on Zope's own objects)."""
+    import csv
+    import io
+
+    _job_events(guard, tag)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["n", "title", "path"])
+    context = guard.zodb.context
+    for n in range(count):
+        writer.writerow([n, f"document {n}", "/".join(context.getPhysicalPath()) + f"/doc-{n}"])
+        if buffer.tell() > 64 * 1024:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+@register_producer("streamguard-test.batch")
+def worker_batch(guard, tag="", count=25, hold=-1):
+    """Sets ``sg_<tag>_<n>`` on the context, committing every 10, a line
+    each; after ``hold`` it waits for the client to leave."""
+    _job_events(guard, tag)
+    context = guard.zodb.context
+    try:
+        for n in range(count):
+            setattr(context, f"sg_{tag}_{n}", n)
+            if (n + 1) % 10 == 0:
+                guard.zodb.commit()
+            record("step", tag=tag, n=n)
+            yield f"created {n}\n"
+            if n == hold:
+                while not guard.wait(1):
+                    pass
+                return
+    except GeneratorExit:
+        record("generator-exit", tag=tag)
+        raise
+    finally:
+        record("producer-finally", tag=tag)
+
+
+@register_producer("streamguard-test.sees")
+def worker_sees(guard, tag=""):
+    """What the request wrote on the context before the job started."""
+    _job_events(guard, tag)
+    seen = getattr(guard.zodb.context, "_streamguard_request_mark", None)
+    record("sees", tag=tag, mark=seen)
+    yield f"{seen}\n"
+
+
+@register_producer("streamguard-test.error")
+def worker_error(guard, tag=""):
+    """Writes a mark, one line, then raises."""
+    _job_events(guard, tag)
+    setattr(guard.zodb.context, f"sg_{tag}_error", 1)
+    yield "one line\n"
+    raise ValueError("the job failed on purpose")
+
+
+WORKER_PRODUCERS = {
+    "csv": worker_csv,
+    "batch": worker_batch,
+    "sees": worker_sees,
+    "error": worker_error,
+}
+
+
+class WorkerStreamView(BrowserView):
+    """``@@streamguard-test-worker?tag=T&mode=M&run_on=worker``: the
+    registered producers above, on a worker (``run_on=worker``), the pool
+    (``pool``) or in the serving thread (none).  ``count``, ``hold`` are
+    the producer's arguments; ``type`` the content type (default CSV)."""
+
+    def __call__(self):
+        form = self.request.form
+        tag = form.get("tag", "")
+        mode = form.get("mode", "batch")
+        args = {"tag": tag}
+        for name in ("count", "hold"):
+            if name in form:
+                args[name] = int(form[name])
+        if mode == "sees":
+            # Written by the request: the job must see it.
+            self.context._streamguard_request_mark = tag
+        return stream_response(
+            self.request,
+            WORKER_PRODUCERS[mode],
+            # CSV by default: no queue notices in the body (tests compare it).
+            form.get("type", "text/csv; charset=utf-8"),
+            zodb=True,
+            context=self.context,
+            run_on=form.get("run_on") or None,
+            job_args=args,
+        )
+
+
+@register_producer("streamguard-test.whoami")
+def worker_whoami(guard, tag=""):
+    """The user and a manager's permission, as the producer sees them."""
+    from AccessControl.SecurityManagement import getSecurityManager
+
+    _job_events(guard, tag)
+    security = getSecurityManager()
+    user = security.getUser()
+    record(
+        "whoami",
+        tag=tag,
+        user=user.getId(),
+        manage=bool(security.checkPermission("View management screens", guard.zodb.context)),
+    )
+    yield f"{user.getId()}\n"
+
+
+WORKER_PRODUCERS["whoami"] = worker_whoami
+
+
+@register_producer("streamguard-test.flood")
+def worker_flood(guard, tag=""):
+    """64 KiB chunks without end; records the bytes made every MiB (and
+    its job's id on a worker)."""
+    _job_events(guard, tag)
+    record("job", tag=tag, job_id=getattr(guard, "job_id", None))
+    chunk = b"x" * (64 << 10)
+    made = 0
+    while True:
+        made += len(chunk)
+        if made % (1 << 20) == 0:
+            record("made", tag=tag, made=made)
+        yield chunk
+
+
+WORKER_PRODUCERS["flood"] = worker_flood

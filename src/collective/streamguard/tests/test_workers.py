@@ -1,0 +1,541 @@
+"""Producers in worker processes (``stream_response(..., run_on="worker")``).
+
+Everything real, on loopback: a ZEO server (``runzeo``), Redis (Debian's
+``redis-server``, with ``requirepass``), a Zope web instance (``runwsgi``,
+waitress) and a worker (``streamguard-worker``), both ZEO clients of the
+same storage; the test process reads the database as a third ZEO client.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import unittest
+
+from collective.streamguard import jobs
+from collective.streamguard import workers
+from collective.streamguard.tests.helpers import HOST
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import http_request
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.helpers import wait_until_serving
+from collective.streamguard.tests.servers import executable
+from collective.streamguard.tests.servers import free_port
+from collective.streamguard.tests.zopeinstance import ZopeInstance
+
+PRODUCT_CONFIG = """
+<product-config collective.streamguard>
+  worker-broker redis://:{password}@{host}:{port}/0
+  worker-secret {secret}
+</product-config>
+"""
+MANAGER = ("manager", secrets.token_hex(8))
+ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
+
+
+class WorkersLayer:
+    """runzeo, redis-server, a runwsgi web instance and one worker, started
+    once for the module; ``start_worker()`` starts another after a test
+    killed it, ``start_web()`` another web instance."""
+
+    __bases__ = ()
+    __module__ = __name__
+    __name__ = "WORKERS"
+
+    def setUp(self):
+        self.processes = []
+        self.homes = []
+        self.zeo_port = free_port()
+        home = self.new_home()
+        zeo = self.spawn(
+            [
+                executable("runzeo"),
+                "-a",
+                f"{HOST}:{self.zeo_port}",
+                "-f",
+                os.path.join(home.home, "var", "zeo.fs"),
+            ]
+        )
+        wait_until_serving(self.zeo_port, zeo, timeout=30.0, path=None)
+        self.redis_port = free_port()
+        self.redis_password = secrets.token_hex(16)
+        self.secret = secrets.token_hex(16)
+        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.redis_process = self.spawn(
+            [
+                redis_server,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                HOST,
+                "--requirepass",
+                self.redis_password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                os.path.join(home.home, "var"),
+            ]
+        )
+        wait_until_serving(self.redis_port, self.redis_process, timeout=30.0, path=None)
+        self.broker_url = f"redis://:{self.redis_password}@{HOST}:{self.redis_port}/0"
+        self.web, self.web_process = self.start_web()
+        self.add_manager()
+        self.worker_log = os.path.join(home.home, "var", "worker.log")
+        self.worker_home = home
+        self.worker = self.start_worker()
+
+    def add_manager(self):
+        # A Zope manager in the root user folder, from a third ZEO client.
+        import transaction
+        import ZEO
+
+        db = ZEO.DB((HOST, self.zeo_port))
+        try:
+            manager = transaction.TransactionManager()
+            connection = db.open(transaction_manager=manager)
+            app = connection.root()["Application"]
+            app.acl_users._doAddUser(MANAGER[0], MANAGER[1], ["Manager"], [])
+            manager.commit()
+            connection.close()
+        finally:
+            db.close()
+
+    def new_home(self, port=None):
+        home = ZopeInstance(port or free_port(), zeo=f"{HOST}:{self.zeo_port}")
+        self.homes.append(home)
+        return home
+
+    def spawn(self, args, env=None, log=None):
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        process = subprocess.Popen(
+            args, env=env or os.environ.copy(), stdout=out, stderr=subprocess.STDOUT
+        )
+        if log:
+            out.close()
+        self.processes.append(process)
+        return process
+
+    def configure(self, home):
+        with open(home.zope_conf, "a") as f:
+            f.write(
+                PRODUCT_CONFIG.format(
+                    password=self.redis_password,
+                    host=HOST,
+                    port=self.redis_port,
+                    secret=self.secret,
+                )
+            )
+
+    def start_web(self):
+        port = free_port()
+        home = self.new_home(port)
+        self.configure(home)
+        home.port = port
+        process = self.spawn([executable("runwsgi"), home.zope_ini], env={**os.environ, **home.env})
+        wait_until_serving(port, process)
+        return home, process
+
+    def start_worker(self):
+        home = self.worker_home
+        if not getattr(home, "configured", False):
+            self.configure(home)
+            home.configured = True
+        # The worker's producers report to the web instance's events file.
+        env = {**os.environ, **home.env, "STREAMGUARD_TEST_EVENTS": self.web.events_path}
+        process = self.spawn(
+            [executable("streamguard-worker"), home.zope_conf], env=env, log=self.worker_log
+        )
+        if not wait_for(lambda: "serves jobs" in self.worker_output(), 60):
+            raise AssertionError(f"the worker did not start: {self.worker_output()}")
+        return process
+
+    def worker_output(self):
+        try:
+            with open(self.worker_log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def tearDown(self):
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+        for home in self.homes:
+            home.remove()
+
+
+WORKERS = WorkersLayer()
+
+
+class TestWorkers(unittest.TestCase):
+    layer = WORKERS
+
+    def setUp(self):
+        import ZEO
+
+        self.db = ZEO.DB((HOST, self.layer.zeo_port))
+        self.addCleanup(self.db.close)
+        import redis
+
+        self.redis = redis.Redis.from_url(self.layer.broker_url)
+        self.addCleanup(self.redis.close)
+
+    def stream(self, query, instance=None, auth=None):
+        instance = instance or self.layer.web
+        sock = HTTPClient((HOST, instance.port), timeout=30)
+        self.addCleanup(sock.close)
+        return sock.request(f"/@@streamguard-test-worker?{query}", auth=auth)
+
+    def events(self, name=None, **match):
+        return self.layer.web.events(name, **match)
+
+    def stored(self, name):
+        """The app's attribute ``name`` as committed (another ZEO client)."""
+        connection = self.db.open()
+        try:
+            connection.sync()
+            return getattr(connection.root()["Application"], name, None)
+        finally:
+            connection.close()
+
+    def worker_pid(self):
+        return self.layer.worker.pid
+
+    def test_csv_export_gives_the_same_bytes_on_a_worker_as_in_process(self):
+        here = self.stream("tag=csv-here&mode=csv&count=5000").body(30)
+        on_worker = self.stream("tag=csv-worker&mode=csv&count=5000&run_on=worker").body(30)
+        on_pool = self.stream("tag=csv-pool&mode=csv&count=5000&run_on=pool").body(30)
+        self.assertGreater(len(here), 64 * 1024)  # more than one chunk
+        self.assertEqual(on_worker, here)
+        self.assertEqual(on_pool, here)
+        # And it ran in the worker, the others in the web process.
+        self.assertEqual(self.events("start", tag="csv-worker")[0]["pid"], self.worker_pid())
+        self.assertEqual(self.events("start", tag="csv-here")[0]["pid"], self.layer.web_process.pid)
+
+    def test_batch_job_commits_in_the_worker_and_finishes(self):
+        sock = self.stream("tag=done&mode=batch&count=25&run_on=worker")
+        body = sock.body(60)
+        self.assertEqual(body, b"".join(b"created %d\n" % n for n in range(25)))
+        [start] = self.events("start", tag="done")
+        self.assertEqual(start["pid"], self.worker_pid())
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="done"), 30))
+        self.assertEqual(self.events("cleanup", tag="done")[0]["reason"], "finished")
+        self.assertEqual(self.stored("sg_done_24"), 24)
+
+    def test_client_leaving_stops_the_job_and_aborts_since_the_last_commit(self):
+        sock = self.stream("tag=left&mode=batch&count=40&hold=14&run_on=worker")
+        sock.read_until(b"created 14\n", 60)
+        sock.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="left"), 30))
+        [cleanup] = self.events("cleanup", tag="left")
+        self.assertEqual(cleanup["reason"], "client gone")
+        self.assertEqual(cleanup["pid"], self.worker_pid())
+        self.assertEqual(len(self.events("producer-finally", tag="left")), 1)
+        # No step after the one it waited in.
+        self.assertEqual(max(e["n"] for e in self.events("step", tag="left")), 14)
+        # Documents 0-9 were committed at 10; 10-14 were aborted.
+        self.assertEqual(self.stored("sg_left_9"), 9)
+        self.assertIsNone(self.stored("sg_left_10"))
+        self.assertIsNone(self.stored("sg_left_14"))
+        # The worker is free: the next job runs.
+        self.assertEqual(
+            self.stream("tag=after-left&mode=sees&run_on=worker").body(30), b"after-left\n"
+        )
+
+    def test_job_sees_what_its_request_wrote(self):
+        body = self.stream("tag=seen-mark&mode=sees&run_on=worker").body(30)
+        self.assertEqual(body, b"seen-mark\n")
+        self.assertEqual(self.events("start", tag="seen-mark")[0]["pid"], self.worker_pid())
+
+    def test_job_that_raises_fails_the_stream_and_aborts(self):
+        sock = self.stream("tag=raised&mode=error&run_on=worker&type=text/event-stream")
+        # A failed stream's body ends with the error event, and the server
+        # closes the connection (no terminating chunk: the body is broken).
+        sock.read_until(b"one line", 30)
+        sock.read_until(ERROR_EVENT, 30)
+        self.assertEqual(sock.read_all(30), b"\r\n")
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="raised"), 30))
+        self.assertEqual(self.events("cleanup", tag="raised")[0]["reason"], "error")
+        self.assertIsNone(self.stored("sg_raised_error"))
+        self.assertEqual(
+            self.layer.worker_output().count("ValueError: the job failed on purpose"), 1
+        )
+        # The worker is back.
+        self.assertEqual(
+            self.stream("tag=after-error&mode=sees&run_on=worker").body(30), b"after-error\n"
+        )
+
+    def test_unsigned_and_badly_signed_messages_are_refused_never_run(self):
+        message = {
+            "job": workers.new_job_id(),
+            "producer": "streamguard-test.batch",
+            "args": {"tag": "forged", "count": 1},
+            "session": None,
+        }
+        huey_message = [
+            workers.new_job_id(),
+            workers.TASK_NAME,
+            None,
+            0,
+            0,
+            None,
+            [message],
+            {},
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ]
+        payload = json.dumps({"huey-message": huey_message}).encode()
+        queue = "huey.redis." + workers.QUEUE_NAME
+        self.redis.lpush(queue, payload)  # unsigned
+        self.redis.lpush(queue, workers.sign("not the secret", payload))  # badly signed
+        # A signed job after them runs: the worker has read both before.
+        self.assertEqual(
+            self.stream("tag=after-forged&mode=sees&run_on=worker").body(30), b"after-forged\n"
+        )
+        self.assertEqual(self.events("start", tag="forged"), [])
+        self.assertEqual(self.layer.worker_output().count("refused a broker message"), 2)
+
+    def test_worker_killed_mid_job_fails_the_stream_and_commits_nothing_more(self):
+        sock = self.stream(
+            "tag=killed&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
+        )
+        sock.read_until(b"created 14\n", 60)
+        self.assertTrue(wait_for(lambda: self.events("step", tag="killed", n=14), 30))
+        worker = self.layer.worker
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        try:
+            # Within the heartbeat's bound (workers.LEASE + POLL seconds).
+            sock.read_until(ERROR_EVENT, workers.LEASE + 20)
+            self.assertEqual(sock.read_all(30), b"\r\n")
+            self.assertEqual(self.stored("sg_killed_9"), 9)
+            self.assertIsNone(self.stored("sg_killed_10"))
+            self.assertEqual(self.events("cleanup", tag="killed"), [])  # it died
+        finally:
+            self.layer.worker = self.layer.start_worker()
+        # Not run again by the new worker.
+        self.assertEqual(
+            self.stream("tag=after-kill&mode=sees&run_on=worker").body(30), b"after-kill\n"
+        )
+        self.assertEqual(len(self.events("start", tag="killed")), 1)
+
+    def test_web_instance_killed_mid_job_cancels_the_job(self):
+        web, process = self.layer.start_web()
+        sock = self.stream("tag=orphan&mode=batch&count=40&hold=14&run_on=worker", web)
+        sock.read_until(b"created 14\n", 60)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        # Its lease expires: the worker cancels within LEASE + POLL seconds.
+        # (The worker's producers report to the first instance's file.)
+        found = wait_for(lambda: self.events("cleanup", tag="orphan"), workers.LEASE + 20)
+        self.assertTrue(found)
+        [cleanup] = self.events("cleanup", tag="orphan")
+        self.assertEqual(cleanup["reason"], "client gone")
+        self.assertEqual(self.stored("sg_orphan_9"), 9)
+        self.assertIsNone(self.stored("sg_orphan_10"))
+
+    def test_job_runs_as_the_user_who_asked_with_their_permissions(self):
+        body = self.stream("tag=as-manager&mode=whoami&run_on=worker", auth=MANAGER).body(30)
+        self.assertEqual(body, b"manager\n")
+        [seen] = self.events("whoami", tag="as-manager")
+        self.assertEqual((seen["user"], seen["manage"]), ("manager", True))
+        self.assertEqual(self.events("start", tag="as-manager")[0]["pid"], self.worker_pid())
+        self.stream("tag=as-anonymous&mode=whoami&run_on=worker").body(30)
+        [seen] = self.events("whoami", tag="as-anonymous")
+        self.assertEqual(seen["manage"], False)
+        self.assertNotEqual(seen["user"], "manager")
+
+    def test_status_shows_the_worker_that_runs_a_stream(self):
+        sock = self.stream("tag=shown&mode=batch&count=40&hold=3&run_on=worker", auth=MANAGER)
+        sock.read_until(b"created 3\n", 60)
+        status, _, body = http_request(
+            (HOST, self.layer.web.port), "/@@stream-status?format=json", auth=MANAGER
+        )
+        self.assertEqual(status, 200, body)
+        answer = json.loads(body)
+        [live] = [s for s in answer["live"] if "streamguard-test-worker" in s["label"]]
+        self.assertTrue(live["runs"].startswith("worker "), live)
+        self.assertIn(str(self.worker_pid()), live["runs"])
+        self.assertEqual(answer["places"]["worker"], 1)
+        self.assertGreaterEqual(answer["workers"]["started"], 1)
+        sock.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="shown"), 30))
+
+    def made(self, tag):
+        return max([e["made"] for e in self.events("made", tag=tag)] or [0])
+
+    def test_a_client_that_does_not_read_holds_the_worker_back(self):
+        sock = self.stream("tag=flood&mode=flood&run_on=worker")
+        sock.head(30)
+        self.assertTrue(wait_for(lambda: self.events("job", tag="flood"), 30))
+        job_id = self.events("job", tag="flood")[0]["job_id"]
+        self.assertTrue(job_id)
+        pending_key = workers.Broker.key(job_id, "pending")
+        bound = jobs.RELAY_HIGH + (64 << 10)
+        samples = []
+
+        def full():
+            samples.append(int(self.redis.get(pending_key) or 0))
+            return samples[-1] > jobs.RELAY_HIGH
+
+        # The client reads nothing: the output waiting in Redis reaches the
+        # bound, and never goes past it.
+        self.assertTrue(wait_for(full, 60))
+        self.assertLessEqual(max(samples), bound)
+        for _ in range(50):
+            self.assertLessEqual(int(self.redis.get(pending_key) or 0), bound)
+        # The client reads: the job goes on.
+        made = self.made("flood")
+        sock.read_exactly(8 << 20, 60)
+        self.assertTrue(wait_for(lambda: self.made("flood") > made, 30))
+        sock.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="flood"), 30))
+        self.assertEqual(self.events("cleanup", tag="flood")[0]["reason"], "client gone")
+
+    def test_a_job_whose_client_left_while_it_was_queued_never_starts(self):
+        busy = self.stream("tag=busy&mode=batch&count=40&hold=0&run_on=worker", auth=MANAGER)
+        busy.read_until(b"created 0\n", 60)
+        queue = "huey.redis." + workers.QUEUE_NAME
+        queued = self.stream("tag=left-queued&mode=sees&run_on=worker", auth=MANAGER)
+        queued.head(30)
+        self.assertTrue(wait_for(lambda: self.redis.llen(queue) == 1, 30))
+        queued.close()
+
+        def gone():
+            status, _, body = http_request(
+                (HOST, self.layer.web.port), "/@@stream-status?format=json", auth=MANAGER
+            )
+            return not [s for s in json.loads(body)["live"] if "left-queued" in s["label"]]
+
+        self.assertTrue(wait_for(gone, 30))
+        busy.close()
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="busy"), 30))
+        # The worker takes the queued job, sees that its web side ended, and
+        # goes on to the next one.
+        body = self.stream("tag=after-queued&mode=sees&run_on=worker").body(30)
+        self.assertEqual(body, b"after-queued\n")
+        self.assertEqual(self.events("start", tag="left-queued"), [])
+
+    def test_queued_jobs_are_told_their_place_and_when_they_start(self):
+        busy = self.stream("tag=hog&mode=batch&count=40&hold=0&run_on=worker", auth=MANAGER)
+        busy.read_until(b"created 0\n", 60)
+        text = self.stream(
+            "tag=wait-text&mode=batch&count=1&run_on=worker&type=text/plain", auth=MANAGER
+        )
+        text.read_until(b"queued: position 1\n", 30)
+        # (A user has at most 2 live streams: this one is anonymous.)
+        events = self.stream("tag=wait-sse&mode=batch&count=1&run_on=worker&type=text/event-stream")
+        second = b'event: queued\ndata: {"position": 2}\n\n'
+        first = b'event: queued\ndata: {"position": 1}\n\n'
+        started = b"event: started\ndata: {}\n\ncreated 0\n"
+        events.read_until(second, 30)
+        busy.close()
+        self.assertEqual(text.body(60), b"queued: position 1\ncreated 0\n")
+        body = events.body(60)
+        # Position 1 is told if the feeder looked while it was there.
+        self.assertIn(body, (second + started, second + first + started))
+
+
+class TestMessages(unittest.TestCase):
+    """Signing and the producer registry, without a broker."""
+
+    def test_a_signed_payload_verifies_only_with_its_secret(self):
+        signed = workers.sign("s3cret", b'{"job": "1"}')
+        self.assertEqual(workers.verify("s3cret", signed), b'{"job": "1"}')
+        with self.assertRaises(workers.BadSignature):
+            workers.verify("other", signed)
+        with self.assertRaises(workers.BadSignature):
+            workers.verify("s3cret", b'{"job": "1"}')  # unsigned
+        forged = signed.replace(b'"1"', b'"2"')
+        with self.assertRaises(workers.BadSignature):
+            workers.verify("s3cret", forged)
+        with self.assertRaises(ValueError):
+            workers.sign("", b"x")  # no secret configured
+
+    def test_the_serializer_writes_signed_json_and_refuses_anything_else(self):
+        import pickle
+
+        from huey.registry import Message
+
+        serializer_class, _ = workers.broker_classes()
+        serializer = serializer_class("s3cret")
+        message = Message(
+            "id",
+            workers.TASK_NAME,
+            None,
+            0,
+            0,
+            None,
+            ({"job": "j"},),
+            {},
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        data = serializer.serialize(message)
+        self.assertTrue(json.loads(workers.verify("s3cret", data)))  # JSON, not pickle
+        self.assertEqual(serializer.deserialize(data).args, [{"job": "j"}])
+        with self.assertRaises(workers.BadSignature):
+            serializer.deserialize(pickle.dumps(message))
+        with self.assertRaises(workers.BadSignature):
+            serializer_class("other").deserialize(data)
+
+    def test_only_registered_producers_have_a_name(self):
+        @workers.register_producer("streamguard-test.unit")
+        def registered(guard):
+            yield "x"
+
+        self.addCleanup(workers.PRODUCERS.pop, "streamguard-test.unit")
+        self.assertEqual(workers.producer_name(registered), "streamguard-test.unit")
+
+        def unregistered(guard):
+            yield "x"
+
+        with self.assertRaises(TypeError):
+            workers.producer_name(unregistered)
+        with self.assertRaises(ValueError):
+            workers.register_producer("streamguard-test.unit")(unregistered)
+
+
+class TestWorkerCommand(unittest.TestCase):
+    def test_a_zope_conf_without_broker_or_secret_gets_a_clear_answer(self):
+        home = ZopeInstance(free_port())
+        self.addCleanup(home.remove)
+        result = subprocess.run(
+            [executable("streamguard-worker"), home.zope_conf],
+            env={**os.environ, **home.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("needs worker-broker and worker-secret", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_a_missing_zope_conf_gets_a_clear_answer(self):
+        result = subprocess.run(
+            [executable("streamguard-worker"), "/nonexistent/zope.conf"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no such file: /nonexistent/zope.conf", result.stderr)

@@ -1,0 +1,108 @@
+"""The worker process: ``streamguard-worker path/to/zope.conf``.
+
+It starts Zope from the same zope.conf as the web instances (or one of its
+own with the same ``<zodb_db>``: a ZEO client of the same storage, and the
+same ``worker-broker`` and ``worker-secret``), loads the same ZCML (so that
+the same producers are registered), and runs the jobs that web instances
+dispatch (``stream_response(..., run_on="worker")``), one at a time.
+
+Each job gets a ``GuardedStream`` whose guard's "client" is a
+``RelayConnection``: the producer's API is the one it has in-process
+(``guard.zodb``: its own connection, opened and synced for this job, as
+the requesting user on the site; committed when it finishes, aborted
+otherwise; end reasons; cleanups once).
+"""
+
+import argparse
+import functools
+import logging
+import os
+import socket
+import sys
+
+logger = logging.getLogger("collective.streamguard")
+
+
+def job_stream(db, message, relay):
+    """The ``GuardedStream`` of ``message``'s job, on ``db``."""
+    from collective.streamguard import jobs
+    from collective.streamguard import workers
+    from collective.streamguard.guard import GuardedStream
+    from collective.streamguard.guard import StreamGuard
+    from collective.streamguard.zodb import WriteRefused
+    from collective.streamguard.zodb import ZODBSession
+
+    name = message["producer"]
+    producer = workers.PRODUCERS.get(name)
+    if producer is None:
+        raise LookupError(f"no producer named {name!r} is registered in this worker")
+    args = dict(message.get("args") or {})
+    session = None
+    if message.get("session") is not None:
+        write_check = None
+        if not message.get("may_write", True):
+
+            def write_check(session):
+                if session.registered_objects():
+                    raise WriteRefused("its request may not write (CSRF)")
+
+        session = ZODBSession.from_plain(db, message["session"], write_check)
+    guard = StreamGuard(
+        jobs.RelayConnection(relay),
+        max_duration=message.get("max_duration"),
+        live_streams=jobs.job_streams,
+    )
+    return GuardedStream(
+        functools.partial(producer, **args) if args else producer,
+        guard,
+        setup=session.open if session is not None else None,
+        label=f"worker job: {message.get('label', '')}",
+        user=message.get("user", ""),
+        user_key=message.get("user", ""),
+        client=message.get("client", ""),
+        zodb=session is not None,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="streamguard-worker",
+        description="Run collective.streamguard's worker jobs (run_on='worker').",
+    )
+    parser.add_argument("zope_conf", help="the zope.conf of this worker (a ZEO client)")
+    parser.add_argument("--name", default=None, help="this worker's name (default: host:pid)")
+    options = parser.parse_args(argv)
+    if not os.path.isfile(options.zope_conf):
+        parser.error(f"no such file: {options.zope_conf}")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+    )
+    import Zope2
+    from Zope2.Startup.run import make_wsgi_app
+
+    make_wsgi_app({}, options.zope_conf)
+    app = Zope2.app()
+    db = app._p_jar.db()
+    app._p_jar.close()
+
+    from collective.streamguard import workers
+    from collective.streamguard.deployment import WorkersNotConfigured
+    from collective.streamguard.deployment import worker_settings
+
+    try:
+        url, secret = worker_settings()
+    except WorkersNotConfigured as error:
+        parser.exit(2, f"streamguard-worker: {options.zope_conf}: {error}\n")
+    name = options.name or f"{socket.gethostname()}:{os.getpid()}"
+    broker = workers.Broker(url, secret)
+    logger.info("streamguard worker %s serves jobs from the broker", name)
+
+    def runner(message):
+        workers.run_job(broker, message, functools.partial(job_stream, db), worker=name)
+
+    broker.serve(runner)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,479 @@
+"""Busy producers in worker processes: huey over Redis, signed messages.
+
+``stream_response(..., run_on="worker")`` runs a *registered* producer in a
+separate worker process (``streamguard-worker``), which opens the same
+database as a ZEO client.  The web side is the pool's, unchanged
+(``jobs.Relay``, ``jobs.relay_producer``, ``jobs.cancel_with``): only the
+"pool" of the job differs (``WorkerDispatch``) and a thread of the web
+process (the *feeder*) moves the worker's chunks from Redis into the relay.
+
+Why huey: it is maintained, small (one package, no broker of its own
+beyond Redis), already used by Plone sites (collective.taskqueue2), and a
+task that was taken from the queue is never run again unless asked
+(``retries=0``): a worker killed mid-job does not silently rerun it.  Redis,
+its broker, also carries each job's chunks, its cancel signal, the web
+side's lease and the worker's heartbeat, under ``streamguard:<job>:*``:
+
+``out``      list: the worker's items, ``c`` + chunk, ``s`` + worker name
+             (started), ``e`` + end reason (its last);
+``pending``  bytes pushed and not yet taken by the web side: the worker
+             waits above ``RELAY_HIGH`` (backpressure); ``ack`` wakes it;
+``cancel``   the web side's end reason: the producer stops at its next
+             chunk or wait;
+``lease``    set by the web side, renewed every ``LEASE / 5`` s: a web
+             process killed with -9 stops renewing it, and the worker
+             cancels the job within ``LEASE`` + ``POLL`` seconds;
+``beat``     set by the worker, renewed as often: a worker killed with -9
+             lets it expire, and the web side ends the client's stream as
+             failed (in its format) within ``LEASE`` + ``POLL`` seconds.
+
+Security: huey's messages are not pickled here (a pickle from the broker
+would run any code): ``SignedSerializer`` writes JSON and signs it with
+HMAC-SHA256 under the deployment's secret (zope.conf), and the worker
+refuses (logs once, never runs) a message whose signature is missing or
+wrong.  A message names a producer registered in the worker's code
+(``register_producer``) with JSON-able arguments, the site's path and the
+user's id: never code.  Redis itself must be reachable only by the add-on:
+``requirepass`` (or ACLs) and a loopback or private address; whoever can
+write its keys can cancel a job or feed a stream, never start one.
+
+Plain Python: imports nothing from Zope or waitress.
+"""
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+
+from collective.streamguard import jobs
+from collective.streamguard.streams import EndReason
+
+logger = logging.getLogger("collective.streamguard")
+
+#: Seconds a web side's lease and a worker's heartbeat live unrenewed.
+LEASE = 10
+#: How often (seconds) both sides look at the broker when nothing comes.
+POLL = 1
+#: Keys of a job are dropped this long after it ended.
+KEEP = 3600
+QUEUE_NAME = "streamguard"
+TASK_NAME = "streamguard.run_job"
+
+#: Registered producers, by name: the only code a worker runs.
+PRODUCERS = {}
+
+
+def register_producer(name):
+    """Decorator: ``fn(guard, **args)`` may be run on a worker as ``name``."""
+
+    def register(fn):
+        if PRODUCERS.get(name, fn) is not fn:
+            raise ValueError(f"a producer named {name!r} is registered already")
+        PRODUCERS[name] = fn
+        fn.producer_name = name
+        return fn
+
+    return register
+
+
+def producer_name(producer):
+    """The registered name of ``producer``; TypeError if it has none."""
+    name = getattr(producer, "producer_name", None)
+    if name is None or PRODUCERS.get(name) is not producer:
+        raise TypeError(
+            "stream_response(run_on='worker') needs a producer registered with "
+            f"collective.streamguard.workers.register_producer, got {producer!r:.80}"
+        )
+    return name
+
+
+class BadSignature(ValueError):
+    """A broker message without a valid signature: it is never run."""
+
+
+def _key(secret):
+    if not secret:
+        raise ValueError("worker-secret is empty: set it in zope.conf's product-config")
+    return hashlib.sha256(b"collective.streamguard workers\0" + secret.encode()).digest()
+
+
+def sign(secret, payload):
+    """``payload`` (bytes) with its HMAC-SHA256 signature before it."""
+    return hmac.new(_key(secret), payload, hashlib.sha256).hexdigest().encode() + b":" + payload
+
+
+def verify(secret, signed):
+    """The payload of ``signed``; ``BadSignature`` unless it was signed with
+    ``secret``."""
+    signature, sep, payload = bytes(signed).partition(b":")
+    expected = hmac.new(_key(secret), payload, hashlib.sha256).hexdigest().encode()
+    if not sep or not hmac.compare_digest(signature, expected):
+        raise BadSignature("a broker message without a valid signature")
+    return payload
+
+
+def _huey():
+    # Imported when used: an instance that never runs on workers needs
+    # neither huey nor redis (the [workers] extra).
+    import huey
+    import huey.registry
+    import huey.serializer
+
+    return huey
+
+
+def broker_classes():
+    huey = _huey()
+    from huey.registry import Message
+
+    class SignedSerializer(huey.serializer.Serializer):
+        """JSON, signed (never pickle: see the module docstring)."""
+
+        def __init__(self, secret):
+            super().__init__()
+            self.secret = secret
+
+        def _serialize(self, data):
+            if isinstance(data, Message):
+                data = {"huey-message": list(data)}
+            return sign(self.secret, json.dumps(data).encode())
+
+        def _deserialize(self, data):
+            data = json.loads(verify(self.secret, data))
+            if isinstance(data, dict) and "huey-message" in data:
+                return Message(*data["huey-message"])
+            return data
+
+    class SignedHuey(huey.RedisHuey):
+        """A huey whose consumer refuses unsigned messages: logged, dropped."""
+
+        def dequeue(self):
+            try:
+                return super().dequeue()
+            except (BadSignature, ValueError, TypeError) as error:
+                logger.error("refused a broker message (not run): %s", error)
+                return None
+
+    return SignedSerializer, SignedHuey
+
+
+class Broker:
+    """The huey queue and the Redis keys of jobs, for both sides."""
+
+    def __init__(self, url, secret, name=QUEUE_NAME):
+        import redis
+
+        SignedSerializer, SignedHuey = broker_classes()
+        self.redis = redis.Redis.from_url(url)
+        self.huey = SignedHuey(
+            name,
+            results=False,
+            serializer=SignedSerializer(secret),
+            connection_pool=self.redis.connection_pool,
+            read_timeout=POLL,
+        )
+        #: What runs a job in this process (the worker sets it).
+        self.runner = None
+        self.task = self.huey.task(retries=0, name=TASK_NAME)(self._run)
+
+    def _run(self, message):
+        if self.runner is None:
+            raise RuntimeError("this process runs no streamguard jobs")
+        self.runner(message)
+
+    @property
+    def queue_key(self):
+        return self.huey.storage.queue_key
+
+    @staticmethod
+    def key(job_id, name):
+        return f"streamguard:{job_id}:{name}"
+
+    # -- web side --
+
+    def dispatch(self, message):
+        """Queue ``message`` (JSON-able, with its ``job`` id) for a worker."""
+        self.redis.set(self.key(message["job"], "lease"), b"1", ex=LEASE)
+        self.task(message)
+
+    def cancel(self, job_id, reason):
+        pipe = self.redis.pipeline()
+        pipe.set(self.key(job_id, "cancel"), (reason or EndReason.CLIENT_GONE).value, ex=KEEP)
+        pipe.rpush(self.key(job_id, "ack"), b"x")
+        pipe.expire(self.key(job_id, "ack"), KEEP)
+        pipe.execute()
+
+    def position(self, job_id):
+        """The place of the job in huey's queue (1: it is taken next), or
+        0 when it is not there (a worker has it)."""
+        items = self.redis.lrange(self.queue_key, 0, -1)
+        marker = job_id.encode()
+        for index, item in enumerate(items):
+            if marker in item:
+                # huey pushes on the left and takes from the right.
+                return len(items) - index
+        return 0
+
+    def renew_lease(self, job_id):
+        self.redis.set(self.key(job_id, "lease"), b"1", ex=LEASE)
+
+    def worker_alive(self, job_id):
+        return bool(self.redis.exists(self.key(job_id, "beat")))
+
+    def take(self, job_id):
+        """The worker's next item ``(kind, data)``, or None after POLL s."""
+        item = self.redis.blpop([self.key(job_id, "out")], timeout=POLL)
+        if item is None:
+            return None
+        value = item[1]
+        return value[:1], value[1:]
+
+    def taken(self, job_id, size):
+        pipe = self.redis.pipeline()
+        pipe.decrby(self.key(job_id, "pending"), size)
+        pipe.rpush(self.key(job_id, "ack"), b"x")
+        pipe.ltrim(self.key(job_id, "ack"), 0, 0)
+        pipe.expire(self.key(job_id, "ack"), KEEP)
+        pipe.execute()
+
+    # -- worker side --
+
+    def push(self, job_id, kind, data=b""):
+        pipe = self.redis.pipeline()
+        if kind == b"c":
+            pipe.incrby(self.key(job_id, "pending"), len(data))
+            pipe.expire(self.key(job_id, "pending"), KEEP)
+        pipe.rpush(self.key(job_id, "out"), kind + data)
+        pipe.expire(self.key(job_id, "out"), KEEP)
+        pipe.execute()
+
+    def pending(self, job_id):
+        return int(self.redis.get(self.key(job_id, "pending")) or 0)
+
+    def wait_ack(self, job_id):
+        self.redis.blpop([self.key(job_id, "ack")], timeout=POLL)
+
+    def beat(self, job_id, worker):
+        self.redis.set(self.key(job_id, "beat"), worker.encode(), ex=LEASE)
+
+    def end_beat(self, job_id):
+        self.redis.delete(self.key(job_id, "beat"))
+
+    def cancelled(self, job_id):
+        """The web side's end reason, or None while it lives."""
+        pipe = self.redis.pipeline()
+        pipe.get(self.key(job_id, "cancel"))
+        pipe.exists(self.key(job_id, "lease"))
+        reason, lease = pipe.execute()
+        if reason is not None:
+            try:
+                return EndReason(reason.decode())
+            except ValueError:
+                return EndReason.CLIENT_GONE
+        if not lease:
+            logger.warning("job %s: its web side's lease expired; cancelled", job_id)
+            return EndReason.CLIENT_GONE
+        return None
+
+    def serve(self, runner):
+        """Run jobs as they come, one at a time, until SIGINT/SIGTERM."""
+        self.runner = runner
+        consumer = self.huey.create_consumer(workers=1, worker_type="thread", periodic=False)
+        consumer.run()
+
+
+class WorkerDispatch:
+    """The "pool" (``Job.pool``) of jobs that run on workers: dispatches a
+    job at its web side's first step, and feeds its relay from Redis."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        self._lock = threading.Lock()
+        self._live = {}  # web stream id -> worker name ("" until it starts)
+        self.started = 0
+        self.dispatched = 0
+
+    def activate(self, job):
+        message = job.message
+        if job.relay.cancelled is not None:
+            return  # its web side ended first: never dispatched
+        job.relay.on_cancel(lambda reason: self._cancel(job, reason))
+        with self._lock:
+            self._live[job.stream_id] = ""
+            self.dispatched += 1
+        try:
+            self.broker.dispatch(message)
+        except Exception:
+            logger.exception("dispatching job %s to a worker failed", message["job"])
+            self.forget(job)
+            job.relay.finish(EndReason.ERROR)
+            return
+        threading.Thread(
+            target=self._feed, args=(job,), name="streamguard-feeder", daemon=True
+        ).start()
+
+    def _cancel(self, job, reason):
+        try:
+            self.broker.cancel(job.message["job"], reason)
+        except Exception:
+            logger.exception("cancelling job %s failed", job.message["job"])
+
+    def withdraw(self, job):
+        # Never queued here before it was dispatched; a dispatched job is
+        # cancelled through the broker (``_cancel``).
+        return False
+
+    def forget(self, job):
+        with self._lock:
+            self._live.pop(job.stream_id, None)
+
+    def place_of(self, stream_id):
+        with self._lock:
+            if stream_id not in self._live:
+                return None
+            worker = self._live[stream_id]
+        return (f"worker {worker}", 0) if worker else ("worker queue", 0)
+
+    def _feed(self, job):
+        # The web process' thread of one job: the worker's chunks into the
+        # relay (which blocks while the client's queue is full), the lease
+        # renewed, the worker's heartbeat watched.
+        job_id, relay, broker = job.message["job"], job.relay, self.broker
+        started = False
+        renewed = time.monotonic()
+
+        def stopping():
+            return relay.cancelled is not None
+
+        try:
+            while relay.cancelled is None:
+                now = time.monotonic()
+                if now - renewed >= LEASE / 5:
+                    broker.renew_lease(job_id)
+                    renewed = now
+                item = broker.take(job_id)
+                if item is None and not started:
+                    # Still queued after POLL: the client learns its place
+                    # as the pool tells it (``Job.moved``: once per move).
+                    job.moved(broker.position(job_id))
+                    continue
+                if item is None:
+                    if not broker.worker_alive(job_id):
+                        logger.error("job %s: its worker stopped beating; the stream fails", job_id)
+                        relay.finish(EndReason.ERROR)
+                        return
+                    continue
+                kind, data = item
+                if kind == b"c":
+                    relay.put(data, stopping)
+                    broker.taken(job_id, len(data))
+                elif kind == b"s":
+                    started = True
+                    job.moved(0)  # "started", if it was told it waited
+                    with self._lock:
+                        self.started += 1
+                        if job.stream_id in self._live:
+                            self._live[job.stream_id] = data.decode()
+                elif kind == b"e":
+                    try:
+                        reason = EndReason(data.decode())
+                    except ValueError:
+                        reason = EndReason.ERROR
+                    relay.finish(reason)
+                    return
+        except Exception:
+            logger.exception("feeding job %s from the broker failed", job_id)
+            relay.finish(EndReason.ERROR)
+        finally:
+            self.forget(job)
+
+    def snapshot(self):
+        with self._lock:
+            return {
+                "live": len(self._live),
+                "dispatched": self.dispatched,
+                "started": self.started,
+            }
+
+
+def new_job_id():
+    return uuid.uuid4().hex
+
+
+def run_job(broker, message, stream_for, worker="worker"):
+    """Worker side: run the job of ``message`` to its end.
+
+    ``stream_for(message, relay)`` builds the job's ``GuardedStream``
+    (Zope glue: its ZODB session, user, site); the producer's chunks go
+    out through a local ``jobs.Relay`` that a pump thread empties into
+    Redis, with the broker's backpressure.  The cancel key and the web
+    side's lease are watched; so the producer stops at its next chunk or
+    wait (``RelayConnection``)."""
+    job_id = message["job"]
+    wake = threading.Event()
+    relay = jobs.Relay(wake.set)
+    broker.beat(job_id, worker)
+    reason = broker.cancelled(job_id)
+    if reason is not None:
+        # Its web side ended (or died) while it waited in the queue.
+        logger.info("job %s: its web side ended before it started (%s)", job_id, reason.value)
+        broker.push(job_id, b"e", reason.value.encode())
+        broker.end_beat(job_id)
+        return
+    try:
+        stream = stream_for(message, relay)
+    except Exception:
+        logger.exception("job %s could not be set up", job_id)
+        broker.push(job_id, b"e", EndReason.ERROR.value.encode())
+        broker.end_beat(job_id)
+        return
+    # The broker's id of the job, for the producer's logs.
+    stream.guard.job_id = job_id
+    job = jobs.Job(stream, relay, label=message.get("label", ""))
+    broker.push(job_id, b"s", worker.encode())
+    pump = threading.Thread(
+        target=_pump, args=(broker, job_id, relay, wake, worker), name="streamguard-pump"
+    )
+    pump.start()
+    try:
+        job.run()
+    finally:
+        wake.set()
+        pump.join()
+        broker.end_beat(job_id)
+
+
+def _pump(broker, job_id, relay, wake, worker):
+    # The producer's chunks from the local relay to Redis; the web side's
+    # cancel and lease to the relay; the heartbeat.
+    beaten = time.monotonic()
+    while True:
+        wake.wait(POLL)
+        wake.clear()
+        now = time.monotonic()
+        if now - beaten >= LEASE / 5:
+            broker.beat(job_id, worker)
+            beaten = now
+        if relay.cancelled is None:
+            reason = broker.cancelled(job_id)
+            if reason is not None:
+                relay.cancel(reason)
+        chunks, end = relay.take()
+        for chunk in chunks:
+            if isinstance(chunk, str):
+                chunk = chunk.encode("utf-8")
+            while relay.cancelled is None and broker.pending(job_id) > jobs.RELAY_HIGH:
+                broker.wait_ack(job_id)
+                reason = broker.cancelled(job_id)
+                if reason is not None:
+                    relay.cancel(reason)
+                broker.beat(job_id, worker)
+            if relay.cancelled is not None:
+                break
+            broker.push(job_id, b"c", chunk)
+        if end is not None:
+            broker.push(job_id, b"e", end.value.encode())
+            return
