@@ -115,18 +115,40 @@ class DocumentsCSV(BrowserView):
         )
 
 
-def documents_csv(guard):
+def documents_csv(guard, portal_type="Document"):
     catalog = guard.zodb.site.portal_catalog
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "title", "modified"])
-    for brain in catalog(portal_type="Document", sort_on="path"):
+    for brain in catalog(portal_type=portal_type, sort_on="path"):
         writer.writerow([brain.getPath(), brain.Title, brain.modified.ISO8601()])
         if buffer.tell() > 64 * 1024:
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
+# end example
+
+
+# example: csv-export-on-a-worker
+from collective.streamguard.workers import register_producer  # noqa: E402
+
+# By name: a worker runs registered producers only, never code it is sent.
+register_producer("streamguard_newcomer.documents-csv")(documents_csv)
+
+
+class DocumentsCSVOnAWorker(BrowserView):
+    """@@documents-csv-on-a-worker: the same export, made by a worker."""
+
+    def __call__(self):
+        self.request.response.setHeader(
+            "Content-Disposition", 'attachment; filename="documents.csv"'
+        )
+        return stream_response(
+            self.request, documents_csv, "text/csv; charset=utf-8",
+            zodb=True, context=self.context, run_on="worker",
+            job_args={"portal_type": "Document"},
+        )
 # end example
 
 
