@@ -494,6 +494,11 @@ class TestResumeAcrossInstances(ClusterTestCase):
         self.assertFalse(any(half.values()))
 
     def test_sticky_reconnects_through_the_balancer_resume_exactly(self):
+        # A heartbeat every second: HAProxy passes a client's reset on to
+        # the instance only at the stream's next write, so the streams left
+        # here end within a second (assert_no_streams_left), not 15 s.
+        for instance in self.layer.instances:
+            instance.configure(heartbeat_interval=1)
         tag = uuid.uuid4().hex[:12]
         source = source_address(6, 0)
         for instance in self.layer.instances:
