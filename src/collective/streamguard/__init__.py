@@ -31,6 +31,7 @@ core: detection and guarded streams (standard library only)
     ``channel``     where a request's channel, server and task are
     ``output``      large chunks straight onto a channel (``DirectOutput``)
     ``park``        a worker lets go of a stream; the hub takes its socket
+    ``admission``   pages pass stream openings in waitress' task queue
 Zope
     ``interfaces``  the settings schema, its defaults, the browser layer
     ``permissions`` the permission's name

@@ -6,6 +6,7 @@ on a real waitress server and channel over a real socket pair, whose loop
 is not started: the test plays the I/O thread.
 """
 
+import logging
 import select
 import socket
 import threading
@@ -17,6 +18,7 @@ from waitress.task import ThreadedTaskDispatcher
 
 from collective.streamguard.waitress import admission
 from collective.streamguard.waitress.park import ParkingChannel
+from collective.streamguard.waitress.park import QueueWarningsPerSecond
 
 
 def app(environ, start_response):  # never called: no loop runs
@@ -196,3 +198,37 @@ class TestNoSpinWhileAWorkerSends(ServerTestCase):
         self.assertEqual(self.peer.recv(100), b"headers")
         self.assertEqual(self.channel.total_outbufs_len, 0)
         self.assertFalse(self.trigger_pulled())
+
+
+class Messages(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+class TestQueueWarnings(unittest.TestCase):
+    def test_one_queue_warning_a_second_with_the_count_left_out(self):
+        now = [100.0]
+        warnings = QueueWarningsPerSecond(clock=lambda: now[0])
+        logger = logging.getLogger("collective.streamguard.tests.queue")
+        logger.propagate = False
+        logger.addFilter(warnings)
+        handler = Messages()
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(logger.removeFilter, warnings)
+        for depth in range(1, 101):
+            logger.warning("Task queue depth is %d", depth)
+        now[0] += 1.0
+        logger.warning("Task queue depth is %d", 101)
+        self.assertEqual(
+            handler.messages,
+            ["Task queue depth is 1", "Task queue depth is 101 (99 more such warnings left out)"],
+        )
+
+    def test_waitress_queue_logger_has_it(self):
+        filters = logging.getLogger("waitress.queue").filters
+        self.assertTrue(any(isinstance(f, QueueWarningsPerSecond) for f in filters))

@@ -371,6 +371,9 @@ class TestQueueWarnings(unittest.TestCase):
             def add_task(self, task):
                 queue.warning("Task queue depth is %d", 1)
 
+        # Not within a second of another queue warning of this process
+        # (those go once a second: test_admission).
+        waitress_park.queue_warnings.reset()
         with self.assertLogs("waitress.queue") as logs:
             waitress_park._add_runner(Dispatcher(), object())
             queue.warning("Task queue depth is %d", 2)

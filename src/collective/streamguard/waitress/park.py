@@ -37,6 +37,7 @@ import errno
 import functools
 import logging
 import threading
+import time
 
 from collective.streamguard import hub as hubs
 from collective.streamguard.parking.scheduler import Scheduler
@@ -302,8 +303,49 @@ class _QuietForRunners(logging.Filter):
         return not getattr(_adding, "runner", False)
 
 
+class QueueWarningsPerSecond(logging.Filter):
+    """At most one of waitress' "Task queue depth is N" warnings a second,
+    with how many were left out.  waitress writes one for every request
+    queued while its workers are busy: when a thousand viewers come back at
+    once, a thousand lines in the event log in a few seconds, and every
+    line wakes every parked follower of the event log (which are those
+    thousand viewers): a million steps for nothing.  The depth still shows,
+    once a second."""
+
+    def __init__(self, interval=1.0, clock=time.monotonic):
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.next_at = None
+        self.left_out = 0
+
+    def reset(self):
+        """Let the next warning through."""
+        with self.lock:
+            self.next_at, self.left_out = None, 0
+
+    def filter(self, record):
+        now = self.clock()
+        with self.lock:
+            if self.next_at is not None and now < self.next_at:
+                self.left_out += 1
+                return False
+            self.next_at = now + self.interval
+            left_out, self.left_out = self.left_out, 0
+        if left_out:
+            record.msg = f"{record.getMessage()} ({left_out} more such warnings left out)"
+            record.args = ()
+        return True
+
+
 _adding = threading.local()
-logging.getLogger("waitress.queue").addFilter(_QuietForRunners())
+_queue_logger = logging.getLogger("waitress.queue")
+# Runners first: their warnings are not counted as left out.
+_queue_logger.addFilter(_QuietForRunners())
+#: The filter on waitress' queue logger (``reset()`` lets the next through).
+queue_warnings = QueueWarningsPerSecond()
+_queue_logger.addFilter(queue_warnings)
 
 
 def _add_runner(dispatcher, runner):
