@@ -41,13 +41,15 @@ class EventStream:
         self.ended = False  # the last chunk came
 
     @classmethod
-    def open(cls, address, path, auth=None, last_event_id=None, headers=None):
-        """Connect to ``address``, ask for ``path``, read the head."""
+    def open(cls, address, path, auth=None, last_event_id=None, headers=None, source=None):
+        """Connect to ``address`` (from the local address ``source``, if
+        given: a balancer keeps a client on one instance by it), ask for
+        ``path``, read the head."""
         headers = dict(headers or {})
         headers.setdefault("Accept", "text/event-stream")
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
-        client = HTTPClient(address)
+        client = HTTPClient(address, source=source)
         client.request(path, auth=auth, headers=headers)
         stream = cls(client)
         # As EventSource: the id it sent stands until an event brings another.

@@ -7,10 +7,13 @@ log viewers by the thousand never take a page's slot; per-client limits see
 the real client, and a forged X-Forwarded-For changes nothing; a ZODB
 producer whose final commit conflicts with the other instance ends cleanly;
 an instance that stops ends its streams, whose clients come back through
-the balancer to the other instance while pages keep answering.
+the balancer to the other instance while pages keep answering; a client
+that reconnects with Last-Event-ID gets every line of each instance's log
+once, whichever instance its reconnects land on.
 """
 
 import json
+import os
 import resource
 import selectors
 import socket
@@ -19,6 +22,8 @@ import time
 import unittest
 import uuid
 
+from collective.streamguard.logs.position import Switch
+from collective.streamguard.tests.cluster import ADMIN
 from collective.streamguard.tests.cluster import AUTH_HEADER
 from collective.streamguard.tests.cluster import CLUSTER
 from collective.streamguard.tests.helpers import HOST
@@ -26,6 +31,7 @@ from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import reset
 from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.sse import EventStream
 
 VIEWERS = 1000
 #: Descriptors this process keeps for everything but the viewers' sockets.
@@ -389,3 +395,132 @@ class TestAnInstanceStops(ClusterTestCase):
         poller.stop.set()
         poller.join(35)
         self.assertEqual(set(poller.statuses), {200}, poller.statuses[:20])
+
+
+class TestResumeAcrossInstances(ClusterTestCase):
+    """Reconnects with ``Last-Event-ID``, as an EventSource makes them: each
+    instance follows its own ``app.log`` under the one name ``app``."""
+
+    def events(self, address, last_event_id=None, source=None):
+        """An ``EventStream`` of the log ``app`` (its last 2 lines first, on
+        a new start); its start event read."""
+        stream = EventStream.open(
+            address,
+            f"{LOG_STREAM}&format=sse&lines=2",
+            auth=ADMIN,
+            last_event_id=last_event_id,
+            source=source,
+        )
+        # With a reset: through HAProxy a FIN reaches the instance late.
+        self.addCleanup(lambda: stream.client.sock.fileno() < 0 or stream.client.reset())
+        self.assertEqual(stream.status, 200)
+        stream.start = stream.next()
+        return stream
+
+    def append(self, instance, text):
+        with open(instance.app_log, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def read_to_the_end(self, stream, instance):
+        """The data of the message events until the stream's place is the
+        end of ``instance``'s file."""
+        size = os.path.getsize(instance.app_log)
+        received = []
+        while stream.offset != size:
+            event = stream.next()
+            self.assertIsNotNone(event, "the stream ended")
+            self.assertEqual(event.type, "message", event)
+            received.append(event.data)
+        return "".join(received)
+
+    def last_two_lines_start(self, instance):
+        """The byte offset of the last 2 lines of ``instance``'s file, where
+        a stream with ``lines=2`` starts."""
+        with open(instance.app_log, "rb") as f:
+            content = f.read()
+        return len(content) - len(b"".join(content.splitlines(keepends=True)[-2:]))
+
+    def assert_each_line_once(self, received, starts):
+        for instance, texts in received.items():
+            with open(instance.app_log, "rb") as f:
+                f.seek(starts[instance])
+                self.assertEqual("".join(texts), f.read().decode("utf-8"), instance.name)
+
+    def test_round_robin_reconnects_get_every_line_of_each_file_once(self):
+        # Straight to the instances in turn: a balancer without stickiness.
+        tag = uuid.uuid4().hex[:12]
+        instances = self.layer.instances
+        for instance in instances:
+            self.append(instance, f"{tag} first in {instance.name}\n{tag} second\n")
+        received = {instance: [] for instance in instances}
+        starts = {}
+        half = {instance: False for instance in instances}  # a line not ended
+        last_event_id = None
+        rounds = 9
+        for round in range(rounds):
+            here = instances[round % 2]
+            if here not in starts:
+                starts[here] = self.last_two_lines_start(here)
+            stream = self.events((HOST, here.port), last_event_id)
+            about = stream.start.json()
+            self.assertEqual((about["instance"], about["log"]), (here.name, "app"), about)
+            if round == 0:
+                self.assertEqual(stream.start.type, "stream", about)
+            elif round == 1:  # the first time on the other instance's file
+                self.assertEqual(stream.start.type, "switch", about)
+                self.assertEqual(
+                    (about["reason"], about["start"], about["lines"]),
+                    (Switch.OTHER_FILE, "lines", 2),
+                )
+            else:  # back on a file it was on: where it left it
+                self.assertEqual(stream.start.type, "switch", about)
+                self.assertEqual((about["reason"], about["start"]), (Switch.RETURNED, "resumed"))
+            if round < rounds - 1:
+                # Lines in both files, the other's written while the
+                # client is not there.
+                for instance in instances:
+                    rest = "the rest\n" if half[instance] else ""
+                    half[instance] = False
+                    self.append(instance, f"{rest}{tag} round {round} in {instance.name}\n")
+                if round in (2, 4, 5):
+                    # Half a line, read now; its rest comes while the
+                    # client is on the other instance.
+                    self.append(here, f"{tag} half of round {round}, ")
+                    half[here] = True
+            received[here].append(self.read_to_the_end(stream, here))
+            last_event_id = stream.last_event_id
+            stream.client.reset()
+        self.assert_each_line_once(received, starts)
+        self.assertFalse(any(half.values()))
+
+    def test_sticky_reconnects_through_the_balancer_resume_exactly(self):
+        # A heartbeat every second: HAProxy passes a client's reset on to
+        # the instance only at the stream's next write, so the streams left
+        # here end within a second (assert_no_streams_left), not 15 s.
+        for instance in self.layer.instances:
+            instance.configure(heartbeat_interval=1)
+        tag = uuid.uuid4().hex[:12]
+        source = source_address(6, 0)
+        for instance in self.layer.instances:
+            self.append(instance, f"{tag} first in {instance.name}\n{tag} second\n")
+        stream = self.events(self.layer.balancer, source=source)
+        self.assertEqual(stream.start.type, "stream", stream.start)
+        name = stream.start.json()["instance"]
+        (here,) = [i for i in self.layer.instances if i.name == name]
+        received = []
+        starts = {here: self.last_two_lines_start(here)}
+        for round in range(6):
+            for instance in self.layer.instances:
+                self.append(instance, f"{tag} round {round} in {instance.name}\n")
+            if round % 2:
+                self.append(here, f"{tag} half of round {round}, ")
+            received.append(self.read_to_the_end(stream, here))
+            if round % 2:
+                self.append(here, "the rest\n")
+            stream.client.reset()
+            stream = self.events(self.layer.balancer, stream.last_event_id, source=source)
+            # The same instance, the same file: no switch.
+            self.assertEqual(stream.start.type, "stream", stream.start)
+            self.assertEqual(stream.start.json(), {"instance": name, "log": "app"})
+        received.append(self.read_to_the_end(stream, here))
+        self.assert_each_line_once({here: received}, starts)

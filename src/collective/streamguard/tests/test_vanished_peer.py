@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import unittest
 from unittest import mock
 
@@ -44,17 +45,26 @@ def run(*command):
 
 
 class IdleStreamApp:
-    """A stream that only waits: nothing is ever written to its client."""
+    """A stream that only waits: nothing is ever written to its client but,
+    with ``heartbeat_interval`` (seconds), a heartbeat as server-sent events
+    have (``GuardedStream`` then shortens the user timeout, as for them)."""
 
-    def __init__(self):
+    def __init__(self, heartbeat_interval=None):
+        self.heartbeat_interval = heartbeat_interval
         self.live_streams = LiveStreams()
         self.ended = []
         self.options = []
+        self.beats = []  # time.monotonic() of each heartbeat yielded
 
     def __call__(self, environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain")])
         connection = client_connection(environ)
-        guard = StreamGuard(connection, live_streams=self.live_streams)
+        guard = StreamGuard(
+            connection,
+            heartbeat=b": keep-alive\n\n",
+            heartbeat_interval=self.heartbeat_interval,
+            live_streams=self.live_streams,
+        )
         guard.add_cleanup(lambda: self.ended.append(guard.reason.value))
 
         def producer():
@@ -69,11 +79,29 @@ class IdleStreamApp:
                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
                     )
                 )
-            while not guard.wait(60):
-                pass
+            if self.heartbeat_interval:
+                # The heartbeats are yielded by idle(): the stream's writes.
+                while not (yield from self.beating(guard)):
+                    pass
+            else:
+                while not guard.wait(60):
+                    pass
             yield b""
 
         return GuardedStream(producer(), guard, direct_output=DirectOutput.for_caller)
+
+    def beating(self, guard):
+        """``guard.idle(60)``, keeping the time of every heartbeat it yields
+        in ``beats`` (the benchmark tells the write after the vanish from
+        the timeout after it)."""
+        waiting = guard.idle(60)
+        try:
+            chunk = next(waiting)
+            while True:
+                self.beats.append(time.monotonic())
+                chunk = waiting.send((yield chunk))
+        except StopIteration as done:
+            return done.value
 
 
 class ClientNamespaceLayer:
@@ -134,9 +162,12 @@ class ClientNamespaceLayer:
 class TestVanishedPeer(unittest.TestCase):
     layer = ClientNamespaceLayer
 
+    #: The stream's heartbeat (seconds), None for a stream that only waits.
+    heartbeat_interval = None
+
     def setUp(self):
         self.layer.client_link("up")
-        self.app = IdleStreamApp()
+        self.app = IdleStreamApp(self.heartbeat_interval)
         server = StopableWSGIServer.create(self.app, host=self.layer.server_ip, threads=2)
         self.addCleanup(server.runner.join, 10)
         self.addCleanup(server.shutdown)
@@ -174,4 +205,27 @@ class TestVanishedPeer(unittest.TestCase):
         # The client's network goes away: no FIN, no reset.
         self.layer.client_link("down")
         self.assertTrue(wait_for(lambda: self.app.ended, timeout=60), "the stream did not end")
+        self.assertEqual(self.app.ended, ["client gone"])
+
+
+class TestVanishedPeerOfAHeartbeatStream(TestVanishedPeer):
+    """A stream that sends a heartbeat every 15 s, as server-sent events do
+    by default: its unacknowledged heartbeat, not a keepalive probe, finds
+    the peer gone (after the shortened user timeout: about 50 s in all,
+    ``benchmarks/bench_vanished_peer.py --heartbeat 15`` measures it).  The
+    real settings, nothing made faster: one wait of about a minute."""
+
+    heartbeat_interval = 15
+
+    def test_every_stream_socket_gets_keepalive_within_a_minute(self):
+        self.start_client()
+        self.assertTrue(wait_for(lambda: self.app.options))
+        # The user timeout leaves room for the heartbeat before it.
+        self.assertEqual(self.app.options[0], (1, 20, 10, 3, 35_000))
+
+    def test_an_idle_stream_whose_client_vanished_ends_as_client_gone(self):
+        self.start_client()
+        self.assertTrue(wait_for(lambda: self.app.options))
+        self.layer.client_link("down")
+        self.assertTrue(wait_for(lambda: self.app.ended, timeout=180), "the stream did not end")
         self.assertEqual(self.app.ended, ["client gone"])
