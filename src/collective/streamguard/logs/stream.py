@@ -12,7 +12,6 @@ carry JSON: the instance, the log's name, and for a switch the reason and
 where it starts.  Event ids are ``logs.position`` ids: file and offset.
 """
 
-import collections
 import json
 import logging
 import random
@@ -92,7 +91,8 @@ class LogStream:
         self.log = log
         self.last_lines = last_lines
         self._after_cr = False  # the last event ended with CR
-        self._unsent = ()  # pieces read and not yet given to the stream
+        self._unsent = ()  # the last read's pieces; _given of them went
+        self._given = 0
         # A body the publisher drops without running still closes the
         # follower's file and inotify descriptors.
         weakref.finalize(self, follower.close)
@@ -105,7 +105,7 @@ class LogStream:
         """Bytes of the log read and not yet handed to the stream: with a
         client that does not read, what this producer holds besides the
         stream's output queue (at most one piece)."""
-        return sum(len(piece.data) for piece in self._unsent)
+        return sum(len(piece.data) for piece in self._unsent[self._given :])
 
     def __call__(self, guard):
         guard.add_cleanup(self.follower.close)
@@ -160,9 +160,12 @@ class LogStream:
                     self.last_lines,
                     None if place is None else place + follower.carried,
                 )
-            unsent = self._unsent = collections.deque(pieces)
-            while unsent:
-                yield self.format(unsent.popleft())
+            # No copy per read (every follower reads at every line): the
+            # list and how many of it went, for held_bytes.
+            self._unsent, self._given = pieces, 0
+            for piece in pieces:
+                self._given += 1
+                yield self.format(piece)
             if follower.ended:
                 # The writer's end marker: tell an EventSource not to
                 # reconnect, then finish.
@@ -182,6 +185,7 @@ class LogStream:
             # The last pieces sent are not kept while idle: their data may be
             # a whole read buffer (1 MiB for text), for hours.
             pieces = None
+            self._unsent = ()
             if (yield from guard.idle(timeout)):
                 return
 
