@@ -18,10 +18,8 @@ What tests use: ``layer.web`` (its ``port``, ``events()``), ``layer.worker``
 
 import os
 import secrets
-import subprocess
 
 from collective.streamguard.tests.servers import SRC
-from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.workerstack import WorkersLayer
 
 ROOT = os.path.dirname(SRC)
@@ -87,28 +85,12 @@ class PloneWorkersLayer(WorkersLayer):
             home.env["AUTOINCLUDE_ALLOW_MODULE_NOT_FOUND_ERROR"] = "1"
         return home
 
-    def prepare_database(self, home):
+    prepare_script = SCRIPT
+
+    def script_values(self):
         """The site, as `make run` creates it, and the documents."""
-        script = os.path.join(home.home, "create_site.py")
-        with open(script, "w") as f:
-            f.write(
-                SCRIPT.format(
-                    create_site=os.path.join(ROOT, "scripts", "create_site.py"), site_id=SITE_ID
-                )
-            )
-        output = os.path.join(home.home, "var", "create_site.out")
-        with open(output, "wb") as out:
-            created = subprocess.run(
-                [executable("zconsole"), "run", home.zope_conf, script],
-                env={**os.environ, **home.env},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=self.start_timeout,
-            )
-        if created.returncode:
-            with open(output, errors="replace") as f:
-                raise AssertionError(f"creating the Plone site failed: {f.read()[-3000:]}")
+        create_site = os.path.join(ROOT, "scripts", "create_site.py")
+        return {"create_site": create_site, "site_id": SITE_ID}
 
 
 PLONE_WORKERS = PloneWorkersLayer()

@@ -11,7 +11,7 @@ The Zope layer of ``test_workers`` uses it as it is (Zope only, the test
 views); the Plone layer of ``test_plone_workers`` (``ploneworkers``)
 overrides what differs: the instances' ZCML (Plone and the README's
 package), and what is in the database before the instances start
-(``prepare_database``).
+(``prepare_script``, run by ``prepare_database``).
 """
 
 import os
@@ -103,22 +103,40 @@ class WorkersLayer:
         wait_until_serving(self.web.port, self.web_process, timeout=self.start_timeout)
         self.wait_for_worker()
 
-    def prepare_database(self, home):
-        """What the database holds before the instances start: a Zope
-        manager in the root user folder, from a third ZEO client."""
-        import transaction
-        import ZEO
+    #: What ``prepare_database`` runs in ``zconsole run`` (``app`` is the
+    #: root): a Zope manager in the root user folder.
+    prepare_script = """\
+import transaction
 
-        db = ZEO.DB((HOST, self.zeo_port))
-        try:
-            manager = transaction.TransactionManager()
-            connection = db.open(transaction_manager=manager)
-            app = connection.root()["Application"]
-            app.acl_users._doAddUser(MANAGER[0], MANAGER[1], ["Manager"], [])
-            manager.commit()
-            connection.close()
-        finally:
-            db.close()
+app.acl_users._doAddUser({user!r}, {password!r}, ["Manager"], [])
+transaction.commit()
+"""
+
+    def script_values(self):
+        return {"user": MANAGER[0], "password": MANAGER[1]}
+
+    def prepare_database(self, home):
+        """Run ``prepare_script`` (formatted with ``script_values()``) in
+        ``zconsole run`` with ``home``'s zope.conf, before the instances
+        start.  The first Zope on the storage creates its root objects:
+        after this one, the web instance and the worker can start side by
+        side without both creating them."""
+        script = os.path.join(home.home, "prepare.py")
+        with open(script, "w") as f:
+            f.write(self.prepare_script.format(**self.script_values()))
+        output = os.path.join(home.home, "var", "prepare.out")
+        with open(output, "wb") as out:
+            prepared = subprocess.run(
+                [executable("zconsole"), "run", home.zope_conf, script],
+                env={**os.environ, **home.env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=self.start_timeout,
+            )
+        if prepared.returncode:
+            with open(output, errors="replace") as f:
+                raise AssertionError(f"{script} failed: {f.read()[-3000:]}")
 
     def new_home(self, port=None):
         home = ZopeInstance(port or free_port(), zeo=f"{HOST}:{self.zeo_port}")
