@@ -59,6 +59,13 @@ LEASE = 10
 POLL = 1
 #: Keys of a job are dropped this long after it ended.
 KEEP = 3600
+#: Seconds a call to Redis may take (connecting, or an answer) before it
+#: fails: longer than the blocking reads' POLL.  With it, a broker that
+#: stops answering (its host gone, not only its process) is noticed too.
+BROKER_TIMEOUT = POLL + 4
+#: The default of zope.conf's ``worker-queue-size``: jobs that may wait
+#: for a worker, counted across the cluster (``WorkerDispatch.admit``).
+DEFAULT_QUEUE_SIZE = 16
 QUEUE_NAME = "streamguard"
 TASK_NAME = "streamguard.run_job"
 
@@ -147,15 +154,33 @@ def broker_classes():
                 return Message(*data["huey-message"])
             return data
 
+    import redis
+
     class SignedHuey(huey.RedisHuey):
-        """A huey whose consumer refuses unsigned messages: logged, dropped."""
+        """A huey whose consumer refuses unsigned messages (logged, dropped)
+        and waits for a lost broker: one line when it goes, one when it is
+        back, and it asks again every POLL seconds meanwhile (huey's own
+        loop would log a traceback at every try)."""
+
+        broker_lost = False
 
         def dequeue(self):
             try:
-                return super().dequeue()
+                message = super().dequeue()
             except (BadSignature, ValueError, TypeError) as error:
                 logger.error("refused a broker message (not run): %s", error)
                 return None
+            except redis.RedisError as error:
+                if not self.broker_lost:
+                    self.broker_lost = True
+                    logger.error("lost the broker (%s); asking again every %s s", error, POLL)
+                # A blocking read's wait: huey's loop asks again at once.
+                time.sleep(POLL)
+                return None
+            if self.broker_lost:
+                self.broker_lost = False
+                logger.info("the broker answers again; taking jobs")
+            return message
 
     return SignedSerializer, SignedHuey
 
@@ -165,9 +190,19 @@ class Broker:
 
     def __init__(self, url, secret, name=QUEUE_NAME):
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         SignedSerializer, SignedHuey = broker_classes()
-        self.redis = redis.Redis.from_url(url)
+        # No retries inside redis-py (its default differs between versions):
+        # a lost broker is an error at once, which both sides handle (the
+        # bounds in the README hold).
+        self.redis = redis.Redis.from_url(
+            url,
+            socket_timeout=BROKER_TIMEOUT,
+            socket_connect_timeout=BROKER_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
         self.huey = SignedHuey(
             name,
             results=False,
@@ -205,6 +240,10 @@ class Broker:
         pipe.rpush(self.key(job_id, "ack"), b"x")
         pipe.expire(self.key(job_id, "ack"), KEEP)
         pipe.execute()
+
+    def queued(self):
+        """How many jobs wait in huey's queue for a worker (all instances')."""
+        return self.redis.llen(self.queue_key)
 
     def position(self, job_id):
         """The place of the job in huey's queue (1: it is taken next), or
@@ -285,19 +324,70 @@ class Broker:
         consumer.run()
 
 
-class WorkerDispatch:
-    """The "pool" (``Job.pool``) of jobs that run on workers: dispatches a
-    job at its web side's first step, and feeds its relay from Redis."""
+class BrokerUnavailable(Exception):
+    """``WorkerDispatch.admit``: the broker did not answer."""
 
-    def __init__(self, broker):
+
+class WorkerDispatch:
+    """The "pool" (``Job.pool``) of jobs that run on workers: admits a job
+    while the workers' queue is below its bound, dispatches it at its web
+    side's first step, and feeds its relay from Redis.
+
+    The bound (``queue_size``, zope.conf's ``worker-queue-size``) counts
+    the jobs that wait for a worker: those in huey's queue in Redis, which
+    every web instance of the cluster shares (the workers serve them all,
+    so a bound per instance would let N instances queue N times as many),
+    plus this instance's admitted jobs not yet dispatched (their request's
+    transaction is not over).  Two instances admitting at the same moment
+    may both see room for one: the queue can pass the bound by the jobs
+    admitted concurrently on other instances, never more."""
+
+    def __init__(self, broker, queue_size=DEFAULT_QUEUE_SIZE):
         self.broker = broker
+        self.queue_size = max(1, queue_size)
         self._lock = threading.Lock()
         self._live = {}  # web stream id -> worker name ("" until it starts)
+        self._admitted = set()  # jobs admitted here, not yet dispatched
+        self._broker_down = False
         self.started = 0
         self.dispatched = 0
+        self.refused = 0
+
+    def configure(self, queue_size):
+        """Change the bound (from the deployment's settings)."""
+        self.queue_size = max(1, int(queue_size))
+
+    def admit(self, job):
+        """Take ``job`` in, or raise ``jobs.QueueFull`` when ``queue_size``
+        jobs wait for a worker already, ``BrokerUnavailable`` when Redis
+        does not answer (the view answers 503 to both)."""
+        try:
+            waiting = self.broker.queued()
+        except Exception as error:
+            with self._lock:
+                self.refused += 1
+                first, self._broker_down = not self._broker_down, True
+            if first:  # once per outage, not once per request
+                logger.error("the workers' broker does not answer (503 to new jobs): %s", error)
+            raise BrokerUnavailable(f"the workers' broker did not answer: {error}") from error
+        with self._lock:
+            if self._broker_down:
+                self._broker_down = False
+                logger.info("the workers' broker answers again")
+            waiting += len(self._admitted)
+            if waiting >= self.queue_size:
+                self.refused += 1
+                raise jobs.QueueFull(f"{waiting} jobs wait for a worker")
+            self._admitted.add(job)
+        job.relay.on_cancel(lambda reason: self._unadmit(job))
+
+    def _unadmit(self, job):
+        with self._lock:
+            self._admitted.discard(job)
 
     def activate(self, job):
         message = job.message
+        self._unadmit(job)
         if job.relay.cancelled is not None:
             return  # its web side ended first: never dispatched
         job.relay.on_cancel(lambda reason: self._cancel(job, reason))
@@ -396,6 +486,9 @@ class WorkerDispatch:
                 "live": len(self._live),
                 "dispatched": self.dispatched,
                 "started": self.started,
+                "queue_size": self.queue_size,
+                "admitted": len(self._admitted),
+                "refused": self.refused,
             }
 
 
@@ -433,7 +526,15 @@ def run_job(broker, message, stream_for, worker="worker"):
     # The broker's id of the job, for the producer's logs.
     stream.guard.job_id = job_id
     job = jobs.Job(stream, relay, label=message.get("label", ""))
-    broker.push(job_id, b"s", worker.encode())
+    try:
+        broker.push(job_id, b"s", worker.encode())
+    except Exception:
+        # The broker went between taking the job and starting it: the
+        # producer never runs (its stream ends without a step).
+        logger.exception("job %s: lost the broker before it started; not run", job_id)
+        relay.cancel(EndReason.ERROR)
+        stream.close()
+        return
     pump = threading.Thread(
         target=_pump, args=(broker, job_id, relay, wake, worker), name="streamguard-pump"
     )
@@ -443,12 +544,31 @@ def run_job(broker, message, stream_for, worker="worker"):
     finally:
         wake.set()
         pump.join()
-        broker.end_beat(job_id)
+        try:
+            broker.end_beat(job_id)
+        except Exception as error:
+            # Lost with the broker anyway (its key expires with LEASE).
+            logger.warning("job %s: could not drop its heartbeat: %s", job_id, error)
 
 
 def _pump(broker, job_id, relay, wake, worker):
     # The producer's chunks from the local relay to Redis; the web side's
-    # cancel and lease to the relay; the heartbeat.
+    # cancel and lease to the relay; the heartbeat.  A lost broker (any
+    # error from Redis) cancels the job: its producer stops at its next
+    # chunk or wait, as if its client had left, but with ERROR (its
+    # transaction aborted, its cleanups once); nothing more goes out.
+    try:
+        _pump_to_broker(broker, job_id, relay, wake, worker)
+    except Exception as error:
+        logger.error("job %s: lost the broker (%s); the job is cancelled", job_id, error)
+        relay.cancel(EndReason.ERROR)
+        while relay.take()[1] is None:
+            # Until the job has ended (``finish`` wakes us): run_job joins us.
+            wake.wait(POLL)
+            wake.clear()
+
+
+def _pump_to_broker(broker, job_id, relay, wake, worker):
     beaten = time.monotonic()
     while True:
         wake.wait(POLL)
