@@ -100,7 +100,7 @@ def main(argv=None):
     def runner(message):
         workers.run_job(broker, message, functools.partial(job_stream, db), worker=name)
 
-    broker.serve(runner)
+    broker.serve(runner, name)
     return 0
 
 

@@ -67,6 +67,8 @@ BROKER_TIMEOUT = POLL + 4
 #: for a worker, counted across the cluster (``WorkerDispatch.admit``).
 DEFAULT_QUEUE_SIZE = 16
 QUEUE_NAME = "streamguard"
+#: ``PRESENCE + name``: set by each worker while it serves (``LEASE``).
+PRESENCE = "streamguard:worker:"
 TASK_NAME = "streamguard.run_job"
 
 #: Registered producers, by name: the only code a worker runs.
@@ -317,11 +319,45 @@ class Broker:
             return EndReason.CLIENT_GONE
         return None
 
-    def serve(self, runner):
-        """Run jobs as they come, one at a time, until SIGINT/SIGTERM."""
+    def serve(self, runner, name="worker"):
+        """Run jobs as they come, one at a time, until SIGINT/SIGTERM; the
+        worker says it is up (``workers_up``) while it serves."""
         self.runner = runner
+        stop = threading.Event()
+        presence = threading.Thread(
+            target=self._announce, args=(name, stop), name="streamguard-presence", daemon=True
+        )
+        presence.start()
         consumer = self.huey.create_consumer(workers=1, worker_type="thread", periodic=False)
-        consumer.run()
+        try:
+            consumer.run()
+        finally:
+            stop.set()
+            presence.join(BROKER_TIMEOUT + 1)
+            try:
+                self.redis.delete(PRESENCE + name)
+            except Exception:  # noqa: S110 (it expires with LEASE anyway)
+                pass
+
+    def _announce(self, name, stop):
+        # Renewed every LEASE / 5 s; a worker killed with -9 drops out of
+        # ``workers_up`` within LEASE.  A lost broker is logged by the
+        # consumer (``SignedHuey.dequeue``): not here again.
+        info = json.dumps({"name": name, "since": time.time()})
+        while not stop.is_set():
+            try:
+                self.redis.set(PRESENCE + name, info, ex=LEASE)
+            except Exception:  # noqa: S110
+                pass
+            stop.wait(LEASE / 5)
+
+    def workers_up(self):
+        """The names of the workers that serve this broker now, sorted."""
+        prefix = PRESENCE.encode()
+        return sorted(
+            key[len(prefix) :].decode("utf-8", "replace")
+            for key in self.redis.scan_iter(match=PRESENCE + "*", count=1000)
+        )
 
 
 class BrokerUnavailable(Exception):
@@ -479,6 +515,14 @@ class WorkerDispatch:
             relay.finish(EndReason.ERROR)
         finally:
             self.forget(job)
+
+    def workers_up(self):
+        """The names of the workers up now (``Broker.workers_up``), or None
+        when the broker does not answer."""
+        try:
+            return self.broker.workers_up()
+        except Exception:
+            return None
 
     def snapshot(self):
         with self._lock:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import unittest
 
 from collective.streamguard import streaming
@@ -187,6 +188,8 @@ class TestWorkerBounds(unittest.TestCase):
                 self.request("tag=lost-down&mode=sees&run_on=worker"),
                 streaming.WORKERS_UNAVAILABLE,
             )
+            # The status page still answers; it cannot say which workers are up.
+            self.assertIsNone(self.status()["workers"]["up"])
         finally:
             self.layer.start_redis()
         # The same worker process takes jobs again.
@@ -202,3 +205,9 @@ class TestWorkerBounds(unittest.TestCase):
         self.assertIn("the broker answers again", output)
         # Still nothing of the cancelled job after its last commit.
         self.assertIsNone(self.stored("sg_lost_10"))
+
+    def test_status_lists_the_workers_that_serve_the_broker(self):
+        name = f"{socket.gethostname()}:{self.layer.worker.pid}"
+        self.assertTrue(wait_for(lambda: name in (self.status()["workers"]["up"] or []), 30))
+        self.assertEqual(self.status()["workers"]["up"], [name])
+        self.assertTrue(self.redis.exists(workers.PRESENCE + name))
