@@ -444,8 +444,15 @@ class WorkerDispatch:
     def _cancel(self, job, reason):
         try:
             self.broker.cancel(job.message["job"], reason)
-        except Exception:
-            logger.exception("cancelling job %s failed", job.message["job"])
+        except Exception as error:
+            if _lost_broker(error):
+                # Its worker cancels it all the same: when it loses the
+                # broker too, or when this side's lease expires (LEASE).
+                logger.warning(
+                    "job %s: lost the broker; not cancelled through it", job.message["job"]
+                )
+            else:
+                logger.exception("cancelling job %s failed", job.message["job"])
 
     def withdraw(self, job):
         # Never queued here before it was dispatched; a dispatched job is
@@ -510,8 +517,12 @@ class WorkerDispatch:
                         reason = EndReason.ERROR
                     relay.finish(reason)
                     return
-        except Exception:
-            logger.exception("feeding job %s from the broker failed", job_id)
+        except Exception as error:
+            if _lost_broker(error):
+                # Not a bug here: one line, no traceback.
+                logger.error("job %s: lost the broker (%s); the stream fails", job_id, error)
+            else:
+                logger.exception("feeding job %s from the broker failed", job_id)
             relay.finish(EndReason.ERROR)
         finally:
             self.forget(job)
@@ -534,6 +545,13 @@ class WorkerDispatch:
                 "admitted": len(self._admitted),
                 "refused": self.refused,
             }
+
+
+def _lost_broker(error):
+    """Whether ``error`` says Redis went away (or stopped answering)."""
+    import redis
+
+    return isinstance(error, (redis.ConnectionError, redis.TimeoutError))
 
 
 def new_job_id():

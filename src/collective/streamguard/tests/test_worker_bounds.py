@@ -190,6 +190,11 @@ class TestWorkerBounds(unittest.TestCase):
             )
             # The status page still answers; it cannot say which workers are up.
             self.assertIsNone(self.status()["workers"]["up"])
+            # The worker's consumer has noticed too (before Redis is back).
+            self.assertTrue(
+                wait_for(lambda: self.layer.worker_output().count("lost the broker (") == 2, 30),
+                self.layer.worker_output()[-3000:],
+            )
         finally:
             self.layer.start_redis()
         # The same worker process takes jobs again.
