@@ -190,7 +190,7 @@ def broker_classes():
 class Broker:
     """The huey queue and the Redis keys of jobs, for both sides."""
 
-    def __init__(self, url, secret, name=QUEUE_NAME):
+    def __init__(self, url, secret, name=QUEUE_NAME, worker="worker"):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -214,6 +214,8 @@ class Broker:
         )
         #: What runs a job in this process (the worker sets it).
         self.runner = None
+        #: This process' name as a worker (``workers_up``; when it serves).
+        self.worker = worker
         self.task = self.huey.task(retries=0, name=TASK_NAME)(self._run)
 
     def _run(self, message):
@@ -319,10 +321,12 @@ class Broker:
             return EndReason.CLIENT_GONE
         return None
 
-    def serve(self, runner, name="worker"):
+    def serve(self, runner):
         """Run jobs as they come, one at a time, until SIGINT/SIGTERM; the
-        worker says it is up (``workers_up``) while it serves."""
+        worker says it is up (``workers_up``, as ``self.worker``) while it
+        serves."""
         self.runner = runner
+        name = self.worker
         stop = threading.Event()
         presence = threading.Thread(
             target=self._announce, args=(name, stop), name="streamguard-presence", daemon=True

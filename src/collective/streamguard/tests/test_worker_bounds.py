@@ -22,7 +22,6 @@ from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.test_workers import ERROR_EVENT
 from collective.streamguard.tests.test_workers import MANAGER
-from collective.streamguard.tests.test_workers import PRODUCT_CONFIG
 from collective.streamguard.tests.test_workers import WorkersLayer
 
 #: The web instance's bound: one job may wait for the worker.
@@ -38,14 +37,12 @@ class WorkerBoundsLayer(WorkersLayer):
     __name__ = "WORKER_BOUNDS"
 
     def configure(self, home):
-        config = PRODUCT_CONFIG.format(
-            password=self.redis_password,
-            host=HOST,
-            port=self.redis_port,
-            secret=self.secret,
-        ).replace("</product-config>", f"  worker-queue-size {QUEUE_SIZE}\n</product-config>")
-        with open(home.zope_conf, "a") as f:
-            f.write(config)
+        # The layer's product config, with the bound added to it.
+        super().configure(home)
+        with open(home.zope_conf) as f:
+            head, end, tail = f.read().rpartition("</product-config>")
+        with open(home.zope_conf, "w") as f:
+            f.write(f"{head}  worker-queue-size {QUEUE_SIZE}\n{end}{tail}")
 
     def kill_redis(self):
         os.kill(self.redis_process.pid, signal.SIGKILL)
