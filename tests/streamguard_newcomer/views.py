@@ -178,6 +178,9 @@ class RetitleDocuments(BrowserView):
     the job stops.
     """
 
+    #: Where the job runs: None, in the web process (a worker: below).
+    run_on = None
+
     def __call__(self):
         if self.request.get("REQUEST_METHOD") != "POST":
             authenticator = self.context.restrictedTraverse("@@authenticator")
@@ -186,7 +189,8 @@ class RetitleDocuments(BrowserView):
         # sees: stream_response applies its rule to it.  Without a valid
         # _authenticator, the first commit is refused and nothing is written.
         return stream_response(
-            self.request, retitle_documents, zodb=True, context=self.context
+            self.request, retitle_documents, zodb=True, context=self.context,
+            run_on=self.run_on,
         )
 
 
@@ -202,4 +206,20 @@ def retitle_documents(guard):
             guard.zodb.commit()
         yield f"{done} {brain.getPath()}\n"
     yield f"done: {done} documents\n"  # the last batch commits when we return
+# end example
+
+
+# example: batch-job-on-a-worker
+register_producer("streamguard_newcomer.retitle-documents")(retitle_documents)
+
+
+class RetitleDocumentsOnAWorker(RetitleDocuments):
+    """@@retitle-documents-on-a-worker: the same batch job, run by a worker.
+
+    Its commits every BATCH_SIZE documents are the worker's transactions;
+    when the browser goes away, the worker aborts the documents done since
+    the last commit and takes its next job.
+    """
+
+    run_on = "worker"
 # end example

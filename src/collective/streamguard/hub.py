@@ -132,6 +132,10 @@ class Hub:
         self._callbacks[fd] = callback
         self.epoll.register(fd, select.EPOLLIN)
 
+    def in_thread(self):
+        """True in the hub's own thread."""
+        return threading.get_ident() == self.thread.ident
+
     def count(self):
         """How many sockets are registered (parked streams)."""
         return len(self.handlers)

@@ -23,8 +23,9 @@ import sys
 logger = logging.getLogger("collective.streamguard")
 
 
-def job_stream(db, message, relay):
-    """The ``GuardedStream`` of ``message``'s job, on ``db``."""
+def job_stream(db, message, relay, worker="worker"):
+    """The ``GuardedStream`` of ``message``'s job, on ``db``; its
+    transactions name ``worker`` in the undo log."""
     from collective.streamguard import jobs
     from collective.streamguard import workers
     from collective.streamguard.guard import GuardedStream
@@ -47,6 +48,7 @@ def job_stream(db, message, relay):
                     raise WriteRefused("its request may not write (CSRF)")
 
         session = ZODBSession.from_plain(db, message["session"], write_check)
+        session.place = f"worker {worker}"
     guard = StreamGuard(
         jobs.RelayConnection(relay),
         max_duration=message.get("max_duration"),
@@ -98,7 +100,8 @@ def main(argv=None):
     logger.info("streamguard worker %s serves jobs from the broker", name)
 
     def runner(message):
-        workers.run_job(broker, message, functools.partial(job_stream, db), worker=name)
+        stream_for = functools.partial(job_stream, db, worker=name)
+        workers.run_job(broker, message, stream_for, worker=name)
 
     broker.serve(runner)
     return 0

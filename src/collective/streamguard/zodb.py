@@ -143,6 +143,8 @@ class ZODBSession:
         #: The stream's own state of CMF's indexing queue (swap_index_queue).
         self._index_queue = ([], None)
         self._closed = False
+        #: Where the session runs, for the undo log ("" in the web process).
+        self.place = ""
 
     #: What ``plain()`` carries to a worker process (``from_plain``).
     PLAIN = (
@@ -176,6 +178,7 @@ class ZODBSession:
                 value = tuple(value) if value is not None else None
             setattr(session, name, value)
         session.environ = dict(session.environ or {})
+        session.place = ""
         session._reset()
         return session
 
@@ -205,7 +208,7 @@ class ZODBSession:
         transaction.manager.manager = self.transaction_manager
         thread_index_queue = swap_index_queue(self._index_queue)
         self.connection = self.db.open(transaction_manager=self.transaction_manager)
-        self.transaction_manager.begin()
+        self.begin()
         root = self.connection.root()["Application"]
         self.app = makerequest(root, environ=dict(self.environ))
         self.request = self.app.REQUEST
@@ -276,7 +279,18 @@ class ZODBSession:
         plone.protect's CSRF protection."""
         self.check_writes()
         self.transaction_manager.commit()
-        self.transaction_manager.begin()
+        self.begin()
+
+    def begin(self):
+        """Begin the session's next transaction, described as Zope's
+        publisher describes a request's (``recordMetaData``): the undo log
+        and ``db.history()`` name the user and the context, and where the
+        stream ran (``place``: a worker's name)."""
+        txn = self.transaction_manager.begin()
+        where = f", {self.place}" if self.place else ""
+        txn.note(f"{'/'.join(self.context_path)} (collective.streamguard stream{where})")
+        if self.user_id is not None and self.user_folder_path is not None:
+            txn.setUser(self.user_id, "/".join(self.user_folder_path[1:-1]))
 
     def check_writes(self):
         """Abort and raise ``WriteRefused`` if the transaction writes and the

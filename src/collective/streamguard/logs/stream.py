@@ -93,6 +93,9 @@ class LogStream:
         self._after_cr = False  # the last event ended with CR
         self._unsent = ()  # the last read's pieces; _given of them went
         self._given = 0
+        # What a wake step read and left to the next step (pieces, or the
+        # exception the read raised), or None.
+        self._stashed = None
         # A body the publisher drops without running still closes the
         # follower's file and inotify descriptors.
         weakref.finalize(self, follower.close)
@@ -105,7 +108,10 @@ class LogStream:
         """Bytes of the log read and not yet handed to the stream: with a
         client that does not read, what this producer holds besides the
         stream's output queue (at most one piece)."""
-        return sum(len(piece.data) for piece in self._unsent[self._given :])
+        held = sum(len(piece.data) for piece in self._unsent[self._given :])
+        if isinstance(self._stashed, list):
+            held += sum(len(piece.data) for piece in self._stashed)
+        return held
 
     def __call__(self, guard):
         guard.add_cleanup(self.follower.close)
@@ -135,9 +141,11 @@ class LogStream:
         # more, and their events: 2 MiB per stuck viewer, measured
         # (benchmarks/bench_stuck_readers.py).
         max_bytes = piece_size(self.sse)
+        # Parked, a new line is sent by the hub, without a step (below).
+        wake_step = self.wake_step if notifies else None
         while True:
             try:
-                pieces = follower.read(max_bytes, notified=notifies)
+                pieces = self._read(max_bytes, notifies)
             except LogUnavailable as error:
                 # The file became something we must not read (a symlink, a
                 # hard link) or cannot be read: stop here, having sent
@@ -186,8 +194,38 @@ class LogStream:
             # a whole read buffer (1 MiB for text), for hours.
             pieces = None
             self._unsent = ()
-            if (yield from guard.idle(timeout)):
+            if (yield from guard.idle(timeout, wake_step=wake_step)):
                 return
+
+    def _read(self, max_bytes, notified):
+        stashed, self._stashed = self._stashed, None
+        if stashed is None:
+            return self.follower.read(max_bytes, notified=notified)
+        if isinstance(stashed, Exception):
+            raise stashed
+        return stashed
+
+    def wake_step(self):
+        """``guard.idle(wake_step=...)`` (the hub's thread, the stream parked
+        in ``pieces``' idle()): the events of what the change brought, read
+        as ``pieces`` would read them (once for all followers of the path:
+        the others' reads are the source's cached answer), when they are all
+        it would send before it waits again.  Else None, and what was read
+        (or the read's exception) waits in ``_stashed`` for the next step:
+        the end marker, more than one piece to catch up, an unreadable log.
+
+        The hub reads at most one SSE piece (64 KiB) of a file that was
+        just written (the page cache); a larger append is caught up by
+        steps on workers."""
+        try:
+            pieces = self.follower.read(SSE_PIECE, notified=True)
+        except Exception as error:
+            self._stashed = error
+            return None
+        if self.follower.ended or (pieces and not self.follower.at_end):
+            self._stashed = pieces
+            return None
+        return [self.format(piece) for piece in pieces]
 
     def format(self, piece):
         if not self.sse:

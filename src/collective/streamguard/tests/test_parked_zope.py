@@ -18,6 +18,7 @@ from collective.streamguard.streams import live_streams
 from collective.streamguard.testing import STREAMGUARD_INTEGRATION_TESTING
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.streamcases import MARKER
 from collective.streamguard.tests.streamcases import LogTestCase
 from collective.streamguard.tests.streamcases import StreamingTestCase
 from collective.streamguard.tests.streamcases import parked
@@ -157,6 +158,94 @@ class TestParkedLogStreams(Installed, LogTestCase):
             sock.read_until(b"data: and a second\n")
         for sock in [first, own, *socks]:
             sock.close()
+        self.assertTrue(wait_for(lambda: not parked()))
+
+
+def log_text(body):
+    """The log's text an SSE body carried: each line event's data fields
+    joined by newlines, as EventSource does, one event after the other."""
+    text = []
+    for event in body.split(b"\n\n"):
+        fields = event.split(b"\n")
+        if not any(field.startswith(b"id: ") for field in fields):
+            continue  # retry, heartbeats, the end
+        if any(field.startswith(b"event: ") for field in fields):
+            continue  # the stream's first event: not the log's
+        data = [field[6:] for field in fields if field.startswith(b"data: ")]
+        text.append(b"\n".join(data).decode())
+    return "".join(text)
+
+
+class TestWakeSteps(Installed, LogTestCase):
+    """A new line reaches parked followers from the hub, without a step on
+    a worker (``guard.idle(wake_step=...)``); what the hub cannot send
+    exactly (a large append, the end marker, a log swapped for a symbolic
+    link) goes to a step, and nothing is lost or sent twice."""
+
+    COUNT = 12
+
+    def follow_parked(self, count):
+        self.configure(max_streams_per_user=0)
+        socks = []
+        for _ in range(count):
+            sock, _head = self.follow("log=app&format=sse")
+            sock.read_until(b"event: stream\n")
+            socks.append(sock)
+        self.assertTrue(wait_for(lambda: len(parked()) == count))
+        streams = [record.guard.parked for record in parked()]
+        self.assertNotIn(None, streams)
+        return socks, streams
+
+    def test_a_new_line_reaches_parked_followers_without_a_step(self):
+        socks, streams = self.follow_parked(self.COUNT)
+        resumes = [stream.resumes for stream in streams]
+        self.write("one line for all\n")
+        events = [sock.read_until(b"data: one line for all\n") for sock in socks]
+        self.assertTrue(all(stream.wake_steps >= 1 for stream in streams))
+        self.assertEqual([stream.resumes for stream in streams], resumes)
+        # The same event, id included, for every follower.
+        last_events = {event[event.rindex(b"id: ") :] for event in events}
+        self.assertEqual(len(last_events), 1, last_events)
+        self.assertEqual(len(parked()), self.COUNT)
+        for sock in socks:
+            sock.close()
+        self.assertTrue(wait_for(lambda: not parked()))
+
+    def test_what_the_hub_cannot_send_goes_to_a_step_exactly_once(self):
+        socks, streams = self.follow_parked(4)
+        resumes = [stream.resumes for stream in streams]
+        # More than one piece (64 KiB) in one write: the hub reads one, and
+        # a step sends it and catches up on the rest.
+        lines = [f"line {number:06d} " + "x" * 60 for number in range(4000)]
+        self.write("".join(line + "\n" for line in lines))
+        for sock in socks:
+            sock.read_until(f"data: {lines[-1]}\n".encode())
+        self.assertTrue(
+            all(stream.resumes > before for stream, before in zip(streams, resumes, strict=True))
+        )
+        self.assertTrue(wait_for(lambda: len(parked()) == 4))
+        # The end marker, found by a wake step, ends every stream.
+        self.write(f"{MARKER}\n")
+        for sock in socks:
+            body = sock.body()
+            self.assertTrue(body.endswith(b"event: end\ndata: \n\n"), body[-200:])
+            self.assertEqual(log_text(body), "".join(line + "\n" for line in lines))
+        self.assertTrue(wait_for(lambda: not parked()))
+
+    def test_a_log_swapped_for_a_symbolic_link_while_parked_is_not_sent(self):
+        socks, streams = self.follow_parked(3)
+        self.write("legit\n")
+        for sock in socks:
+            sock.read_until(b"data: legit\n")
+        secret = os.path.join(self.directory, "secret.txt")
+        self.write("SECRET\n", path=secret)
+        os.unlink(self.path)
+        os.symlink(secret, self.path)
+        self.write("MORE SECRET\n", path=secret)
+        for sock in socks:
+            body = sock.body()
+            self.assertNotIn(b"SECRET", body)
+            self.assertIn(b"event: error\ndata: The log cannot be read any more.\n\n", body)
         self.assertTrue(wait_for(lambda: not parked()))
 
 

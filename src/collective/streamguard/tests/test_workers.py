@@ -1,15 +1,15 @@
 """Producers in worker processes (``stream_response(..., run_on="worker")``).
 
-Everything real, on loopback: a ZEO server (``runzeo``), Redis (Debian's
-``redis-server``, with ``requirepass``), a Zope web instance (``runwsgi``,
-waitress) and a worker (``streamguard-worker``), both ZEO clients of the
-same storage; the test process reads the database as a third ZEO client.
+Everything real, on loopback (``workerstack.WorkersLayer``): a ZEO server,
+Redis, a Zope web instance and a worker, both ZEO clients of the same
+storage; the test process reads the database as a third ZEO client.  The
+producers are the test views' (Zope only, so that the layer starts in
+seconds); the README's own CSV export and batch job on a Plone site run
+on a worker in ``test_plone_workers``.
 """
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import unittest
@@ -20,158 +20,13 @@ from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import wait_for
-from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
+from collective.streamguard.tests.workerstack import MANAGER
+from collective.streamguard.tests.workerstack import WorkersLayer
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
-PRODUCT_CONFIG = """
-<product-config collective.streamguard>
-  worker-broker redis://:{password}@{host}:{port}/0
-  worker-secret {secret}
-</product-config>
-"""
-MANAGER = ("manager", secrets.token_hex(8))
 ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
-
-
-class WorkersLayer:
-    """runzeo, redis-server, a runwsgi web instance and one worker, started
-    once for the module; ``start_worker()`` starts another after a test
-    killed it, ``start_web()`` another web instance."""
-
-    __bases__ = ()
-    __module__ = __name__
-    __name__ = "WORKERS"
-
-    def setUp(self):
-        self.processes = []
-        self.homes = []
-        self.zeo_port = free_port()
-        home = self.new_home()
-        zeo = self.spawn(
-            [
-                executable("runzeo"),
-                "-a",
-                f"{HOST}:{self.zeo_port}",
-                "-f",
-                os.path.join(home.home, "var", "zeo.fs"),
-            ]
-        )
-        wait_until_serving(self.zeo_port, zeo, timeout=30.0, path=None)
-        self.redis_port = free_port()
-        self.redis_password = secrets.token_hex(16)
-        self.secret = secrets.token_hex(16)
-        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.redis_process = self.spawn(
-            [
-                redis_server,
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                HOST,
-                "--requirepass",
-                self.redis_password,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                os.path.join(home.home, "var"),
-            ]
-        )
-        wait_until_serving(self.redis_port, self.redis_process, timeout=30.0, path=None)
-        self.broker_url = f"redis://:{self.redis_password}@{HOST}:{self.redis_port}/0"
-        self.web, self.web_process = self.start_web()
-        self.add_manager()
-        self.worker_log = os.path.join(home.home, "var", "worker.log")
-        self.worker_home = home
-        self.worker = self.start_worker()
-
-    def add_manager(self):
-        # A Zope manager in the root user folder, from a third ZEO client.
-        import transaction
-        import ZEO
-
-        db = ZEO.DB((HOST, self.zeo_port))
-        try:
-            manager = transaction.TransactionManager()
-            connection = db.open(transaction_manager=manager)
-            app = connection.root()["Application"]
-            app.acl_users._doAddUser(MANAGER[0], MANAGER[1], ["Manager"], [])
-            manager.commit()
-            connection.close()
-        finally:
-            db.close()
-
-    def new_home(self, port=None):
-        home = ZopeInstance(port or free_port(), zeo=f"{HOST}:{self.zeo_port}")
-        self.homes.append(home)
-        return home
-
-    def spawn(self, args, env=None, log=None):
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-        process = subprocess.Popen(
-            args, env=env or os.environ.copy(), stdout=out, stderr=subprocess.STDOUT
-        )
-        if log:
-            out.close()
-        self.processes.append(process)
-        return process
-
-    def configure(self, home):
-        with open(home.zope_conf, "a") as f:
-            f.write(
-                PRODUCT_CONFIG.format(
-                    password=self.redis_password,
-                    host=HOST,
-                    port=self.redis_port,
-                    secret=self.secret,
-                )
-            )
-
-    def start_web(self):
-        port = free_port()
-        home = self.new_home(port)
-        self.configure(home)
-        home.port = port
-        process = self.spawn([executable("runwsgi"), home.zope_ini], env={**os.environ, **home.env})
-        wait_until_serving(port, process)
-        return home, process
-
-    def start_worker(self):
-        home = self.worker_home
-        if not getattr(home, "configured", False):
-            self.configure(home)
-            home.configured = True
-        # The worker's producers report to the web instance's events file.
-        env = {**os.environ, **home.env, "STREAMGUARD_TEST_EVENTS": self.web.events_path}
-        process = self.spawn(
-            [executable("streamguard-worker"), home.zope_conf], env=env, log=self.worker_log
-        )
-        if not wait_for(lambda: "serves jobs" in self.worker_output(), 60):
-            raise AssertionError(f"the worker did not start: {self.worker_output()}")
-        return process
-
-    def worker_output(self):
-        try:
-            with open(self.worker_log) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def tearDown(self):
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
-        for home in self.homes:
-            home.remove()
-
 
 WORKERS = WorkersLayer()
 
