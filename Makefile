@@ -38,7 +38,8 @@ export SITE_ID ADMIN_USER ADMIN_PASSWORD
 help:
 	@echo "make run    serve http://$(HOST):$(PORT)/$(SITE_ID) (login $(ADMIN_USER))"
 	@echo "make test   run the whole test suite"
-	@echo "make cluster   ZEO, INSTANCES=$(INSTANCES) instances and HAProxy on http://$(HOST):$(PORT)"
+	@echo "make cluster   ZEO, INSTANCES=$(INSTANCES) instances and HAProxy on http://$(HOST):$(PORT),"
+	@echo "               WORKERS=$(WORKERS) streamguard-worker processes and Redis (WORKERS=0: none)"
 	@echo "make test-cluster   start make cluster briefly and check it answers"
 	@echo "make test-buildout   install with buildout and check the instance answers"
 	@echo "make pins   regenerate constraints.txt and versions.cfg"
@@ -58,7 +59,7 @@ $(VENV)/.installed-plone: $(BIN)/python setup.py $(CONSTRAINTS)
 	@touch $@
 
 $(VENV)/.installed-cluster: $(VENV)/.installed-plone
-	$(PIP) install -c $(CONSTRAINTS) -e ".[plone,cluster]"
+	$(PIP) install -c $(CONSTRAINTS) -e ".[plone,cluster,workers]"
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-plone
@@ -105,10 +106,10 @@ SYSTEM_PACKAGES := chromium chromium-driver iproute2 haproxy redis-server
 system-packages:
 	$(call apt-install,chromium chromedriver ip haproxy redis-server,$(SYSTEM_PACKAGES))
 
-# `make cluster` needs only the balancer.
-CLUSTER_PACKAGES := haproxy
+# `make cluster` needs the balancer, and Redis for its workers.
+CLUSTER_PACKAGES := haproxy redis-server
 cluster-packages:
-	$(call apt-install,haproxy,$(CLUSTER_PACKAGES))
+	$(call apt-install,haproxy redis-server,$(CLUSTER_PACKAGES))
 
 # The instance's configuration is rendered on every run, so HOST, PORT and
 # THREADS take effect; the data (var/) is kept.
@@ -147,10 +148,17 @@ run: instance
 # site on the ZEO storage as `make run` does, starts everything, prints the
 # URLs and stops everything on Ctrl-C.  `make run` keeps its FileStorage.
 INSTANCES ?= 2
+# WORKERS streamguard-worker processes (run_on="worker"), ZEO clients like the
+# instances, and Redis on REDIS_PORT as their broker (a new password every run,
+# in the rendered configurations only).  One by default, so that worker jobs
+# run on the cluster as they would in production; WORKERS=0 starts neither.
+WORKERS ?= 1
+REDIS_PORT ?= 8101
 ZEO_PORT ?= 8100
 CLUSTER := $(CURDIR)/cluster$(SUFFIX)
 CLUSTER_ARGS = --bin $(BIN) --directory $(CLUSTER) --var $(VAR) --host $(HOST) \
-	--port $(PORT) --instances $(INSTANCES) --zeo-port $(ZEO_PORT) --threads $(THREADS)
+	--port $(PORT) --instances $(INSTANCES) --zeo-port $(ZEO_PORT) --threads $(THREADS) \
+	--workers $(WORKERS) --redis-port $(REDIS_PORT)
 ifeq ($(PLONE),6.1)
 cluster test-cluster: export AUTOINCLUDE_ALLOW_MODULE_NOT_FOUND_ERROR := 1
 endif
@@ -163,7 +171,7 @@ test-cluster: $(VENV)/.installed-cluster cluster-packages
 	rm -rf $(CHECK_CLUSTER_DIR)
 	$(BIN)/python scripts/cluster.py --bin $(BIN) --directory $(CHECK_CLUSTER_DIR)/cluster \
 	  --var $(CHECK_CLUSTER_DIR)/var --host 127.0.0.1 --port 0 --instances 2 --zeo-port 0 \
-	  --threads 2 --check
+	  --threads 2 --workers 1 --redis-port 0 --check
 	rm -rf $(CHECK_CLUSTER_DIR)
 
 # The lint tools, where they were installed, are kept at their pins too:

@@ -1,17 +1,24 @@
-"""`make cluster`: a ZEO server, N Zope instances as its clients, HAProxy in front.
+"""`make cluster`: a ZEO server, N Zope instances as its clients, HAProxy in front,
+and (``--workers N``) Redis and N ``streamguard-worker`` processes.
 
 Renders the configurations into ``--directory`` (``cluster/``) from the
 templates in ``etc/``: ``zeo.conf.in`` (runzeo, its data in ``VAR/zeo/``),
 per instance ``zope-zeo.conf.in`` (a ZEO client named ``instanceN`` for
 ``@@stream-status``) and ``zope.ini.in`` (`make run`'s, with the instance's
 own port and ``VAR/cluster/instanceN/log/``, trusting the balancer's
-X-Forwarded-For), and ``haproxy.cfg.in``.  Then it starts runzeo, creates or
-updates the site on the ZEO storage as `make run` does
-(``scripts/create_site.py``), starts the instances and HAProxy, prints the
-URLs and waits; Ctrl-C (or SIGTERM) stops HAProxy, then the instances
-(SIGTERM: their streams end cleanly), then ZEO.
+X-Forwarded-For), and ``haproxy.cfg.in``.  With workers (``--workers N``,
+`make cluster WORKERS=N`): ``redis.conf.in`` (a new password every run), per
+worker ``zope-zeo.conf.in`` again (``workerN``, a ZEO client of its own), and
+``worker-broker``/``worker-secret`` in every instance's and worker's
+zope.conf.  Then it starts runzeo (and Redis), creates or updates the site on
+the ZEO storage as `make run` does (``scripts/create_site.py``), starts the
+instances, the workers and HAProxy, prints the URLs and waits; Ctrl-C (or
+SIGTERM) stops HAProxy, then the instances (SIGTERM: their streams end
+cleanly, their worker jobs are cancelled), then the workers, then Redis and
+ZEO.
 
-``--check``: stop as soon as the site answers 200 through the balancer
+``--check``: stop as soon as the site answers 200 through the balancer, every
+instance names itself and lists every worker as up in ``@@stream-status``
 (`make test-cluster`, CI).  A port of 0 is any free port.
 
 The tests (``collective.streamguard.tests.cluster``) render HAProxy's
@@ -24,6 +31,7 @@ import base64
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -86,10 +94,19 @@ def free_port(host):
         return sock.getsockname()[1]
 
 
-def write(path, text):
+def write(path, text, mode=0o644):
+    """``path`` with ``text``, readable by ``mode`` (0o600 for secrets)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(descriptor, mode)
+    with open(descriptor, "w") as f:
         f.write(text)
+
+
+#: What zope-zeo.conf.in's ``@WORKER_SETTINGS@`` becomes with workers.
+WORKER_SETTINGS = """  worker-broker redis://:{password}@{host}:{port}/0
+  worker-secret {secret}
+"""
 
 
 class Cluster:
@@ -103,6 +120,16 @@ class Cluster:
         self.var = os.path.abspath(args.var)
         self.processes = []  # (name, Popen), in start order
         self.instances = []  # (name, port, etc directory, var directory)
+        #: (name, etc directory, var directory) of each worker process.
+        self.workers = [
+            (
+                f"worker{n}",
+                os.path.join(self.directory, f"worker{n}"),
+                os.path.join(self.var, "cluster", f"worker{n}"),
+            )
+            for n in range(1, args.workers + 1)
+        ]
+        self.redis_port = (args.redis_port or free_port(self.host)) if self.workers else None
         for n in range(1, args.instances + 1):
             port = self.port + n if args.port else free_port(self.host)
             self.instances.append(
@@ -118,22 +145,56 @@ class Cluster:
         os.makedirs(os.path.join(self.var, "zeo", "blobstorage"), exist_ok=True)
         self.zeo_conf = os.path.join(self.directory, "zeo", "zeo.conf")
         write(self.zeo_conf, render("zeo.conf.in", {"VAR": self.var, "ZEO": self.zeo}))
-        for name, port, home, var in self.instances:
+        worker_settings = ""
+        if self.workers:
+            # New every run: only these files (mode 0600) hold them.
+            password = secrets.token_hex(24)
+            worker_settings = WORKER_SETTINGS.format(
+                password=password,
+                host=self.host,
+                port=self.redis_port,
+                secret=secrets.token_hex(32),
+            )
+            os.makedirs(os.path.join(self.var, "redis"), exist_ok=True)
+            self.redis_conf = os.path.join(self.directory, "redis", "redis.conf")
+            write(
+                self.redis_conf,
+                render(
+                    "redis.conf.in",
+                    {
+                        "HOST": self.host,
+                        "PORT": self.redis_port,
+                        "PASSWORD": password,
+                        "VAR": os.path.join(self.var, "redis"),
+                    },
+                ),
+                mode=0o600,
+            )
+        zope_processes = [(name, home, var) for name, _, home, var in self.instances]
+        for name, home, var in zope_processes + self.workers:
             for sub in ("log", "cache", "blobcache"):
                 os.makedirs(os.path.join(var, sub), exist_ok=True)
             write(
                 os.path.join(home, "etc", "zope.conf"),
                 render(
                     "zope-zeo.conf.in",
-                    {"INSTANCE": home, "VAR": var, "ZEO": self.zeo, "NAME": name},
+                    {
+                        "INSTANCE": home,
+                        "VAR": var,
+                        "ZEO": self.zeo,
+                        "NAME": name,
+                        "WORKER_SETTINGS": worker_settings,
+                    },
                 ),
+                mode=0o600,
             )
+            with open(os.path.join(ETC, "site.zcml")) as f:
+                write(os.path.join(home, "etc", "site.zcml"), f.read())
+        for _name, port, home, var in self.instances:
             write(
                 os.path.join(home, "etc", "zope.ini"),
                 instance_ini(var, self.host, port, self.args.threads),
             )
-            with open(os.path.join(ETC, "site.zcml")) as f:
-                write(os.path.join(home, "etc", "site.zcml"), f.read())
         self.haproxy_cfg = os.path.join(self.directory, "haproxy.cfg")
         write(
             self.haproxy_cfg,
@@ -182,6 +243,22 @@ class Cluster:
             time.sleep(0.1)
         self.fail(f"{name} did not answer on port {port} within {timeout:.0f} s", log)
 
+    def wait_logged(self, name, process, log, text, timeout=120.0):
+        """Until ``log`` has ``text`` (a worker says it serves: nothing else
+        tells); exits if the process dies or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self.fail(f"{name} exited with {process.returncode}", log)
+            try:
+                with open(log, "rb") as f:
+                    if text.encode() in f.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.fail(f"{name} did not log {text!r} within {timeout:.0f} s", log)
+
     def fail(self, message, log):
         print(f"make cluster: {message}; the end of {log}:", file=sys.stderr)
         try:
@@ -198,6 +275,11 @@ class Cluster:
         zeo_log = os.path.join(self.var, "zeo", "runzeo.out")
         zeo = self.start("zeo", [os.path.join(bin_, "runzeo"), "-C", self.zeo_conf], zeo_log)
         self.wait_ready("runzeo", zeo, zeo_log, int(self.zeo.rsplit(":", 1)[1]))
+        if self.workers:
+            redis_log = os.path.join(self.var, "redis", "redis.log")
+            redis_command = shutil.which("redis-server") or "/usr/bin/redis-server"
+            redis = self.start("redis", [redis_command, self.redis_conf], redis_log)
+            self.wait_ready("redis-server", redis, redis_log, self.redis_port)
         first = self.instances[0]
         print(f"Creating or updating the site /{site} on ZEO {self.zeo}", flush=True)
         created = subprocess.run(
@@ -215,9 +297,18 @@ class Cluster:
             self.start(
                 name, [os.path.join(bin_, "runwsgi"), os.path.join(home, "etc", "zope.ini")], log
             )
-        started = zip(self.processes[1:], self.instances, strict=True)
-        for (name, process, log), (_, port, _, _) in started:
-            self.wait_ready(name, process, log, port, path=f"/{site}")
+        for name, home, var in self.workers:
+            log = os.path.join(var, "log", "worker.log")
+            command = [
+                os.path.join(bin_, "streamguard-worker"),
+                os.path.join(home, "etc", "zope.conf"),
+            ]
+            self.start(name, [*command, "--name", name], log)
+        by_name = {name: (process, log) for name, process, log in self.processes}
+        for name, port, _, _ in self.instances:
+            self.wait_ready(name, *by_name[name], port, path=f"/{site}")
+        for name, _, _ in self.workers:
+            self.wait_logged(name, *by_name[name], "serves jobs")
         # Debian puts it in /usr/sbin, which a user's PATH may not have.
         haproxy_command = shutil.which("haproxy") or "/usr/sbin/haproxy"
         checked = subprocess.run([haproxy_command, "-c", "-q", "-f", self.haproxy_cfg])
@@ -241,6 +332,10 @@ class Cluster:
         print(f"  ZEO server:            {self.zeo}  (data in {self.var}/zeo)")
         for name, port, _, var in self.instances:
             print(f"  {name + ':':<22} http://{self.host}:{port}/{site}  (logs in {var}/log)")
+        if self.workers:
+            print(f"  Redis (the broker):    {self.host}:{self.redis_port}  (run_on='worker')")
+        for name, _, var in self.workers:
+            print(f"  {name + ':':<22} streamguard-worker  (log in {var}/log/worker.log)")
         print(f"  Configurations:        {self.directory}")
         print()
         sys.stdout.flush()
@@ -263,9 +358,11 @@ class Cluster:
 
     def stop(self):
         """HAProxy first (no new requests), then the instances (SIGTERM ends
-        their streams cleanly), then ZEO."""
-        rank = {"haproxy": 0, "zeo": 2}
-        for group in (0, 1, 2):
+        their streams cleanly and cancels their worker jobs), then the
+        workers, then Redis and ZEO."""
+        rank = {"haproxy": 0, "redis": 3, "zeo": 3}
+        rank.update((name, 2) for name, _, _ in self.workers)
+        for group in (0, 1, 2, 3):
             members = [(n, p) for n, p, _ in self.processes if rank.get(n, 1) == group]
             for _, process in members:
                 if process.poll() is None:
@@ -280,30 +377,46 @@ class Cluster:
         if self.processes:
             print("Stopped the cluster.")
 
-    def check(self):
-        """Every instance names itself in @@stream-status (zope.conf's
-        instance-name); exits if one does not."""
+    def status(self, port):
+        """(HTTP status, body) of ``@@stream-status?format=json`` on ``port``."""
         user = os.environ.get("ADMIN_USER", "admin")
         password = os.environ.get("ADMIN_PASSWORD", "admin")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        connection = http.client.HTTPConnection(self.host, port, timeout=30)
+        try:
+            connection.request(
+                "GET",
+                "/@@stream-status?format=json",
+                headers={"Authorization": f"Basic {token}"},
+            )
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def check(self, timeout=60.0):
+        """Every instance names itself in @@stream-status (zope.conf's
+        instance-name) and lists every worker as up (a worker says so
+        within a second of serving); exits if one does not."""
+        workers = sorted(name for name, _, _ in self.workers)
         for name, port, _, _ in self.instances:
-            connection = http.client.HTTPConnection(self.host, port, timeout=30)
-            try:
-                connection.request(
-                    "GET",
-                    "/@@stream-status?format=json",
-                    headers={"Authorization": f"Basic {token}"},
-                )
-                response = connection.getresponse()
-                body = response.read()
-            finally:
-                connection.close()
-            if response.status != 200 or json.loads(body).get("instance") != name:
-                raise SystemExit(
-                    f"make test-cluster: {name}'s @@stream-status answered "
-                    f"{response.status}: {body[:300]!r}"
-                )
-        print("make test-cluster: the site answers through HAProxy; every instance names itself.")
+            deadline = time.monotonic() + timeout
+            while True:
+                status, body = self.status(port)
+                answer = json.loads(body) if status == 200 else {}
+                up = sorted((answer.get("workers") or {}).get("up") or [])
+                if answer.get("instance") == name and up == workers:
+                    break
+                if time.monotonic() >= deadline or answer.get("instance") != name:
+                    raise SystemExit(
+                        f"make test-cluster: {name}'s @@stream-status answered "
+                        f"{status}, workers up {up} (wanted {workers}): {body[:300]!r}"
+                    )
+                time.sleep(0.2)
+        print(
+            "make test-cluster: the site answers through HAProxy; every instance names "
+            f"itself and sees {len(workers)} worker(s) up."
+        )
 
 
 def main():
@@ -316,10 +429,16 @@ def main():
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--zeo-port", type=int, default=8100)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="streamguard-worker processes (0: no Redis either)"
+    )
+    parser.add_argument("--redis-port", type=int, default=8101, help="the workers' broker's")
     parser.add_argument("--check", action="store_true", help="stop once the site answers")
     args = parser.parse_args()
     if args.instances < 1:
         parser.error("--instances must be at least 1")
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
     cluster = Cluster(args)
     status = 0
     try:

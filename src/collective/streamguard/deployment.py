@@ -117,3 +117,15 @@ def worker_settings():
             "<product-config collective.streamguard>"
         )
     return url, secret
+
+
+def worker_queue_size():
+    """zope.conf's ``worker-queue-size``: how many jobs may wait for a
+    worker (``run_on="worker"``), counted across the cluster (the queue in
+    Redis that all web instances share), else 16; past it a request gets
+    503 with Retry-After.  At least 1 (a job passes through the queue even
+    when a worker is free)."""
+    from collective.streamguard.workers import DEFAULT_QUEUE_SIZE
+
+    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    return _whole_number(product, "worker-queue-size", DEFAULT_QUEUE_SIZE, 1)

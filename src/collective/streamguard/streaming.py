@@ -78,6 +78,8 @@ TOO_MANY_WITH_ZODB = (
 #: dispatches it as an ``error`` event, then reconnects.
 SSE_ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
 QUEUE_FULL = "Too many jobs wait for this server's job pool; try again in a few seconds.\n"
+WORKER_QUEUE_FULL = "Too many jobs wait for a worker; try again in a few seconds.\n"
+WORKERS_UNAVAILABLE = "The workers' queue does not answer; try again in a few seconds.\n"
 #: Where a producer runs: the thread that serves the stream (today's, the
 #: default), the add-on's job pool, or a worker process.
 RUN_ON = (None, "pool", "worker")
@@ -274,9 +276,14 @@ def stream_response(
         session = ZODBSession(context, request, write_policy(request)) if zodb else None
         stream_label = label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", "")
         if on_worker:
-            job = worker_job(
+            job, refusal = worker_job(
                 request, producer, content_type, guard, session, stream_label, user_name
             )
+            if job is None:
+                live_streams.release(_user_key(request, user), kind, False)
+                untransformed_headers(request, "text/plain; charset=utf-8", status=503)
+                response.setHeader("Retry-After", str(jobs.retry_after()))
+                return refusal
             producer, session = jobs.relay_producer(job), None
         elif on_pool:
             job = pool_job(
@@ -367,6 +374,7 @@ def worker_dispatch():
     """This process' ``WorkerDispatch`` (zope.conf's broker and secret)."""
     global _dispatch
     from collective.streamguard import workers
+    from collective.streamguard.deployment import worker_queue_size
     from collective.streamguard.deployment import worker_settings
 
     settings = worker_settings()
@@ -374,6 +382,7 @@ def worker_dispatch():
         dispatch = workers.WorkerDispatch(workers.Broker(*settings))
         dispatch.settings = settings
         _dispatch = dispatch
+    _dispatch.configure(worker_queue_size())
     return _dispatch
 
 
@@ -383,9 +392,11 @@ def current_worker_dispatch():
 
 
 def worker_job(request, producer, content_type, guard, session, label, user_name):
-    """The job that runs the registered ``producer`` in a worker process
-    for the stream of ``guard``; dispatched at the stream's first step
-    (after the request's transaction has committed)."""
+    """``(job, None)``: the job that runs the registered ``producer`` in a
+    worker process for the stream of ``guard``, admitted; dispatched at the
+    stream's first step (after the request's transaction has committed).
+    ``(None, message)`` when it is refused: the workers' queue is full, or
+    its broker does not answer."""
     from collective.streamguard import workers
 
     args = {}
@@ -406,7 +417,13 @@ def worker_job(request, producer, content_type, guard, session, label, user_name
         "user": user_name,
         "client": request.environ.get("REMOTE_ADDR", ""),
     }
-    return job
+    try:
+        dispatch.admit(job)
+    except jobs.QueueFull:
+        return None, WORKER_QUEUE_FULL
+    except workers.BrokerUnavailable:
+        return None, WORKERS_UNAVAILABLE
+    return job, None
 
 
 def queue_notice(content_type):

@@ -96,7 +96,7 @@ def main(argv=None):
     except WorkersNotConfigured as error:
         parser.exit(2, f"streamguard-worker: {options.zope_conf}: {error}\n")
     name = options.name or f"{socket.gethostname()}:{os.getpid()}"
-    broker = workers.Broker(url, secret)
+    broker = workers.Broker(url, secret, worker=name)
     logger.info("streamguard worker %s serves jobs from the broker", name)
 
     def runner(message):

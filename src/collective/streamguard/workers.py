@@ -59,7 +59,16 @@ LEASE = 10
 POLL = 1
 #: Keys of a job are dropped this long after it ended.
 KEEP = 3600
+#: Seconds a call to Redis may take (connecting, or an answer) before it
+#: fails: longer than the blocking reads' POLL.  With it, a broker that
+#: stops answering (its host gone, not only its process) is noticed too.
+BROKER_TIMEOUT = POLL + 4
+#: The default of zope.conf's ``worker-queue-size``: jobs that may wait
+#: for a worker, counted across the cluster (``WorkerDispatch.admit``).
+DEFAULT_QUEUE_SIZE = 16
 QUEUE_NAME = "streamguard"
+#: ``PRESENCE + name``: set by each worker while it serves (``LEASE``).
+PRESENCE = "streamguard:worker:"
 TASK_NAME = "streamguard.run_job"
 
 #: Registered producers, by name: the only code a worker runs.
@@ -147,15 +156,33 @@ def broker_classes():
                 return Message(*data["huey-message"])
             return data
 
+    import redis
+
     class SignedHuey(huey.RedisHuey):
-        """A huey whose consumer refuses unsigned messages: logged, dropped."""
+        """A huey whose consumer refuses unsigned messages (logged, dropped)
+        and waits for a lost broker: one line when it goes, one when it is
+        back, and it asks again every POLL seconds meanwhile (huey's own
+        loop would log a traceback at every try)."""
+
+        broker_lost = False
 
         def dequeue(self):
             try:
-                return super().dequeue()
+                message = super().dequeue()
             except (BadSignature, ValueError, TypeError) as error:
                 logger.error("refused a broker message (not run): %s", error)
                 return None
+            except redis.RedisError as error:
+                if not self.broker_lost:
+                    self.broker_lost = True
+                    logger.error("lost the broker (%s); asking again every %s s", error, POLL)
+                # A blocking read's wait: huey's loop asks again at once.
+                time.sleep(POLL)
+                return None
+            if self.broker_lost:
+                self.broker_lost = False
+                logger.info("the broker answers again; taking jobs")
+            return message
 
     return SignedSerializer, SignedHuey
 
@@ -163,11 +190,21 @@ def broker_classes():
 class Broker:
     """The huey queue and the Redis keys of jobs, for both sides."""
 
-    def __init__(self, url, secret, name=QUEUE_NAME):
+    def __init__(self, url, secret, name=QUEUE_NAME, worker="worker"):
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         SignedSerializer, SignedHuey = broker_classes()
-        self.redis = redis.Redis.from_url(url)
+        # No retries inside redis-py (its default differs between versions):
+        # a lost broker is an error at once, which both sides handle (the
+        # bounds in the README hold).
+        self.redis = redis.Redis.from_url(
+            url,
+            socket_timeout=BROKER_TIMEOUT,
+            socket_connect_timeout=BROKER_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
         self.huey = SignedHuey(
             name,
             results=False,
@@ -177,6 +214,8 @@ class Broker:
         )
         #: What runs a job in this process (the worker sets it).
         self.runner = None
+        #: This process' name as a worker (``workers_up``; when it serves).
+        self.worker = worker
         self.task = self.huey.task(retries=0, name=TASK_NAME)(self._run)
 
     def _run(self, message):
@@ -205,6 +244,10 @@ class Broker:
         pipe.rpush(self.key(job_id, "ack"), b"x")
         pipe.expire(self.key(job_id, "ack"), KEEP)
         pipe.execute()
+
+    def queued(self):
+        """How many jobs wait in huey's queue for a worker (all instances')."""
+        return self.redis.llen(self.queue_key)
 
     def position(self, job_id):
         """The place of the job in huey's queue (1: it is taken next), or
@@ -279,25 +322,112 @@ class Broker:
         return None
 
     def serve(self, runner):
-        """Run jobs as they come, one at a time, until SIGINT/SIGTERM."""
+        """Run jobs as they come, one at a time, until SIGINT/SIGTERM; the
+        worker says it is up (``workers_up``, as ``self.worker``) while it
+        serves."""
         self.runner = runner
+        name = self.worker
+        stop = threading.Event()
+        presence = threading.Thread(
+            target=self._announce, args=(name, stop), name="streamguard-presence", daemon=True
+        )
+        presence.start()
         consumer = self.huey.create_consumer(workers=1, worker_type="thread", periodic=False)
-        consumer.run()
+        try:
+            consumer.run()
+        finally:
+            stop.set()
+            presence.join(BROKER_TIMEOUT + 1)
+            try:
+                self.redis.delete(PRESENCE + name)
+            except Exception:  # noqa: S110 (it expires with LEASE anyway)
+                pass
+
+    def _announce(self, name, stop):
+        # Renewed every LEASE / 5 s; a worker killed with -9 drops out of
+        # ``workers_up`` within LEASE.  A lost broker is logged by the
+        # consumer (``SignedHuey.dequeue``): not here again.
+        info = json.dumps({"name": name, "since": time.time()})
+        while not stop.is_set():
+            try:
+                self.redis.set(PRESENCE + name, info, ex=LEASE)
+            except Exception:  # noqa: S110
+                pass
+            stop.wait(LEASE / 5)
+
+    def workers_up(self):
+        """The names of the workers that serve this broker now, sorted."""
+        prefix = PRESENCE.encode()
+        return sorted(
+            key[len(prefix) :].decode("utf-8", "replace")
+            for key in self.redis.scan_iter(match=PRESENCE + "*", count=1000)
+        )
+
+
+class BrokerUnavailable(Exception):
+    """``WorkerDispatch.admit``: the broker did not answer."""
 
 
 class WorkerDispatch:
-    """The "pool" (``Job.pool``) of jobs that run on workers: dispatches a
-    job at its web side's first step, and feeds its relay from Redis."""
+    """The "pool" (``Job.pool``) of jobs that run on workers: admits a job
+    while the workers' queue is below its bound, dispatches it at its web
+    side's first step, and feeds its relay from Redis.
 
-    def __init__(self, broker):
+    The bound (``queue_size``, zope.conf's ``worker-queue-size``) counts
+    the jobs that wait for a worker: those in huey's queue in Redis, which
+    every web instance of the cluster shares (the workers serve them all,
+    so a bound per instance would let N instances queue N times as many),
+    plus this instance's admitted jobs not yet dispatched (their request's
+    transaction is not over).  Two instances admitting at the same moment
+    may both see room for one: the queue can pass the bound by the jobs
+    admitted concurrently on other instances, never more."""
+
+    def __init__(self, broker, queue_size=DEFAULT_QUEUE_SIZE):
         self.broker = broker
+        self.queue_size = max(1, queue_size)
         self._lock = threading.Lock()
         self._live = {}  # web stream id -> worker name ("" until it starts)
+        self._admitted = set()  # jobs admitted here, not yet dispatched
+        self._broker_down = False
         self.started = 0
         self.dispatched = 0
+        self.refused = 0
+
+    def configure(self, queue_size):
+        """Change the bound (from the deployment's settings)."""
+        self.queue_size = max(1, int(queue_size))
+
+    def admit(self, job):
+        """Take ``job`` in, or raise ``jobs.QueueFull`` when ``queue_size``
+        jobs wait for a worker already, ``BrokerUnavailable`` when Redis
+        does not answer (the view answers 503 to both)."""
+        try:
+            waiting = self.broker.queued()
+        except Exception as error:
+            with self._lock:
+                self.refused += 1
+                first, self._broker_down = not self._broker_down, True
+            if first:  # once per outage, not once per request
+                logger.error("the workers' broker does not answer (503 to new jobs): %s", error)
+            raise BrokerUnavailable(f"the workers' broker did not answer: {error}") from error
+        with self._lock:
+            if self._broker_down:
+                self._broker_down = False
+                logger.info("the workers' broker answers again")
+            waiting += len(self._admitted)
+            if waiting >= self.queue_size:
+                self.refused += 1
+                raise jobs.QueueFull(f"{waiting} jobs wait for a worker")
+            self._admitted.add(job)
+        job.relay.on_cancel(lambda reason: self._unadmit(job))
+
+    def _unadmit(self, job):
+        with self._lock:
+            self._admitted.discard(job)
 
     def activate(self, job):
         message = job.message
+        self._unadmit(job)
         if job.relay.cancelled is not None:
             return  # its web side ended first: never dispatched
         job.relay.on_cancel(lambda reason: self._cancel(job, reason))
@@ -318,8 +448,15 @@ class WorkerDispatch:
     def _cancel(self, job, reason):
         try:
             self.broker.cancel(job.message["job"], reason)
-        except Exception:
-            logger.exception("cancelling job %s failed", job.message["job"])
+        except Exception as error:
+            if _lost_broker(error):
+                # Its worker cancels it all the same: when it loses the
+                # broker too, or when this side's lease expires (LEASE).
+                logger.warning(
+                    "job %s: lost the broker; not cancelled through it", job.message["job"]
+                )
+            else:
+                logger.exception("cancelling job %s failed", job.message["job"])
 
     def withdraw(self, job):
         # Never queued here before it was dispatched; a dispatched job is
@@ -384,11 +521,23 @@ class WorkerDispatch:
                         reason = EndReason.ERROR
                     relay.finish(reason)
                     return
-        except Exception:
-            logger.exception("feeding job %s from the broker failed", job_id)
+        except Exception as error:
+            if _lost_broker(error):
+                # Not a bug here: one line, no traceback.
+                logger.error("job %s: lost the broker (%s); the stream fails", job_id, error)
+            else:
+                logger.exception("feeding job %s from the broker failed", job_id)
             relay.finish(EndReason.ERROR)
         finally:
             self.forget(job)
+
+    def workers_up(self):
+        """The names of the workers up now (``Broker.workers_up``), or None
+        when the broker does not answer."""
+        try:
+            return self.broker.workers_up()
+        except Exception:
+            return None
 
     def snapshot(self):
         with self._lock:
@@ -396,7 +545,17 @@ class WorkerDispatch:
                 "live": len(self._live),
                 "dispatched": self.dispatched,
                 "started": self.started,
+                "queue_size": self.queue_size,
+                "admitted": len(self._admitted),
+                "refused": self.refused,
             }
+
+
+def _lost_broker(error):
+    """Whether ``error`` says Redis went away (or stopped answering)."""
+    import redis
+
+    return isinstance(error, (redis.ConnectionError, redis.TimeoutError))
 
 
 def new_job_id():
@@ -433,7 +592,15 @@ def run_job(broker, message, stream_for, worker="worker"):
     # The broker's id of the job, for the producer's logs.
     stream.guard.job_id = job_id
     job = jobs.Job(stream, relay, label=message.get("label", ""))
-    broker.push(job_id, b"s", worker.encode())
+    try:
+        broker.push(job_id, b"s", worker.encode())
+    except Exception:
+        # The broker went between taking the job and starting it: the
+        # producer never runs (its stream ends without a step).
+        logger.exception("job %s: lost the broker before it started; not run", job_id)
+        relay.cancel(EndReason.ERROR)
+        stream.close()
+        return
     pump = threading.Thread(
         target=_pump, args=(broker, job_id, relay, wake, worker), name="streamguard-pump"
     )
@@ -443,12 +610,31 @@ def run_job(broker, message, stream_for, worker="worker"):
     finally:
         wake.set()
         pump.join()
-        broker.end_beat(job_id)
+        try:
+            broker.end_beat(job_id)
+        except Exception as error:
+            # Lost with the broker anyway (its key expires with LEASE).
+            logger.warning("job %s: could not drop its heartbeat: %s", job_id, error)
 
 
 def _pump(broker, job_id, relay, wake, worker):
     # The producer's chunks from the local relay to Redis; the web side's
-    # cancel and lease to the relay; the heartbeat.
+    # cancel and lease to the relay; the heartbeat.  A lost broker (any
+    # error from Redis) cancels the job: its producer stops at its next
+    # chunk or wait, as if its client had left, but with ERROR (its
+    # transaction aborted, its cleanups once); nothing more goes out.
+    try:
+        _pump_to_broker(broker, job_id, relay, wake, worker)
+    except Exception as error:
+        logger.error("job %s: lost the broker (%s); the job is cancelled", job_id, error)
+        relay.cancel(EndReason.ERROR)
+        while relay.take()[1] is None:
+            # Until the job has ended (``finish`` wakes us): run_job joins us.
+            wake.wait(POLL)
+            wake.clear()
+
+
+def _pump_to_broker(broker, job_id, relay, wake, worker):
     beaten = time.monotonic()
     while True:
         wake.wait(POLL)

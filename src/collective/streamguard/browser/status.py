@@ -7,6 +7,7 @@ from datetime import timezone
 from Products.Five import BrowserView
 
 from collective.streamguard import streaming
+from collective.streamguard.deployment import WorkersNotConfigured
 from collective.streamguard.deployment import instance_name
 from collective.streamguard.jobs import pool
 from collective.streamguard.streaming import untransformed_headers
@@ -65,8 +66,21 @@ def status(environ=None):
 
 
 def _workers_snapshot():
+    # Whenever zope.conf names a broker (not only once this process
+    # dispatched): ``up`` lists the workers that serve it, so that a
+    # deployment can check they run (`make test-cluster` does).
     dispatch = streaming.current_worker_dispatch()
-    return dispatch.snapshot() if dispatch is not None else None
+    if dispatch is None:
+        try:
+            dispatch = streaming.worker_dispatch()
+        except WorkersNotConfigured:
+            return None
+        except ImportError:
+            # zope.conf names a broker, but the [workers] extra is missing.
+            return None
+    snapshot = dispatch.snapshot()
+    snapshot["up"] = dispatch.workers_up()
+    return snapshot
 
 
 def where(record):

@@ -1,0 +1,215 @@
+"""Bounds of worker jobs: the workers' queue, and a broker that goes away.
+
+Everything real, on loopback, as in ``test_workers``: runzeo, Debian's
+``redis-server`` (with ``requirepass``), a runwsgi web instance whose
+zope.conf sets ``worker-queue-size 1``, and a ``streamguard-worker``.  A
+layer of its own: its tests kill and restart the Redis server.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import unittest
+
+from collective.streamguard import streaming
+from collective.streamguard import workers
+from collective.streamguard.tests.helpers import HOST
+from collective.streamguard.tests.helpers import HTTPClient
+from collective.streamguard.tests.helpers import http_request
+from collective.streamguard.tests.helpers import wait_for
+from collective.streamguard.tests.helpers import wait_until_serving
+from collective.streamguard.tests.test_workers import ERROR_EVENT
+from collective.streamguard.tests.test_workers import MANAGER
+from collective.streamguard.tests.test_workers import WorkersLayer
+
+#: The web instance's bound: one job may wait for the worker.
+QUEUE_SIZE = 1
+
+
+class WorkerBoundsLayer(WorkersLayer):
+    """The workers' layer with ``worker-queue-size 1`` on the web instance,
+    and a Redis server that tests may kill (``kill_redis``) and start again
+    on the same port (``start_redis``)."""
+
+    __module__ = __name__
+    __name__ = "WORKER_BOUNDS"
+
+    def configure(self, home):
+        # The layer's product config, with the bound added to it.
+        super().configure(home)
+        with open(home.zope_conf) as f:
+            head, end, tail = f.read().rpartition("</product-config>")
+        with open(home.zope_conf, "w") as f:
+            f.write(f"{head}  worker-queue-size {QUEUE_SIZE}\n{end}{tail}")
+
+    def kill_redis(self):
+        os.kill(self.redis_process.pid, signal.SIGKILL)
+        self.redis_process.wait(10)
+
+    def start_redis(self):
+        # As the layer started it: same port, password, no persistence (what
+        # Redis held is gone, as after a crash of a cache-only Redis).
+        self.redis_process = self.spawn(
+            [
+                shutil.which("redis-server") or "/usr/bin/redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                HOST,
+                "--requirepass",
+                self.redis_password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                os.path.join(self.worker_home.home, "var"),
+            ]
+        )
+        wait_until_serving(self.redis_port, self.redis_process, timeout=30.0, path=None)
+
+
+WORKER_BOUNDS = WorkerBoundsLayer()
+QUEUE = "huey.redis." + workers.QUEUE_NAME
+
+
+class TestWorkerBounds(unittest.TestCase):
+    layer = WORKER_BOUNDS
+
+    def setUp(self):
+        import ZEO
+
+        self.db = ZEO.DB((HOST, self.layer.zeo_port))
+        self.addCleanup(self.db.close)
+        import redis
+
+        self.redis = redis.Redis.from_url(self.layer.broker_url)
+        self.addCleanup(self.redis.close)
+
+    def stream(self, query, auth=None):
+        sock = HTTPClient((HOST, self.layer.web.port), timeout=30)
+        self.addCleanup(sock.close)
+        return sock.request(f"/@@streamguard-test-worker?{query}", auth=auth)
+
+    def request(self, query, auth=None):
+        return http_request(
+            (HOST, self.layer.web.port), f"/@@streamguard-test-worker?{query}", auth=auth
+        )
+
+    def events(self, name=None, **match):
+        return self.layer.web.events(name, **match)
+
+    def status(self):
+        status, _, body = http_request(
+            (HOST, self.layer.web.port), "/@@stream-status?format=json", auth=MANAGER
+        )
+        self.assertEqual(status, 200, body)
+        return json.loads(body)
+
+    def stored(self, name):
+        """The app's attribute ``name`` as committed (another ZEO client)."""
+        connection = self.db.open()
+        try:
+            connection.sync()
+            return getattr(connection.root()["Application"], name, None)
+        finally:
+            connection.close()
+
+    def assert_refused(self, answer, message):
+        status, headers, body = answer
+        self.assertEqual(status, 503, body)
+        self.assertEqual(body.decode(), message)
+        self.assertTrue(headers["content-type"].startswith("text/plain"), headers)
+        retry = int(headers["retry-after"])
+        self.assertTrue(10 <= retry <= 20, retry)
+
+    def test_past_the_workers_queue_a_job_gets_503_with_retry_after(self):
+        busy = self.stream("tag=qb-busy&mode=batch&count=40&hold=0&run_on=worker", auth=MANAGER)
+        busy.read_until(b"created 0\n", 60)
+        waiting = self.stream("tag=qb-waiting&mode=sees&run_on=worker", auth=MANAGER)
+        waiting.head(30)
+        self.assertTrue(wait_for(lambda: self.redis.llen(QUEUE) == QUEUE_SIZE, 30))
+        # One waits: the next is refused, before its first byte, and never runs.
+        self.assert_refused(
+            self.request("tag=qb-refused&mode=csv&count=1&run_on=worker"),
+            streaming.WORKER_QUEUE_FULL,
+        )
+        self.assert_refused(
+            self.request(
+                "tag=qb-refused-sse&mode=csv&count=1&run_on=worker&type=text/event-stream"
+            ),
+            streaming.WORKER_QUEUE_FULL,
+        )
+        answer = self.status()
+        self.assertEqual(answer["workers"]["queue_size"], QUEUE_SIZE)
+        self.assertGreaterEqual(answer["workers"]["refused"], 2)
+        # The worker frees: the waiting job runs, and the queue has room again.
+        busy.close()
+        self.assertEqual(waiting.body(60), b"qb-waiting\n")
+        self.assertEqual(
+            self.stream("tag=qb-after&mode=sees&run_on=worker").body(30), b"qb-after\n"
+        )
+        self.assertEqual(self.events("start", tag="qb-refused"), [])
+        self.assertEqual(self.events("start", tag="qb-refused-sse"), [])
+
+    def test_broker_killed_mid_job_cancels_the_producer_and_the_worker_goes_on(self):
+        sock = self.stream(
+            "tag=lost&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
+        )
+        sock.read_until(b"created 14\n", 60)
+        self.assertTrue(wait_for(lambda: self.events("step", tag="lost", n=14), 30))
+        worker = self.layer.worker
+        self.layer.kill_redis()
+        try:
+            # The client is told in the stream's format (the web side's read
+            # fails at once on a closed connection; BROKER_TIMEOUT if the
+            # broker's host stops answering).
+            sock.read_until(ERROR_EVENT, workers.BROKER_TIMEOUT + 10)
+            self.assertEqual(sock.read_all(30), b"\r\n")
+            # The worker's producer is cancelled: its finally, its cleanups
+            # once, with "error"; no step after the one it waited in.
+            bound = workers.POLL + workers.BROKER_TIMEOUT + 10
+            self.assertTrue(wait_for(lambda: self.events("cleanup", tag="lost"), bound))
+            [cleanup] = self.events("cleanup", tag="lost")
+            self.assertEqual((cleanup["reason"], cleanup["pid"]), ("error", worker.pid))
+            self.assertEqual(len(self.events("producer-finally", tag="lost")), 1)
+            self.assertEqual(max(e["n"] for e in self.events("step", tag="lost")), 14)
+            # Documents 0-9 were committed at 10; 10-14 were aborted.
+            self.assertEqual(self.stored("sg_lost_9"), 9)
+            self.assertIsNone(self.stored("sg_lost_10"))
+            self.assertIsNone(self.stored("sg_lost_14"))
+            # While the broker is away, a worker job is refused plainly.
+            self.assert_refused(
+                self.request("tag=lost-down&mode=sees&run_on=worker"),
+                streaming.WORKERS_UNAVAILABLE,
+            )
+            # The status page still answers; it cannot say which workers are up.
+            self.assertIsNone(self.status()["workers"]["up"])
+            # The worker's consumer has noticed too (before Redis is back).
+            self.assertTrue(
+                wait_for(lambda: self.layer.worker_output().count("lost the broker (") == 2, 30),
+                self.layer.worker_output()[-3000:],
+            )
+        finally:
+            self.layer.start_redis()
+        # The same worker process takes jobs again.
+        self.assertEqual(
+            self.stream("tag=lost-after&mode=sees&run_on=worker").body(60), b"lost-after\n"
+        )
+        self.assertIsNone(worker.poll())
+        self.assertEqual(self.events("start", tag="lost-after")[0]["pid"], worker.pid)
+        self.assertEqual(self.events("start", tag="lost-down"), [])
+        output = self.layer.worker_output()
+        # One line for the job, one for the queue; one when it is back.
+        self.assertEqual(output.count("lost the broker ("), 2, output[-3000:])
+        self.assertIn("the broker answers again", output)
+        # Still nothing of the cancelled job after its last commit.
+        self.assertIsNone(self.stored("sg_lost_10"))
+
+    def test_status_lists_the_workers_that_serve_the_broker(self):
+        name = f"{socket.gethostname()}:{self.layer.worker.pid}"
+        self.assertTrue(wait_for(lambda: name in (self.status()["workers"]["up"] or []), 30))
+        self.assertEqual(self.status()["workers"]["up"], [name])
+        self.assertTrue(self.redis.exists(workers.PRESENCE + name))
