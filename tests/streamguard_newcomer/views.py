@@ -103,6 +103,9 @@ class DocumentsCSV(BrowserView):
     asked; when the browser goes away, the export stops at once.
     """
 
+    #: Where the export runs: None, in the web process (the pool: below).
+    run_on = None
+
     def __call__(self):
         self.request.response.setHeader(
             "Content-Disposition", 'attachment; filename="documents.csv"'
@@ -111,7 +114,7 @@ class DocumentsCSV(BrowserView):
         # view, whose context belongs to the request's closed connection.
         return stream_response(
             self.request, documents_csv, "text/csv; charset=utf-8",
-            zodb=True, context=self.context,
+            zodb=True, context=self.context, run_on=self.run_on,
         )
 
 
@@ -178,7 +181,7 @@ class RetitleDocuments(BrowserView):
     the job stops.
     """
 
-    #: Where the job runs: None, in the web process (a worker: below).
+    #: Where the job runs: None, in the web process (the pool, a worker: below).
     run_on = None
 
     def __call__(self):
@@ -206,6 +209,25 @@ def retitle_documents(guard):
             guard.zodb.commit()
         yield f"{done} {brain.getPath()}\n"
     yield f"done: {done} documents\n"  # the last batch commits when we return
+# end example
+
+
+# example: on-the-pool
+class DocumentsCSVOnThePool(DocumentsCSV):
+    """@@documents-csv-on-the-pool: the same export, on the job pool."""
+
+    run_on = "pool"
+
+
+class RetitleDocumentsOnThePool(RetitleDocuments):
+    """@@retitle-documents-on-the-pool: the same batch job, on the job pool.
+
+    Its commits every BATCH_SIZE documents are the job's transactions, in
+    a job thread; when the browser goes away, the job aborts the documents
+    done since the last commit and its thread takes the next job.
+    """
+
+    run_on = "pool"
 # end example
 
 

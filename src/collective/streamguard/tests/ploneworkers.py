@@ -5,8 +5,8 @@ one ``runwsgi`` web instance, one ``streamguard-worker``, all on loopback)
 with Plone: the instances load the ZCML of `make run` (``etc/site.zcml``)
 and the README's package (``tests/streamguard_newcomer``), and before they
 start, ``zconsole run`` creates the site as `make run` and `make cluster`
-do (``scripts/create_site.py``) and adds ``DOCUMENTS`` documents
-(``documenttitles``: their titles report the batch job's steps).  Plone
+do (``scripts/create_site.py``) and adds the README's jobs' documents
+(``readmejobs.add_documents``: their titles report the batch job's steps).  Plone
 takes its time to start, so there is one layer for every test of the
 README's producers on a worker, and the web instance and the worker start
 side by side.
@@ -25,11 +25,6 @@ from collective.streamguard.tests.workerstack import WorkersLayer
 ROOT = os.path.dirname(SRC)
 SITE_ID = "Plone"
 ADMIN = ("admin", secrets.token_hex(8))
-DOCUMENTS = 130
-#: The document the batch job is held at in ``test_plone_workers``.
-HELD = 114
-#: Each title is long enough that the CSV export makes more than one chunk.
-FILLER = " ".join(["lorem ipsum dolor sit amet"] * 20)
 
 SCRIPT = """\
 import runpy
@@ -38,7 +33,7 @@ import transaction
 from plone.dexterity.utils import createContentInContainer
 from zope.component.hooks import setSite
 
-from collective.streamguard.tests.ploneworkers import add_documents
+from collective.streamguard.tests.readmejobs import add_documents
 
 runpy.run_path({create_site!r}, init_globals={{"app": app}})
 site = app[{site_id!r}]
@@ -46,17 +41,6 @@ setSite(site)
 add_documents(site, createContentInContainer)
 transaction.commit()
 """
-
-
-def add_documents(site, create):
-    """``DOCUMENTS`` documents doc-000, doc-001, ... in ``site``."""
-    from collective.streamguard.tests.documenttitles import HoldingTitle
-    from collective.streamguard.tests.documenttitles import StepTitle
-
-    for n in range(DOCUMENTS):
-        title_class = HoldingTitle if n == HELD else StepTitle
-        title = title_class(f"document {n:03d} {FILLER}")
-        create(site, "Document", checkConstraints=False, id=f"doc-{n:03d}", title=title)
 
 
 class PloneWorkersLayer(WorkersLayer):

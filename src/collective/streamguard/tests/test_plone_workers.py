@@ -4,10 +4,10 @@
 (runwsgi), Redis and one ``streamguard-worker``, all real, on loopback; the
 views are the README's (``streamguard_newcomer``), as written there.  The
 test process reads the database as another ZEO client, in a connection of
-its own opened after what it checks.
+its own opened after what it checks.  The checks are shared with the same
+jobs on the pool (``readmejobs``).
 """
 
-import re
 import socket
 import unittest
 
@@ -16,18 +16,13 @@ from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.ploneworkers import ADMIN
-from collective.streamguard.tests.ploneworkers import DOCUMENTS
-from collective.streamguard.tests.ploneworkers import HELD
 from collective.streamguard.tests.ploneworkers import PLONE_WORKERS
 from collective.streamguard.tests.ploneworkers import SITE_ID
-from streamguard_newcomer.views import BATCH_SIZE
+from collective.streamguard.tests.readmejobs import HELD
+from collective.streamguard.tests.readmejobs import ReadmeJobChecks
 
 
-def as_text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-class TestReadmeProducersOnAWorker(unittest.TestCase):
+class TestReadmeProducersOnAWorker(ReadmeJobChecks, unittest.TestCase):
     layer = PLONE_WORKERS
 
     def setUp(self):
@@ -46,11 +41,11 @@ class TestReadmeProducersOnAWorker(unittest.TestCase):
         return [m for m in ENDED.finditer(self.layer.worker_output()) if m.group(2) == reason]
 
     def read(self, function):
-        """``function(site, connection)`` in a new connection of the database."""
+        """``function(site)`` in a new connection of the database."""
         connection = self.db.open()
         try:
             connection.sync()
-            return function(connection.root()["Application"][SITE_ID], connection)
+            return function(connection.root()["Application"][SITE_ID])
         finally:
             connection.close()
 
@@ -58,26 +53,19 @@ class TestReadmeProducersOnAWorker(unittest.TestCase):
         finished = len(self.ended("finished"))
         in_process = self.open("@@documents-csv").body(120)
         on_worker = self.open("@@documents-csv-on-a-worker").body(120)
-        rows = in_process.decode().splitlines()
-        self.assertEqual(rows[0], "path,title,modified")
-        self.assertEqual(len(rows), DOCUMENTS + 1)
-        self.assertGreater(len(in_process), 64 * 1024)  # more than one chunk
-        self.assertEqual(on_worker, in_process)
+        self.assertSameExport(in_process, on_worker)
         # The worker made the second one.
         self.assertTrue(wait_for(lambda: len(self.ended("finished")) == finished + 1, 30))
 
     def test_client_leaving_mid_batch_stops_the_job_and_aborts_since_the_last_commit(self):
-        self.assertLess(BATCH_SIZE, HELD)  # the job is held after a commit
         form = self.open("@@retitle-documents-on-a-worker").body(120)
-        authenticator = re.search(rb'name="_authenticator" value="([^"]+)"', form)
-        self.assertIsNotNone(authenticator, form[:2000])
         gone = len(self.ended("client gone"))
         job = self.open(
             "@@retitle-documents-on-a-worker",
             method="POST",
-            form={"_authenticator": authenticator.group(1).decode()},
+            form={"_authenticator": self.authenticator(form)},
         )
-        job.read_until(f"{HELD} /{SITE_ID}/doc-{HELD - 1:03d}\n".encode(), 120)
+        job.read_until(self.held_line(SITE_ID), 120)
         # The job is in the step of document HELD when its client leaves.
         self.assertTrue(wait_for(lambda: self.layer.web.events("held", n=HELD), 60))
         job.close()
@@ -86,38 +74,10 @@ class TestReadmeProducersOnAWorker(unittest.TestCase):
         # Its stream ended on the worker: the transaction aborted, the
         # cleanups ran (the end line is logged after them).
         self.assertTrue(wait_for(lambda: len(self.ended("client gone")) == gone + 1, 60))
-        # It stopped within that step: no document after it was touched.
-        steps = [e["n"] for e in self.layer.web.events("step")]
-        self.assertEqual(steps, list(range(HELD + 1)))
-
-        def state(site, connection):
-            catalog = site.portal_catalog
-            titles, indexed, history = [], [], {}
-            for n in range(DOCUMENTS):
-                document = site[f"doc-{n:03d}"]
-                titles.append(str(document.title).split()[:2])
-                path = f"/{SITE_ID}/doc-{n:03d}"
-                indexed.append(str(catalog.getMetadataForUID(path)["Title"]).split()[:2])
-                if n in (0, BATCH_SIZE - 1, BATCH_SIZE):
-                    history[n] = self.db.history(document._p_oid, size=1)[0]
-            return titles, indexed, history
-
-        titles, indexed, history = self.read(state)
-        expected = [["DOCUMENT", f"{n:03d}"] for n in range(BATCH_SIZE)]
-        expected += [["document", f"{n:03d}"] for n in range(BATCH_SIZE, DOCUMENTS)]
-        self.assertEqual(titles, expected)
-        self.assertEqual(indexed, expected)  # the catalog followed the commit
-        # The first BATCH_SIZE documents were committed together, by the
-        # worker's transaction, as the user who asked; the next one not since.
-        committed = history[0]
-        self.assertEqual(history[BATCH_SIZE - 1]["tid"], committed["tid"])
+        self.assertStoppedInTheHeldStep([e["n"] for e in self.layer.web.events("step")])
         worker = f"worker {socket.gethostname()}:{self.layer.worker.pid}"
-        self.assertEqual(
-            as_text(committed["description"]),
-            f"/{SITE_ID} (collective.streamguard stream, {worker})",
+        self.read(
+            lambda site: self.assertAbortedSinceTheLastCommit(site, self.db, worker, ADMIN[0])
         )
-        self.assertEqual(as_text(committed["user_name"]).split(), [ADMIN[0]])
-        self.assertNotEqual(history[BATCH_SIZE]["tid"], committed["tid"])
-        self.assertNotIn("collective.streamguard", as_text(history[BATCH_SIZE]["description"]))
         # The worker is free: it takes the next job.
         self.assertTrue(self.open("@@documents-csv-on-a-worker").body(120))

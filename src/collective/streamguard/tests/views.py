@@ -390,8 +390,8 @@ class PoolStreamView(BrowserView):
     """``@@streamguard-test-pool?tag=T&mode=M&run_on=pool``: busy producers,
     run on the job pool (``run_on=pool``) or in the serving thread (none).
 
-    Modes: ``csv`` (README's CSV export), ``retitle`` (README's batch job;
-    ``batch=N`` documents per commit), ``batch`` (create ``count``
+    The README's own CSV export and batch job run on the pool in
+    ``test_plone_pool``.  Modes: ``batch`` (create ``count``
     documents, commit every 10, one line each; at document ``hold`` it waits
     for the test's gate outside the guard, so that only its next chunk can
     stop it), ``busy`` (a line every 50 ms until the gate opens or the
@@ -417,9 +417,8 @@ class PoolStreamView(BrowserView):
         content_type = form.get("type", "text/plain; charset=utf-8")
         count = int(form.get("count", "25"))
         hold = int(form.get("hold", "-1"))
-        batch = int(form.get("batch", "100"))
         gate(tag).clear()
-        zodb = mode in ("csv", "retitle", "batch", "error", "whoami", "sees")
+        zodb = mode in ("batch", "error", "whoami", "sees")
         options = {}
         if "max_duration" in form:
             options["max_duration"] = float(form["max_duration"])
@@ -440,11 +439,7 @@ class PoolStreamView(BrowserView):
                 and transaction.manager.manager is session.transaction_manager,
             )
             try:
-                if mode == "csv":
-                    yield from _readme_documents_csv(guard)
-                elif mode == "retitle":
-                    yield from _readme_retitle_documents(guard, batch)
-                elif mode == "batch":
+                if mode == "batch":
                     for n in range(count):
                         session.site.invokeFactory("Document", f"{tag}-{n}", title=f"{tag} {n}")
                         if (n + 1) % 10 == 0:
@@ -503,39 +498,6 @@ class PoolStreamView(BrowserView):
             run_on=run_on,
             **options,
         )
-
-
-def _readme_documents_csv(guard):
-    # README.rst's CSV export, as it is there.
-    import csv
-    import io
-
-    catalog = guard.zodb.site.portal_catalog
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "title", "modified"])
-    for brain in catalog(portal_type="Document", sort_on="path"):
-        writer.writerow([brain.getPath(), brain.Title, brain.modified.ISO8601()])
-        if buffer.tell() > 64 * 1024:
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-    yield buffer.getvalue()
-
-
-def _readme_retitle_documents(guard, batch_size):
-    # README.rst's batch job, as it is there (BATCH_SIZE from the test).
-    catalog = guard.zodb.site.portal_catalog
-    done = 0
-    for brain in catalog(portal_type="Document", sort_on="path"):
-        document = brain.getObject()
-        document.title = document.title.upper()
-        document.reindexObject(idxs=["Title"])
-        done += 1
-        if done % batch_size == 0:
-            guard.zodb.commit()
-        yield f"{done} {brain.getPath()}\n"
-    yield f"done: {done} documents\n"
 
 
 # -- Producers registered for worker processes (run_on="worker") --------
