@@ -10,6 +10,11 @@ EventSource comes back at once.  For each N, on one fresh server:
 - the same N connections at once asking for ``@@stream-log?log=nope`` (the
   same view, answered 404 with no stream): the floor a burst is compared
   with (goal: the burst within 2x of it);
+- the same burst again alone ("alone": no page loop, as the floor is
+  measured), after the first burst's streams have ended; "ratio" is
+  burst/404s and alone/404s.  The burst with pages runs last: every page
+  served during it (pages go first, ``waitress.admission``) is worker
+  time the burst waits for, so it is not the floor's like;
 - pages during the burst: a loop of ``/`` requests, one after the other, in
   its own thread from before the burst until it is served; p50/p99/max,
   and the ratio of p50 and p99 to the same page with no burst (goal: p99
@@ -48,6 +53,7 @@ from bench_parked_streams import free_port  # noqa: E402
 from bench_parked_streams import page_latencies  # noqa: E402
 from bench_parked_streams import percentile  # noqa: E402
 from bench_parked_streams import start_server  # noqa: E402
+from bench_parked_streams import status  # noqa: E402
 
 
 class PageLoop(threading.Thread):
@@ -143,6 +149,17 @@ def answered(data):
     return True if b"\r\n\r\n" in data else None
 
 
+def wait_until_ended(kind, port, timeout=60):
+    """Until the server has ended the streams whose clients closed (Zope:
+    none live in ``@@stream-status``; asyncio ends them at once)."""
+    if kind != "zope":
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + timeout
+    while status(port)["live"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def measure(kind, count):
     port = free_port()
     process, log_path, path, headers, cleanup = start_server(kind, port, 2 * count)
@@ -160,6 +177,13 @@ def measure(kind, count):
             for sock in socks:
                 sock.close()
             result["floor"] = seconds
+        # The burst alone, as the floor is measured (no page loop): pages
+        # served in between take worker time from the burst below.
+        seconds, *_counts, socks = burst(port, path, count, headers, first_event)
+        result["alone"] = seconds
+        for sock in socks:
+            sock.close()
+        wait_until_ended(kind, port)
         pages = PageLoop(port, "/")
         pages.start()
         while not pages.latencies:  # the loop runs before the burst starts
@@ -195,9 +219,10 @@ def main():
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"# open-files limit {hard}; runwsgi + waitress 4 threads vs asyncio (stdlib)")
     header = (
-        f"{'server':<8} {'N':>5} {'burst s':>7} {'404s s':>6} {'ratio':>5} {'served':>6} "
-        f"{'refused':>7} {'lost':>4} {'pages':>5} {'page p50/p99/max ms (burst)':>28} "
-        f"{'page p50/p99 ms (0)':>19} {'x p50/p99':>10} {'CPU ms/open':>11} {'404':>5}"
+        f"{'server':<8} {'N':>5} {'burst s':>7} {'alone s':>7} {'404s s':>6} {'ratio':>9} "
+        f"{'served':>6} {'refused':>7} {'lost':>4} {'pages':>5} "
+        f"{'page p50/p99/max ms (burst)':>28} {'page p50/p99 ms (0)':>19} "
+        f"{'x p50/p99':>10} {'CPU ms/open':>11} {'404':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -210,10 +235,13 @@ def main():
             p = r["pages"]
             i = r["idle"]
             floor = r.get("floor")
+            ratios = "-"
+            if floor is not None:
+                ratios = f"{r['seconds'] / floor:.1f}/{r['alone'] / floor:.1f}"
             print(
-                f"{kind:<8} {count:>5} {r['seconds']:>7.2f} "
+                f"{kind:<8} {count:>5} {r['seconds']:>7.2f} {r['alone']:>7.2f} "
                 f"{floor if floor is None else format(floor, '.2f')!s:>6} "
-                f"{'-' if floor is None else format(r['seconds'] / floor, '.1f'):>5} "
+                f"{ratios:>9} "
                 f"{r['served']:>6} {r['refused']:>7} {r['lost']:>4} {len(p):>5} "
                 f"{percentile(p, 50) * 1000:>9.1f}/{percentile(p, 99) * 1000:<8.1f}/"
                 f"{max(p) * 1000:<8.1f} "
