@@ -44,6 +44,7 @@ from collective.streamguard.tests.servers import NotInstalled
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
 from collective.streamguard.tests.servers import may_be_missing
+from collective.streamguard.tests.servers import stop_processes
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 ROOT = os.path.dirname(SRC)
@@ -315,14 +316,7 @@ class ClusterLayer:
                 instance.stop()
             except AssertionError:
                 pass  # killed
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes(self.processes)
         for instance in self.instances:
             instance.remove()
         shutil.rmtree(self.directory, ignore_errors=True)

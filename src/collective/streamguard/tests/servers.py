@@ -66,6 +66,19 @@ def executable(name):
     )
 
 
+def stop_processes(processes):
+    """Stop server processes, the last started first: SIGTERM, then SIGKILL
+    after 20 s."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind((HOST, 0))

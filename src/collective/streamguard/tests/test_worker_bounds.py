@@ -8,10 +8,8 @@ layer of its own: its tests kill and restart the Redis server.
 
 import json
 import os
-import shutil
 import signal
 import socket
-import unittest
 
 from collective.streamguard import streaming
 from collective.streamguard import workers
@@ -19,10 +17,10 @@ from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import http_request
 from collective.streamguard.tests.helpers import wait_for
-from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.test_workers import ERROR_EVENT
 from collective.streamguard.tests.test_workers import MANAGER
 from collective.streamguard.tests.test_workers import WorkersLayer
+from collective.streamguard.tests.workerstack import WorkerStackTestCase
 
 #: The web instance's bound: one job may wait for the worker.
 QUEUE_SIZE = 1
@@ -48,45 +46,13 @@ class WorkerBoundsLayer(WorkersLayer):
         os.kill(self.redis_process.pid, signal.SIGKILL)
         self.redis_process.wait(10)
 
-    def start_redis(self):
-        # As the layer started it: same port, password, no persistence (what
-        # Redis held is gone, as after a crash of a cache-only Redis).
-        self.redis_process = self.spawn(
-            [
-                shutil.which("redis-server") or "/usr/bin/redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                HOST,
-                "--requirepass",
-                self.redis_password,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                os.path.join(self.worker_home.home, "var"),
-            ]
-        )
-        wait_until_serving(self.redis_port, self.redis_process, timeout=30.0, path=None)
-
 
 WORKER_BOUNDS = WorkerBoundsLayer()
 QUEUE = "huey.redis." + workers.QUEUE_NAME
 
 
-class TestWorkerBounds(unittest.TestCase):
+class TestWorkerBounds(WorkerStackTestCase):
     layer = WORKER_BOUNDS
-
-    def setUp(self):
-        import ZEO
-
-        self.db = ZEO.DB((HOST, self.layer.zeo_port))
-        self.addCleanup(self.db.close)
-        import redis
-
-        self.redis = redis.Redis.from_url(self.layer.broker_url)
-        self.addCleanup(self.redis.close)
 
     def stream(self, query, auth=None):
         sock = HTTPClient((HOST, self.layer.web.port), timeout=30)
@@ -107,15 +73,6 @@ class TestWorkerBounds(unittest.TestCase):
         )
         self.assertEqual(status, 200, body)
         return json.loads(body)
-
-    def stored(self, name):
-        """The app's attribute ``name`` as committed (another ZEO client)."""
-        connection = self.db.open()
-        try:
-            connection.sync()
-            return getattr(connection.root()["Application"], name, None)
-        finally:
-            connection.close()
 
     def assert_refused(self, answer, message):
         status, headers, body = answer

@@ -24,6 +24,7 @@ from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
 from collective.streamguard.tests.workerstack import MANAGER
 from collective.streamguard.tests.workerstack import WorkersLayer
+from collective.streamguard.tests.workerstack import WorkerStackTestCase
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
@@ -31,18 +32,8 @@ ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
 WORKERS = WorkersLayer()
 
 
-class TestWorkers(unittest.TestCase):
+class TestWorkers(WorkerStackTestCase):
     layer = WORKERS
-
-    def setUp(self):
-        import ZEO
-
-        self.db = ZEO.DB((HOST, self.layer.zeo_port))
-        self.addCleanup(self.db.close)
-        import redis
-
-        self.redis = redis.Redis.from_url(self.layer.broker_url)
-        self.addCleanup(self.redis.close)
 
     def stream(self, query, instance=None, auth=None):
         instance = instance or self.layer.web
@@ -52,15 +43,6 @@ class TestWorkers(unittest.TestCase):
 
     def events(self, name=None, **match):
         return self.layer.web.events(name, **match)
-
-    def stored(self, name):
-        """The app's attribute ``name`` as committed (another ZEO client)."""
-        connection = self.db.open()
-        try:
-            connection.sync()
-            return getattr(connection.root()["Application"], name, None)
-        finally:
-            connection.close()
 
     def worker_pid(self):
         return self.layer.worker.pid

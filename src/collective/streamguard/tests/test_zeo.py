@@ -18,6 +18,7 @@ from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
+from collective.streamguard.tests.servers import stop_processes
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 
@@ -61,13 +62,7 @@ class ZEOLayer:
             wait_until_serving(port, process)
 
     def tearDown(self):
-        for process in reversed(self.processes):
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes(self.processes)
         for instance in self.instances:
             instance.remove()
         self.zeo_home.remove()

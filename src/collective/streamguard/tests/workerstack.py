@@ -18,12 +18,14 @@ import os
 import secrets
 import shutil
 import subprocess
+import unittest
 
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.helpers import wait_until_serving
 from collective.streamguard.tests.servers import executable
 from collective.streamguard.tests.servers import free_port
+from collective.streamguard.tests.servers import stop_processes
 from collective.streamguard.tests.zopeinstance import ZopeInstance
 
 PRODUCT_CONFIG = """
@@ -73,10 +75,25 @@ class WorkersLayer:
         self.redis_port = free_port()
         self.redis_password = secrets.token_hex(16)
         self.secret = secrets.token_hex(16)
-        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.worker_log = os.path.join(home.home, "var", "worker.log")
+        self.worker_home = home
+        self.start_redis()
+        self.broker_url = f"redis://:{self.redis_password}@{HOST}:{self.redis_port}/0"
+        self.prepare_database(home)
+        # The web instance and the worker start side by side: each loads
+        # Zope (and Plone) for seconds.
+        self.web, self.web_process = self.spawn_web()
+        self.worker = self.spawn_worker()
+        wait_until_serving(self.web.port, self.web_process, timeout=self.start_timeout)
+        self.wait_for_worker()
+
+    def start_redis(self):
+        """Debian's redis-server on the layer's port, with its password and
+        no persistence (tests that kill it start it again: what it held is
+        gone, as after a crash of a cache-only Redis)."""
         self.redis_process = self.spawn(
             [
-                redis_server,
+                shutil.which("redis-server") or "/usr/bin/redis-server",
                 "--port",
                 str(self.redis_port),
                 "--bind",
@@ -88,20 +105,10 @@ class WorkersLayer:
                 "--appendonly",
                 "no",
                 "--dir",
-                os.path.join(home.home, "var"),
+                os.path.join(self.worker_home.home, "var"),
             ]
         )
         wait_until_serving(self.redis_port, self.redis_process, timeout=30.0, path=None)
-        self.broker_url = f"redis://:{self.redis_password}@{HOST}:{self.redis_port}/0"
-        self.worker_log = os.path.join(home.home, "var", "worker.log")
-        self.worker_home = home
-        self.prepare_database(home)
-        # The web instance and the worker start side by side: each loads
-        # Zope (and Plone) for seconds.
-        self.web, self.web_process = self.spawn_web()
-        self.worker = self.spawn_worker()
-        wait_until_serving(self.web.port, self.web_process, timeout=self.start_timeout)
-        self.wait_for_worker()
 
     #: What ``prepare_database`` runs in ``zconsole run`` (``app`` is the
     #: root): a Zope manager in the root user folder.
@@ -211,14 +218,30 @@ transaction.commit()
             return ""
 
     def tearDown(self):
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
+        stop_processes(self.processes)
         for home in self.homes:
             home.remove()
         self.processes, self.homes = [], []
+
+
+class WorkerStackTestCase(unittest.TestCase):
+    """A test of a workers' layer, with a ZEO client of the layer's
+    database (``self.db``) and a client of its Redis (``self.redis``)."""
+
+    def setUp(self):
+        import redis
+        import ZEO
+
+        self.db = ZEO.DB((HOST, self.layer.zeo_port))
+        self.addCleanup(self.db.close)
+        self.redis = redis.Redis.from_url(self.layer.broker_url)
+        self.addCleanup(self.redis.close)
+
+    def stored(self, name):
+        """The app's attribute ``name`` as committed (another ZEO client)."""
+        connection = self.db.open()
+        try:
+            connection.sync()
+            return getattr(connection.root()["Application"], name, None)
+        finally:
+            connection.close()
