@@ -8,7 +8,8 @@ with the same broker and secret.  The tests read the database as a third
 ZEO client.
 
 The Zope layer of ``test_workers`` uses it as it is (Zope only, the test
-views); the Plone layer of ``test_plone_workers`` (``ploneworkers``)
+views); the Plone layer of the README package's ``test_plone_workers``
+(``streamguard_newcomer.tests.ploneworkers``)
 overrides what differs: the instances' ZCML (Plone and the README's
 package), and what is in the database before the instances start
 (``prepare_script``, run by ``prepare_database``).

@@ -15,11 +15,11 @@ from collective.streamguard.tests.helpers import ENDED
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import wait_for
-from collective.streamguard.tests.ploneworkers import ADMIN
-from collective.streamguard.tests.ploneworkers import PLONE_WORKERS
-from collective.streamguard.tests.ploneworkers import SITE_ID
-from collective.streamguard.tests.readmejobs import HELD
-from collective.streamguard.tests.readmejobs import ReadmeJobChecks
+from streamguard_newcomer.tests.ploneworkers import ADMIN
+from streamguard_newcomer.tests.ploneworkers import PLONE_WORKERS
+from streamguard_newcomer.tests.ploneworkers import SITE_ID
+from streamguard_newcomer.tests.readmejobs import HELD
+from streamguard_newcomer.tests.readmejobs import ReadmeJobChecks
 
 
 class TestReadmeProducersOnAWorker(ReadmeJobChecks, unittest.TestCase):

@@ -23,10 +23,10 @@ from collective.streamguard.testing import open_stream
 from collective.streamguard.testing import wait_for_streams_to_end
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import wait_for
-from collective.streamguard.tests.readmejobs import HELD
-from collective.streamguard.tests.readmejobs import ReadmeJobChecks
-from collective.streamguard.tests.readmejobs import add_documents
 from streamguard_newcomer.testing import NEWCOMER_FIXTURE
+from streamguard_newcomer.tests.readmejobs import HELD
+from streamguard_newcomer.tests.readmejobs import ReadmeJobChecks
+from streamguard_newcomer.tests.readmejobs import add_documents
 
 OWNER = (SITE_OWNER_NAME, SITE_OWNER_PASSWORD)
 SITE_ID = "plone"

@@ -33,7 +33,7 @@ import transaction
 from plone.dexterity.utils import createContentInContainer
 from zope.component.hooks import setSite
 
-from collective.streamguard.tests.readmejobs import add_documents
+from streamguard_newcomer.tests.readmejobs import add_documents
 
 runpy.run_path({create_site!r}, init_globals={{"app": app}})
 site = app[{site_id!r}]
