@@ -275,25 +275,32 @@ def stream_response(
         guard.catching_up = catch_up
         session = ZODBSession(context, request, write_policy(request)) if zodb else None
         stream_label = label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", "")
-        if on_worker:
-            job, refusal = worker_job(
-                request, producer, content_type, guard, session, stream_label, user_name
-            )
+        if on_worker or on_pool:
+            if on_worker:
+                job, refusal = worker_job(
+                    request, producer, content_type, guard, session, stream_label, user_name
+                )
+            else:
+                job, refusal = (
+                    pool_job(
+                        request,
+                        producer,
+                        content_type,
+                        guard,
+                        session,
+                        stream_label,
+                        user_name,
+                        user,
+                    ),
+                    QUEUE_FULL,
+                )
             if job is None:
+                # Refused (its queue is full, or the workers' broker does
+                # not answer): 503 before the first byte.
                 live_streams.release(_user_key(request, user), kind, False)
                 untransformed_headers(request, "text/plain; charset=utf-8", status=503)
                 response.setHeader("Retry-After", str(jobs.retry_after()))
                 return refusal
-            producer, session = jobs.relay_producer(job), None
-        elif on_pool:
-            job = pool_job(
-                request, producer, content_type, guard, session, stream_label, user_name, user
-            )
-            if job is None:
-                live_streams.release(_user_key(request, user), kind, False)
-                untransformed_headers(request, "text/plain; charset=utf-8", status=503)
-                response.setHeader("Retry-After", str(jobs.retry_after()))
-                return QUEUE_FULL
             producer, session = jobs.relay_producer(job), None
         stream = StreamIterator(
             producer,

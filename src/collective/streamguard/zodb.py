@@ -132,19 +132,9 @@ class ZODBSession:
         self.environ = {k: request.environ[k] for k in ENVIRON_KEYS if k in request.environ}
         self.server_url = request.get("SERVER_URL")
         self.virtual_root = request.get("VirtualRootPhysicalPath")
-        self.transaction_manager = None
-        self.connection = None
-        self.context = self.site = self.app = self.request = None
-        self._guard = None
-        self._thread_manager = None
-        self._security_manager = None
-        #: What ``leave()`` gives the thread back; None while not entered.
-        self._saved = None
-        #: The stream's own state of CMF's indexing queue (swap_index_queue).
-        self._index_queue = ([], None)
-        self._closed = False
         #: Where the session runs, for the undo log ("" in the web process).
         self.place = ""
+        self._reset()
 
     #: What ``plain()`` carries to a worker process (``from_plain``).
     PLAIN = (
@@ -183,13 +173,16 @@ class ZODBSession:
         return session
 
     def _reset(self):
+        # Nothing opened yet (the serving thread's or the worker's session).
         self.transaction_manager = None
         self.connection = None
         self.context = self.site = self.app = self.request = None
         self._guard = None
         self._thread_manager = None
         self._security_manager = None
+        #: What ``leave()`` gives the thread back; None while not entered.
         self._saved = None
+        #: The stream's own state of CMF's indexing queue (swap_index_queue).
         self._index_queue = ([], None)
         self._closed = False
 

@@ -32,6 +32,13 @@ ERROR_EVENT = b"event: error\ndata: the stream failed on the server\n\n"
 WORKERS = WorkersLayer()
 
 
+def huey_fields(message_id, args):
+    """The fields of huey's ``Message`` for our task with ``args`` (what
+    its serializer writes as a list): no eta, retries, priority or
+    callbacks."""
+    return [message_id, workers.TASK_NAME, None, 0, 0, None, args, {}] + [None] * 7
+
+
 class TestWorkers(WorkerStackTestCase):
     layer = WORKERS
 
@@ -118,23 +125,7 @@ class TestWorkers(WorkerStackTestCase):
             "args": {"tag": "forged", "count": 1},
             "session": None,
         }
-        huey_message = [
-            workers.new_job_id(),
-            workers.TASK_NAME,
-            None,
-            0,
-            0,
-            None,
-            [message],
-            {},
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        ]
+        huey_message = huey_fields(workers.new_job_id(), [message])
         payload = json.dumps({"huey-message": huey_message}).encode()
         queue = "huey.redis." + workers.QUEUE_NAME
         self.redis.lpush(queue, payload)  # unsigned
@@ -310,23 +301,7 @@ class TestMessages(unittest.TestCase):
 
         serializer_class, _ = workers.broker_classes()
         serializer = serializer_class("s3cret")
-        message = Message(
-            "id",
-            workers.TASK_NAME,
-            None,
-            0,
-            0,
-            None,
-            ({"job": "j"},),
-            {},
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        message = Message(*huey_fields("id", ({"job": "j"},)))
         data = serializer.serialize(message)
         self.assertTrue(json.loads(workers.verify("s3cret", data)))  # JSON, not pickle
         self.assertEqual(serializer.deserialize(data).args, [{"job": "j"}])
