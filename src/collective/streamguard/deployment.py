@@ -29,7 +29,7 @@ logger = logging.getLogger("collective.streamguard")
 
 def configured_log_directories():
     """The ``log-directories`` of zope.conf's product config, as a list."""
-    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    product = product_config()
     return str(product.get("log-directories") or "").split()
 
 
@@ -39,7 +39,7 @@ def instance_name(environ=None):
     host's name and the port this request came in on (``host:8080``).
     Status pages show it, because their counts and limits are this
     process's only."""
-    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    product = product_config()
     configured = str(product.get("instance-name") or "").strip()
     if configured:
         return configured
@@ -59,7 +59,7 @@ def job_pool_settings():
     from collective.streamguard.jobs import DEFAULT_POOL_SIZE
     from collective.streamguard.jobs import DEFAULT_QUEUE_SIZE
 
-    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    product = product_config()
     return (
         _whole_number(product, "job-pool-size", DEFAULT_POOL_SIZE, 1),
         _whole_number(product, "job-queue-size", DEFAULT_QUEUE_SIZE, 0),
@@ -67,6 +67,12 @@ def job_pool_settings():
 
 
 _warned = set()
+
+
+def product_config():
+    """zope.conf's ``<product-config collective.streamguard>`` (a dict;
+    empty without one)."""
+    return (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
 
 
 def _whole_number(product, name, default, least):
@@ -108,7 +114,7 @@ def worker_settings():
     zope.conf's ``worker-broker`` (``redis://:password@host:port/0``) and
     ``worker-secret`` (the key that signs job messages; the same on the
     web instances and the workers).  Raises ``WorkersNotConfigured``."""
-    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    product = product_config()
     url = str(product.get("worker-broker") or "").strip()
     secret = str(product.get("worker-secret") or "").strip()
     if not url or not secret:
@@ -127,5 +133,5 @@ def worker_queue_size():
     when a worker is free)."""
     from collective.streamguard.workers import DEFAULT_QUEUE_SIZE
 
-    product = (getattr(getConfiguration(), "product_config", None) or {}).get(PRODUCT) or {}
+    product = product_config()
     return _whole_number(product, "worker-queue-size", DEFAULT_QUEUE_SIZE, 1)
