@@ -240,10 +240,11 @@ def stream_response(
     # against the thread cap unless it turns out to hold its thread.  A
     # plain iterable never sees the guard, so it can never park: it counts
     # from the start, and is refused before its first byte.
-    # On the pool, the request's stream only relays (it may always park),
-    # and the job's connection is counted by the pool's size, not here.
-    on_pool = run_on in ("pool", "worker")
-    may_park = on_pool or takes_guard(producer)
+    # As a job (on the pool or a worker) the request's stream only relays
+    # (it may always park), and the job's connection is counted by the
+    # pool or the worker, not here.
+    as_job = run_on in ("pool", "worker")
+    may_park = as_job or takes_guard(producer)
     park = park_function(request.environ, defaults) if may_park else None
     kind = HELD if park is None else PARKABLE
     refused = live_streams.reserve(
@@ -251,7 +252,7 @@ def stream_response(
         _user_key(request, user),
         user_limit,
         kind=kind,
-        zodb_limit=zodb_stream_limit(context, request.environ) if zodb and not on_pool else None,
+        zodb_limit=zodb_stream_limit(context, request.environ) if zodb and not as_job else None,
     )
     if refused is not None:
         _close_producer(producer)
@@ -275,7 +276,7 @@ def stream_response(
         guard.catching_up = catch_up
         session = ZODBSession(context, request, write_policy(request)) if zodb else None
         stream_label = label or request.get("ACTUAL_URL") or request.environ.get("PATH_INFO", "")
-        if on_worker or on_pool:
+        if as_job:
             if on_worker:
                 job, refusal = worker_job(
                     request, producer, content_type, guard, session, stream_label, user_name
@@ -314,7 +315,7 @@ def stream_response(
             reserved=True,
             park=park,
             kind=kind,
-            zodb=zodb and not on_pool,
+            zodb=zodb and not as_job,
             error_chunk=SSE_ERROR_EVENT if is_event_stream(content_type) else None,
             direct_output=direct_output_for(request.environ),
         )
@@ -328,7 +329,7 @@ def stream_response(
     except BaseException:
         if job is not None:
             job.relay.cancel(EndReason.ERROR)
-        live_streams.release(_user_key(request, user), kind, zodb and not on_pool)
+        live_streams.release(_user_key(request, user), kind, zodb and not as_job)
         raise
 
     _streaming_headers(request, content_type)
