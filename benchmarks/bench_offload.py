@@ -24,7 +24,9 @@ for every place, so that the columns compare the same storage:
   ``finally`` ran (its ``time.monotonic()``, written to a file: Linux'
   CLOCK_MONOTONIC is shared by processes), median and max of
   ``--closes``.  It includes the rest of the step that was running: a
-  producer hears the client at its next chunk.
+  producer hears the client at its next chunk.  "After the step" leaves
+  that out: from the close, or from the end of that step's work if it
+  ended later, to the ``finally`` (what the add-on adds).
 
 Run from the repository root, after ``make install-test``::
 
@@ -125,16 +127,19 @@ class Work(BrowserView):
 @register_producer("bench.work")
 def work(guard, steps, slice_, reps, tag):
     tree = guard.zodb.app._bench_tree
+    stepped = None  # when the last step's work was done
     try:
         for n in range(steps):
             start = (n * 997) % ENTRIES
             total = 0
             for _ in range(reps):
                 total += sum(tree.values(min=start, max=start + slice_))
+            stepped = time.monotonic()
             yield f"{{n}} {{total}}\\n"
     finally:
         with open(FINALLY, "a") as f:
-            f.write(json.dumps({{"tag": tag, "time": time.monotonic()}}) + "\\n")
+            event = {{"tag": tag, "time": time.monotonic(), "stepped": stepped}}
+            f.write(json.dumps(event) + "\\n")
 """
 
 SITE_ZCML = """\
@@ -208,8 +213,10 @@ class Stream(threading.Thread):
 
 
 def close_to_finally(port, instance, run_on, closes, steps):
-    """Seconds from a client's close, mid-work, to its producer's finally."""
-    latencies = []
+    """Seconds from a client's close, mid-work, to its producer's finally:
+    in all, and after the step that was running when it closed (from
+    whichever came last, the close or the end of that step's work)."""
+    latencies, beyond_step = [], []
     finally_path = os.path.join(instance.home, "var", "finally.jsonl")
     for n in range(closes):
         tag = f"close-{run_on}-{n}"
@@ -230,12 +237,13 @@ def close_to_finally(port, instance, run_on, closes, steps):
                 for line in f:
                     event = json.loads(line)
                     if event["tag"] == tag:
-                        found = event["time"]
+                        found = event
             if found is None:
                 time.sleep(0.001)
         if found is not None:
-            latencies.append(found - closed)
-    return latencies
+            latencies.append(found["time"] - closed)
+            beyond_step.append(found["time"] - max(closed, found["stepped"] or closed))
+    return latencies, beyond_step
 
 
 def measure(port, instance, run_on, count, steps, closes):
@@ -252,7 +260,7 @@ def measure(port, instance, run_on, count, steps, closes):
     elapsed = max(s.ended for s in completed) - started if completed else float("nan")
     refused = [s for s in streams if s.status != 200]
     queued = [s for s in streams if s.status == 200 and s.queued]
-    gone = close_to_finally(port, instance, run_on, closes, steps)
+    gone, beyond_step = close_to_finally(port, instance, run_on, closes, steps)
     return {
         "served": count - len(refused) - len(queued),
         "queued": len(queued),
@@ -263,6 +271,10 @@ def measure(port, instance, run_on, count, steps, closes):
         "jobs_per_min": len(completed) / elapsed * 60 if completed else 0.0,
         "elapsed": elapsed,
         "gone": (statistics.median(gone) if gone else float("nan"), max(gone, default=0.0)),
+        "beyond_step": (
+            statistics.median(beyond_step) if beyond_step else float("nan"),
+            max(beyond_step, default=0.0),
+        ),
     }
 
 
@@ -273,6 +285,11 @@ def main():
     parser.add_argument("--closes", type=int, default=10)
     parser.add_argument("--reps", type=int, default=400, help="sums of 2,000 entries per step")
     parser.add_argument("--places", default="in-process,pool,workers")
+    parser.add_argument(
+        "--job-switch-interval",
+        default="",
+        help="zope.conf's job-switch-interval (ms, or off; default: the add-on's)",
+    )
     args = parser.parse_args()
     places = args.places.split(",")
     port = free_port()
@@ -298,6 +315,7 @@ def main():
         zeo = f"{HOST}:{zeo_port}"
     instance = ZopeInstance(port, zeo=zeo, stream_log=True)
     home = instance.home
+    product = []  # zope.conf's <product-config collective.streamguard>
     if zeo is not None:
         redis_port, password = free_port(), secrets.token_hex(16)
         helpers.append(
@@ -322,13 +340,15 @@ def main():
             )
         )
         wait_until_serving(redis_port, helpers[-1], timeout=30.0, path=None)
+        product.append(f"worker-broker redis://:{password}@{HOST}:{redis_port}/0")
+        product.append(f"worker-secret {secrets.token_hex(16)}")
+    if args.job_switch_interval:
+        product.append(f"job-switch-interval {args.job_switch_interval}")
+    if product:
         with open(instance.zope_conf, "a") as f:
-            f.write(
-                "<product-config collective.streamguard>\n"
-                f"  worker-broker redis://:{password}@{HOST}:{redis_port}/0\n"
-                f"  worker-secret {secrets.token_hex(16)}\n"
-                "</product-config>\n"
-            )
+            f.write("<product-config collective.streamguard>\n")
+            f.writelines(f"  {line}\n" for line in product)
+            f.write("</product-config>\n")
     with open(os.path.join(home, "etc", "site.zcml"), "w") as f:
         f.write(SITE_ZCML)
     finally_path = os.path.join(home, "var", "finally.jsonl")
@@ -373,13 +393,15 @@ def main():
         print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
         print(
             f"# runwsgi + waitress 4 threads; {args.streams} concurrent streams of "
-            f"{args.steps} steps; one alone takes {alone.ended - t0:.1f} s; pool 2, queue 16; "
+            f"{args.steps} steps; one alone takes {alone.ended - t0:.1f} s; pool 2, queue 16, "
+            f"job-switch-interval {args.job_switch_interval or 'default'}; "
             f"{'ZEO, 2 workers' if zeo else 'FileStorage'}"
         )
         header = (
             f"{'place':<11} {'served':>6} {'queued':>6} {'refused':>7} {'done':>4} "
             f"{'page p50/p99 ms (0)':>19} {'page p50/p99 ms (N)':>19} {'p50 x':>5} "
-            f"{'p99 x':>5} {'jobs/min':>8} {'close->finally ms med/max':>25}"
+            f"{'p99 x':>5} {'jobs/min':>8} {'close->finally ms med/max':>25} "
+            f"{'after the step ms med/max':>25}"
         )
         print(header)
         print("-" * len(header))
@@ -393,7 +415,8 @@ def main():
                 f"{r['pageN'][0] * 1000:>9.1f}/{r['pageN'][1] * 1000:<9.1f} "
                 f"{r['pageN'][0] / r['page0'][0]:>5.1f} {r['pageN'][1] / r['page0'][1]:>5.1f} "
                 f"{r['jobs_per_min']:>8.1f} "
-                f"{r['gone'][0] * 1000:>12.1f}/{r['gone'][1] * 1000:<12.1f}",
+                f"{r['gone'][0] * 1000:>12.1f}/{r['gone'][1] * 1000:<12.1f} "
+                f"{r['beyond_step'][0] * 1000:>12.1f}/{r['beyond_step'][1] * 1000:<12.1f}",
                 flush=True,
             )
     finally:

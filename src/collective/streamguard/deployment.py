@@ -49,8 +49,11 @@ def instance_name(environ=None):
 
 
 def job_pool_settings():
-    """``(size, queue_size)`` of the job pool (``stream_response(run_on="pool")``):
-    zope.conf's ``job-pool-size`` and ``job-queue-size``, else 2 and 16.
+    """``(size, queue_size, switch_interval)`` of the job pool
+    (``stream_response(run_on="pool")``): zope.conf's ``job-pool-size`` and
+    ``job-queue-size``, else 2 and 16, and ``job-switch-interval``: the
+    interpreter's switch interval while jobs run, in milliseconds (0.5;
+    ``off`` leaves it alone), returned in seconds or None.
 
     Set per process in zope.conf, not per site in the registry: the pool is
     the process's, shared by every site it serves.  Each job of a
@@ -58,12 +61,41 @@ def job_pool_settings():
     runs."""
     from collective.streamguard.jobs import DEFAULT_POOL_SIZE
     from collective.streamguard.jobs import DEFAULT_QUEUE_SIZE
+    from collective.streamguard.jobs import DEFAULT_SWITCH_INTERVAL
 
     product = product_config()
     return (
         _whole_number(product, "job-pool-size", DEFAULT_POOL_SIZE, 1),
         _whole_number(product, "job-queue-size", DEFAULT_QUEUE_SIZE, 0),
+        _switch_interval(product, DEFAULT_SWITCH_INTERVAL),
     )
+
+
+def _switch_interval(product, default):
+    """zope.conf's ``job-switch-interval`` (milliseconds, more than 0 and
+    at most 5, or ``off``) in seconds; None for ``off``; the default (and
+    one warning) for anything else."""
+    value = product.get("job-switch-interval")
+    if value is None:
+        return default
+    text = str(value).strip().lower()
+    if text == "off":
+        return None
+    try:
+        milliseconds = float(text)
+    except ValueError:
+        milliseconds = None
+    if milliseconds is None or not 0 < milliseconds <= 5:
+        if ("job-switch-interval", value) not in _warned:
+            _warned.add(("job-switch-interval", value))
+            logger.warning(
+                "zope.conf: job-switch-interval %r is not milliseconds in (0, 5] or off; "
+                "using %g",
+                value,
+                default * 1000,
+            )
+        return default
+    return milliseconds / 1000
 
 
 _warned = set()

@@ -133,6 +133,34 @@ class TestJobPool(unittest.TestCase):
         self.assertEqual(made[4].state, jobs.WITHDRAWN)
         self.assertTrue(wait_for(lambda: pool.threads == 0))  # idle threads go
 
+    def test_the_switch_interval_is_short_while_jobs_run_and_comes_back_after(self):
+        before = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, before)
+        pool = jobs.JobPool(size=2, queue_size=0, name="test")
+        pool.configure(2, 0, 0.0002)
+        made = [FakeJob(f"job {n}") for n in range(2)]
+        self.addCleanup(lambda: [job.release.set() for job in made])
+        for job in made:
+            pool.admit(job)
+            pool.activate(job)
+        self.assertTrue(made[0].ran.wait(10) and made[1].ran.wait(10))
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.0002, places=6)
+        made[0].release.set()
+        self.assertTrue(wait_for(lambda: pool.snapshot()["running"] == 1))
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.0002, places=6)  # one still runs
+        made[1].release.set()
+        self.assertTrue(wait_for(lambda: pool.snapshot()["running"] == 0))
+        self.assertEqual(sys.getswitchinterval(), before)
+        # An interval somebody set while jobs ran is theirs: it stays.
+        again = FakeJob("again")
+        pool.admit(again)
+        pool.activate(again)
+        self.assertTrue(again.ran.wait(10))
+        sys.setswitchinterval(0.003)
+        again.release.set()
+        self.assertTrue(wait_for(lambda: pool.snapshot()["running"] == 0))
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.003, places=6)
+
 
 class TestJobPoolStreams(unittest.TestCase):
     layer = TEST_VIEWS_WAITRESS_TESTING
@@ -294,14 +322,7 @@ class TestJobPoolStreams(unittest.TestCase):
 
     def test_past_the_queue_streams_are_refused_with_a_jittered_retry_after(self):
         self.addCleanup(jobs.pool.configure, jobs.pool.size, jobs.pool.queue_size)
-        from App.config import getConfiguration
-
-        config = getConfiguration()
-        saved = getattr(config, "product_config", None)
-        self.addCleanup(setattr, config, "product_config", saved)
-        product = dict((saved or {}).get("collective.streamguard") or {})
-        product.update({"job-pool-size": "1", "job-queue-size": "1"})
-        config.product_config = {**(saved or {}), "collective.streamguard": product}
+        self.set_product_config(**{"job-pool-size": "1", "job-queue-size": "1"})
         self.anonymous("tag=f0&mode=busy&run_on=pool", 0).read_until(b"busy 1\n")
         self.anonymous("tag=f1&mode=busy&run_on=pool", 1).read_until(b"queued: position 1\n")
         refused = self.anonymous("tag=f2&mode=busy&run_on=pool", 2)
@@ -310,6 +331,39 @@ class TestJobPoolStreams(unittest.TestCase):
         self.assertIn(int(headers["retry-after"]), range(10, 21))
         self.assertIn(b"job pool", refused.body())
         self.assertEqual(self.started("f2"), [])
+
+    def set_product_config(self, **settings):
+        """zope.conf's product config with ``settings``, for this test."""
+        from App.config import getConfiguration
+
+        config = getConfiguration()
+        saved = getattr(config, "product_config", None)
+        self.addCleanup(setattr, config, "product_config", saved)
+        product = dict((saved or {}).get("collective.streamguard") or {})
+        product.update(settings)
+        config.product_config = {**(saved or {}), "collective.streamguard": product}
+
+    def test_jobs_shorten_the_switch_interval_as_zope_conf_says(self):
+        self.addCleanup(jobs.pool.configure, jobs.pool.size, jobs.pool.queue_size)
+        before = sys.getswitchinterval()
+        for setting, expected in (
+            (None, jobs.DEFAULT_SWITCH_INTERVAL),
+            ("0.2", 0.0002),
+            ("off", before),
+            ("fast", jobs.DEFAULT_SWITCH_INTERVAL),  # not milliseconds: the default
+        ):
+            with self.subTest(setting=setting):
+                if setting is not None:
+                    self.set_product_config(**{"job-switch-interval": setting})
+                tag = f"si-{setting}"
+                client = self.open(f"tag={tag}&mode=busy&run_on=pool")
+                client.read_until(b"busy 1\n")
+                self.assertAlmostEqual(sys.getswitchinterval(), expected, places=6)
+                views.gate(tag).set()
+                client.body()
+                self.assertTrue(jobs_done())
+                self.assertTrue(wait_for(lambda: jobs.pool.snapshot()["running"] == 0))
+                self.assertEqual(sys.getswitchinterval(), before)
 
     # -- failures and security ---------------------------------------------
 
