@@ -89,8 +89,7 @@ def _switch_interval(product, default):
         if ("job-switch-interval", value) not in _warned:
             _warned.add(("job-switch-interval", value))
             logger.warning(
-                "zope.conf: job-switch-interval %r is not milliseconds in (0, 5] or off; "
-                "using %g",
+                "zope.conf: job-switch-interval %r is not milliseconds in (0, 5] or off; using %g",
                 value,
                 default * 1000,
             )
