@@ -476,23 +476,33 @@ class WorkerDispatch:
         ).start()
 
     def _cancel(self, job, reason):
-        if job.relay.end is not None:
-            # The job has ended already (its worker's end, a worker that
-            # stopped beating, a lost broker): nothing to cancel, and a
-            # broker that hangs would hold the thread that ends the web
-            # side's stream (and the client's last bytes) BROKER_TIMEOUT s.
-            return
+        end = job.relay.end
+        if end is not None and end is not EndReason.ERROR:
+            return  # its worker ended it (its last item): nothing to cancel
+        # The web side ended first, or the job failed here (a lost broker, a
+        # failed dispatch, a worker that stopped beating), which its worker
+        # may not know (a broker that hung for less than the worker's own
+        # call's timeout).  Sent from a thread of its own: this runs where
+        # the web side's stream ends (a waitress thread, or the hub's, which
+        # serves every parked stream), and a broker that hangs holds a call
+        # BROKER_TIMEOUT s.
+        threading.Thread(
+            target=self._send_cancel,
+            args=(job.message["job"], reason),
+            name="streamguard-cancel",
+            daemon=True,
+        ).start()
+
+    def _send_cancel(self, job_id, reason):
         try:
-            self.broker.cancel(job.message["job"], reason)
+            self.broker.cancel(job_id, reason)
         except Exception as error:
             if _lost_broker(error):
                 # Its worker cancels it all the same: when it loses the
                 # broker too, or when this side's lease expires (LEASE).
-                logger.warning(
-                    "job %s: lost the broker; not cancelled through it", job.message["job"]
-                )
+                logger.warning("job %s: lost the broker; not cancelled through it", job_id)
             else:
-                logger.exception("cancelling job %s failed", job.message["job"])
+                logger.exception("cancelling job %s failed", job_id)
 
     def withdraw(self, job):
         # Never queued here before it was dispatched; a dispatched job is
