@@ -135,6 +135,7 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertTrue(wait_for(lambda: self.events("step", tag="frozen", n=14), 30))
         worker = self.layer.worker
         lost, back = self.worker_said("lost the broker ("), self.worker_said("answers again")
+        logged = len(self.layer.worker_output())
         self.layer.freeze_redis()
         # Whatever fails below, Redis goes on: the next tests need it.
         self.addCleanup(self.layer.thaw_redis)
@@ -178,8 +179,10 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertIsNone(worker.poll())
         self.assertEqual(self.events("start", tag="frozen-after")[0]["pid"], worker.pid)
         self.assertEqual(self.events("start", tag="frozen-down"), [])
-        # One line for the job, one for the queue, one when it is back.
+        # One line for the job, one for the queue, one when it is back; no
+        # traceback (huey's scheduler would log one at every look).
         self.assertEqual(self.worker_said("lost the broker ("), lost + 2)
+        self.assertNotIn("Traceback", self.layer.worker_output()[logged:])
         # Nothing of the cancelled job after its last commit, now that Redis
         # has run whatever the frozen connections had sent.
         self.assertIsNone(self.stored("sg_frozen_10"))
