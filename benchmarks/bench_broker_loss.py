@@ -1,5 +1,5 @@
-"""How soon a lost broker (Redis killed mid-job) reaches the client and the
-worker's producer, and how soon the worker takes jobs again.
+"""How soon a lost broker (Redis killed or frozen mid-job) reaches the client
+and the worker's producer, and how soon the worker takes jobs again.
 
 Run from the repository root with the venv ``make test`` makes:
 
@@ -8,15 +8,20 @@ Run from the repository root with the venv ``make test`` makes:
 The servers are the test layer's (``tests.test_worker_bounds``): runzeo,
 Debian's redis-server, a runwsgi web instance and one ``streamguard-worker``,
 all on loopback.  Each run opens a server-sent-events stream whose job (on
-the worker) has committed 10 documents and waits in ``guard.wait()``, kills
-Redis with SIGKILL, and measures on CLOCK_MONOTONIC (the worker reports
+the worker) has committed 10 documents and waits in ``guard.wait()``, then
+takes the broker away, in turns: killed (SIGKILL: its connections close)
+or frozen (SIGSTOP: its connections stay open and nothing answers, as when
+its host hangs), and measures on CLOCK_MONOTONIC (the worker reports
 ``time.monotonic()`` through the events file):
 
-- client told: from the kill to the ``event: error`` at the client;
-- producer's finally: from the kill to the producer's ``finally`` in the
-  worker (its transaction is aborted and its cleanups run right after);
-- worker back: from Redis answering again (restarted on the same port) to
-  the next job's first byte at its client.
+- client told: from the kill (or stop) to the ``event: error`` at the
+  client;
+- producer's finally: from the kill (or stop) to the producer's
+  ``finally`` in the worker (its transaction is aborted and its cleanups
+  run right after);
+- worker back: from Redis answering again (killed: restarted on the same
+  port; frozen: SIGCONT, right after the producer's finally) to the next
+  job's body at its client.
 
 Nothing is asserted; the stated bounds (README, Where producers run: worker
 processes): client within ``BROKER_TIMEOUT`` (5 s), producer within
@@ -43,8 +48,16 @@ def stream(layer, query):
     return sock.request(f"/@@streamguard-test-worker?{query}")
 
 
-def one_run(layer, n):
-    tag = f"bench{n}"
+#: How the broker goes away: (taken away, back again).
+WAYS = {
+    "killed": (lambda layer: layer.kill_redis(), lambda layer: layer.start_redis()),
+    "frozen": (lambda layer: layer.freeze_redis(), lambda layer: layer.thaw_redis()),
+}
+
+
+def one_run(layer, n, way):
+    tag = f"bench{n}{way}"
+    take_away, bring_back = WAYS[way]
     sock = stream(
         layer, f"tag={tag}&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
     )
@@ -52,15 +65,19 @@ def one_run(layer, n):
     if not wait_for(lambda: layer.web.events("step", tag=tag, n=14), 30):
         raise SystemExit("the job did not reach its step 14")
     killed = time.monotonic()
-    layer.kill_redis()
-    sock.read_until(ERROR_EVENT, 60)
-    told = time.monotonic() - killed
-    sock.close()
-    if not wait_for(lambda: layer.web.events("producer-finally", tag=tag), 60):
-        raise SystemExit("the producer did not stop")
+    take_away(layer)
+    try:
+        sock.read_until(ERROR_EVENT, 60)
+        told = time.monotonic() - killed
+        sock.close()
+        if not wait_for(lambda: layer.web.events("producer-finally", tag=tag), 60):
+            raise SystemExit("the producer did not stop")
+    except BaseException:
+        bring_back(layer)  # never leave Redis frozen
+        raise
     [finally_] = layer.web.events("producer-finally", tag=tag)
     stopped = finally_["time"] - killed
-    layer.start_redis()
+    bring_back(layer)
     back_from = time.monotonic()
     after = stream(layer, f"tag={tag}-after&mode=sees&run_on=worker")
     after.body(60)
@@ -71,19 +88,24 @@ def one_run(layer, n):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="runs of each way")
     args = parser.parse_args()
     layer = WORKER_BOUNDS
     layer.setUp()
+    results = {way: [] for way in WAYS}
     try:
-        results = [one_run(layer, n) for n in range(args.runs)]
+        # In turns, so that both ways see the same machine.
+        for n in range(args.runs):
+            for way in WAYS:
+                results[way].append(one_run(layer, n, way))
     finally:
         layer.tearDown()
     print(
-        f"bench_broker_loss: {args.runs} runs; Linux {platform.release()}, "
+        f"bench_broker_loss: {args.runs} runs of each way; Linux {platform.release()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loopback"
     )
-    print(f"{'':<22}{'median':>10}{'max':>10}  stated bound")
+    header = "".join(f"{way + ' median':>16}{way + ' max':>14}" for way in WAYS)
+    print(f"{'':<20}{header}  stated bound")
     bounds = (
         f"{workers.BROKER_TIMEOUT} s",
         f"{workers.POLL + workers.BROKER_TIMEOUT} s",
@@ -91,11 +113,11 @@ def main():
     )
     names = ("client told", "producer's finally", "worker back")
     for index, name in enumerate(names):
-        values = [r[index] for r in results]
-        print(
-            f"{name:<22}{statistics.median(values) * 1000:>8.0f} ms"
-            f"{max(values) * 1000:>7.0f} ms  {bounds[index]}"
-        )
+        cells = ""
+        for way in WAYS:
+            values = [r[index] for r in results[way]]
+            cells += f"{statistics.median(values) * 1000:>13.0f} ms{max(values) * 1000:>11.0f} ms"
+        print(f"{name:<20}{cells}  {bounds[index]}")
     return 0
 
 

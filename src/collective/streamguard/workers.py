@@ -167,22 +167,51 @@ def broker_classes():
         broker_lost = False
 
         def dequeue(self):
+            asked = time.monotonic()
             try:
                 message = super().dequeue()
             except (BadSignature, ValueError, TypeError) as error:
                 logger.error("refused a broker message (not run): %s", error)
                 return None
             except redis.RedisError as error:
-                if not self.broker_lost:
-                    self.broker_lost = True
-                    logger.error("lost the broker (%s); asking again every %s s", error, POLL)
+                self._lost(error)
                 # A blocking read's wait: huey's loop asks again at once.
                 time.sleep(POLL)
+                return None
+            if message is None and time.monotonic() - asked >= BROKER_TIMEOUT:
+                # huey takes a read that timed out for an empty queue; but
+                # its blocking read waits POLL s, not BROKER_TIMEOUT: the
+                # broker accepts connections and does not answer (stopped,
+                # or its host hangs).  huey asks again at once.
+                self._lost(f"no answer within {BROKER_TIMEOUT} s")
                 return None
             if self.broker_lost:
                 self.broker_lost = False
                 logger.info("the broker answers again; taking jobs")
             return message
+
+        def _lost(self, error):
+            if not self.broker_lost:
+                self.broker_lost = True
+                logger.error("lost the broker (%s); asking again every %s s", error, POLL)
+
+        def read_schedule(self, timestamp=None):
+            # The consumer's scheduler looks every second (no job of ours
+            # is ever scheduled): a lost broker is logged once by dequeue,
+            # not with a traceback at every look.
+            try:
+                return super().read_schedule(timestamp)
+            except redis.RedisError:
+                return []
+
+        def delete(self, key):
+            # huey drops a task's revoke key after it ran (ours are never
+            # revoked): without a broker there is none to drop, and no
+            # traceback to log.
+            try:
+                return super().delete(key)
+            except redis.RedisError:
+                return False
 
     return SignedSerializer, SignedHuey
 
@@ -387,6 +416,7 @@ class WorkerDispatch:
         self.queue_size = max(1, queue_size)
         self._lock = threading.Lock()
         self._live = {}  # web stream id -> worker name ("" until it starts)
+        self._positions = {}  # web stream id -> its place in huey's queue
         self._admitted = set()  # jobs admitted here, not yet dispatched
         self._broker_down = False
         self.started = 0
@@ -446,17 +476,33 @@ class WorkerDispatch:
         ).start()
 
     def _cancel(self, job, reason):
+        end = job.relay.end
+        if end is not None and end is not EndReason.ERROR:
+            return  # its worker ended it (its last item): nothing to cancel
+        # The web side ended first, or the job failed here (a lost broker, a
+        # failed dispatch, a worker that stopped beating), which its worker
+        # may not know (a broker that hung for less than the worker's own
+        # call's timeout).  Sent from a thread of its own: this runs where
+        # the web side's stream ends (a waitress thread, or the hub's, which
+        # serves every parked stream), and a broker that hangs holds a call
+        # BROKER_TIMEOUT s.
+        threading.Thread(
+            target=self._send_cancel,
+            args=(job.message["job"], reason),
+            name="streamguard-cancel",
+            daemon=True,
+        ).start()
+
+    def _send_cancel(self, job_id, reason):
         try:
-            self.broker.cancel(job.message["job"], reason)
+            self.broker.cancel(job_id, reason)
         except Exception as error:
             if _lost_broker(error):
                 # Its worker cancels it all the same: when it loses the
                 # broker too, or when this side's lease expires (LEASE).
-                logger.warning(
-                    "job %s: lost the broker; not cancelled through it", job.message["job"]
-                )
+                logger.warning("job %s: lost the broker; not cancelled through it", job_id)
             else:
-                logger.exception("cancelling job %s failed", job.message["job"])
+                logger.exception("cancelling job %s failed", job_id)
 
     def withdraw(self, job):
         # Never queued here before it was dispatched; a dispatched job is
@@ -466,13 +512,19 @@ class WorkerDispatch:
     def forget(self, job):
         with self._lock:
             self._live.pop(job.stream_id, None)
+            self._positions.pop(job.stream_id, None)
 
     def place_of(self, stream_id):
+        """``("worker NAME", 0)`` while a worker runs the job of the stream,
+        ``("worker queue", position)`` while it waits in huey's queue (its
+        place there, across the cluster, as its feeder last looked: once a
+        second; 0 before its first look), None when it is not ours."""
         with self._lock:
             if stream_id not in self._live:
                 return None
             worker = self._live[stream_id]
-        return (f"worker {worker}", 0) if worker else ("worker queue", 0)
+            position = self._positions.get(stream_id, 0)
+        return (f"worker {worker}", 0) if worker else ("worker queue", position)
 
     def _feed(self, job):
         # The web process' thread of one job: the worker's chunks into the
@@ -494,8 +546,12 @@ class WorkerDispatch:
                 item = broker.take(job_id)
                 if item is None and not started:
                     # Still queued after POLL: the client learns its place
-                    # as the pool tells it (``Job.moved``: once per move).
-                    job.moved(broker.position(job_id))
+                    # as the pool tells it (``Job.moved``: once per move),
+                    # and ``place_of`` (the status page) too.
+                    position = broker.position(job_id)
+                    with self._lock:
+                        self._positions[job.stream_id] = position
+                    job.moved(position)
                     continue
                 if item is None:
                     if not broker.worker_alive(job_id):
@@ -512,6 +568,7 @@ class WorkerDispatch:
                     job.moved(0)  # "started", if it was told it waited
                     with self._lock:
                         self.started += 1
+                        self._positions.pop(job.stream_id, None)
                         if job.stream_id in self._live:
                             self._live[job.stream_id] = data.decode()
                 elif kind == b"e":
@@ -538,6 +595,16 @@ class WorkerDispatch:
             return self.broker.workers_up()
         except Exception:
             return None
+
+    def broker_view(self):
+        """``(queued, up)``: the jobs waiting in the broker's queue (every
+        instance's: ``Broker.queued``) and the names of the workers up now;
+        ``(None, None)`` when the broker does not answer (within
+        ``BROKER_TIMEOUT``: asked once, not once per figure)."""
+        try:
+            return self.broker.queued(), self.broker.workers_up()
+        except Exception:
+            return None, None
 
     def snapshot(self):
         with self._lock:

@@ -8,9 +8,11 @@ its own opened after what it checks.  The checks are shared with the same
 jobs on the pool (``readmejobs``).
 """
 
+import json
 import socket
 import unittest
 
+from collective.streamguard import workers
 from collective.streamguard.tests.helpers import ENDED
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
@@ -81,3 +83,33 @@ class TestReadmeProducersOnAWorker(ReadmeJobChecks, unittest.TestCase):
         )
         # The worker is free: it takes the next job.
         self.assertTrue(self.open("@@documents-csv-on-a-worker").body(120))
+
+    def test_status_page_shows_the_workers_that_serve_the_broker(self):
+        import redis
+
+        name = f"{socket.gethostname()}:{self.layer.worker.pid}"
+
+        def up():
+            answer = json.loads(self.open("@@stream-status?format=json").body(60))
+            return name in (answer["workers"]["up"] or [])
+
+        self.assertTrue(wait_for(up, 60))
+        # A worker's name comes from Redis: whoever can write it chooses it.
+        broker = redis.Redis.from_url(self.layer.broker_url)
+        self.addCleanup(broker.close)
+        forged = "<b>forged</b>&"
+        broker.set(workers.PRESENCE + forged, "{}", ex=workers.LEASE)
+        self.addCleanup(broker.delete, workers.PRESENCE + forged)
+        page = self.open("@@stream-status").body(60).decode()
+        self.assertIn(f'<span class="streamguard-worker">{name}</span>', page)
+        escaped = "&lt;b&gt;forged&lt;/b&gt;&amp;"
+        self.assertIn(f'<span class="streamguard-worker">{escaped}</span>', page)
+        self.assertNotIn("<b>forged", page)
+        self.assertRegex(page, r"<th>Broker</th>\s*<td>configured, answers</td>")
+        self.assertRegex(page, r"<th>Jobs queued on the broker \(all instances\)</th>\s*<td>0</td>")
+        self.assertRegex(
+            page,
+            rf"<th>Worker queue bound \(worker-queue-size\)</th>\s*"
+            rf"<td>{workers.DEFAULT_QUEUE_SIZE}</td>",
+        )
+        self.assertNotIn("No broker is configured", page)

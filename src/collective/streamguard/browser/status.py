@@ -68,7 +68,9 @@ def status(environ=None):
 def _workers_snapshot():
     # Whenever zope.conf names a broker (not only once this process
     # dispatched): ``up`` lists the workers that serve it, so that a
-    # deployment can check they run (`make test-cluster` does).
+    # deployment can check they run (`make test-cluster` does), and
+    # ``queued`` the jobs that wait for one (all instances'); both None
+    # while the broker does not answer.
     dispatch = streaming.current_worker_dispatch()
     if dispatch is None:
         try:
@@ -79,7 +81,7 @@ def _workers_snapshot():
             # zope.conf names a broker, but the [workers] extra is missing.
             return None
     snapshot = dispatch.snapshot()
-    snapshot["up"] = dispatch.workers_up()
+    snapshot["queued"], snapshot["up"] = dispatch.broker_view()
     return snapshot
 
 

@@ -245,6 +245,14 @@ class TestStatus(LogTestCase):
         self.assertEqual(live["client"], "127.0.0.1")
         self.assertGreater(live["bytes_sent"], 0)
 
+    def test_status_page_says_when_no_broker_is_configured(self):
+        status, _, body = self.get_as_manager("/plone/@@stream-status")
+        self.assertEqual(status, 200)
+        self.assertIn(b'id="streamguard-no-broker"', body)
+        self.assertIn(b"No broker is configured", body)
+        self.assertNotIn(b'id="streamguard-workers"', body)
+        self.assertIsNone(self.status_json()["workers"])
+
     def test_status_page_needs_a_manager(self):
         status, _, _ = self.get("/plone/@@stream-status")
         self.assertIn(status, (302, 401))

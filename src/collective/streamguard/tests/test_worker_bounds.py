@@ -3,7 +3,9 @@
 Everything real, on loopback, as in ``test_workers``: runzeo, Debian's
 ``redis-server`` (with ``requirepass``), a runwsgi web instance whose
 zope.conf sets ``worker-queue-size 1``, and a ``streamguard-worker``.  A
-layer of its own: its tests kill and restart the Redis server.
+layer of its own: its tests kill and restart the Redis server, or freeze it
+(SIGSTOP: a broker that stops answering without closing its connections)
+and let it go on (SIGCONT), and no other module's tests use its Redis.
 """
 
 import json
@@ -45,6 +47,15 @@ class WorkerBoundsLayer(WorkersLayer):
     def kill_redis(self):
         os.kill(self.redis_process.pid, signal.SIGKILL)
         self.redis_process.wait(10)
+
+    def freeze_redis(self):
+        """Stop Redis (SIGSTOP): its connections stay open and the kernel
+        still accepts new ones, but nothing answers (a hung broker or host,
+        not a refused connection).  ``thaw_redis`` lets it go on."""
+        os.kill(self.redis_process.pid, signal.SIGSTOP)
+
+    def thaw_redis(self):
+        os.kill(self.redis_process.pid, signal.SIGCONT)
 
 
 WORKER_BOUNDS = WorkerBoundsLayer()
@@ -111,6 +122,71 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertEqual(self.events("start", tag="qb-refused"), [])
         self.assertEqual(self.events("start", tag="qb-refused-sse"), [])
 
+    def worker_said(self, text):
+        return self.layer.worker_output().count(text)
+
+    def test_broker_frozen_mid_job_fails_the_stream_cancels_the_producer_and_the_worker_goes_on(
+        self,
+    ):
+        sock = self.stream(
+            "tag=frozen&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
+        )
+        sock.read_until(b"created 14\n", 60)
+        self.assertTrue(wait_for(lambda: self.events("step", tag="frozen", n=14), 30))
+        worker = self.layer.worker
+        lost, back = self.worker_said("lost the broker ("), self.worker_said("answers again")
+        logged = len(self.layer.worker_output())
+        self.layer.freeze_redis()
+        # Whatever fails below, Redis goes on: the next tests need it.
+        self.addCleanup(self.layer.thaw_redis)
+        try:
+            # No read fails at once (the connections stay open): each call
+            # to Redis gives up after BROKER_TIMEOUT, and the client is told
+            # in the stream's format.
+            sock.read_until(ERROR_EVENT, 60)
+            self.assertEqual(sock.read_all(60), b"\r\n")
+            # The worker's producer is cancelled: its finally, its cleanups
+            # once, with "error"; no step after the one it waited in.
+            self.assertTrue(wait_for(lambda: self.events("cleanup", tag="frozen"), 60))
+            [cleanup] = self.events("cleanup", tag="frozen")
+            self.assertEqual((cleanup["reason"], cleanup["pid"]), ("error", worker.pid))
+            self.assertEqual(len(self.events("producer-finally", tag="frozen")), 1)
+            self.assertEqual(max(e["n"] for e in self.events("step", tag="frozen")), 14)
+            # Documents 0-9 were committed at 10; 10-14 were aborted.
+            self.assertEqual(self.stored("sg_frozen_9"), 9)
+            self.assertIsNone(self.stored("sg_frozen_10"))
+            self.assertIsNone(self.stored("sg_frozen_14"))
+            # While the broker hangs, a worker job is refused plainly, and
+            # the status page answers without the broker's figures.
+            self.assert_refused(
+                self.request("tag=frozen-down&mode=sees&run_on=worker"),
+                streaming.WORKERS_UNAVAILABLE,
+            )
+            answer = self.status()["workers"]
+            self.assertEqual((answer["up"], answer["queued"]), (None, None))
+            # The worker's consumer has noticed too, while Redis hangs.
+            self.assertTrue(
+                wait_for(lambda: self.worker_said("lost the broker (") == lost + 2, 60),
+                self.layer.worker_output()[-3000:],
+            )
+        finally:
+            self.layer.thaw_redis()
+        # The same worker process takes jobs again.
+        self.assertTrue(wait_for(lambda: self.worker_said("answers again") == back + 1, 60))
+        self.assertEqual(
+            self.stream("tag=frozen-after&mode=sees&run_on=worker").body(60), b"frozen-after\n"
+        )
+        self.assertIsNone(worker.poll())
+        self.assertEqual(self.events("start", tag="frozen-after")[0]["pid"], worker.pid)
+        self.assertEqual(self.events("start", tag="frozen-down"), [])
+        # One line for the job, one for the queue, one when it is back; no
+        # traceback (huey's scheduler would log one at every look).
+        self.assertEqual(self.worker_said("lost the broker ("), lost + 2)
+        self.assertNotIn("Traceback", self.layer.worker_output()[logged:])
+        # Nothing of the cancelled job after its last commit, now that Redis
+        # has run whatever the frozen connections had sent.
+        self.assertIsNone(self.stored("sg_frozen_10"))
+
     def test_broker_killed_mid_job_cancels_the_producer_and_the_worker_goes_on(self):
         sock = self.stream(
             "tag=lost&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
@@ -118,6 +194,7 @@ class TestWorkerBounds(WorkerStackTestCase):
         sock.read_until(b"created 14\n", 60)
         self.assertTrue(wait_for(lambda: self.events("step", tag="lost", n=14), 30))
         worker = self.layer.worker
+        lost, back = self.worker_said("lost the broker ("), self.worker_said("answers again")
         self.layer.kill_redis()
         try:
             # The client is told in the stream's format (the web side's read
@@ -146,7 +223,7 @@ class TestWorkerBounds(WorkerStackTestCase):
             self.assertIsNone(self.status()["workers"]["up"])
             # The worker's consumer has noticed too (before Redis is back).
             self.assertTrue(
-                wait_for(lambda: self.layer.worker_output().count("lost the broker (") == 2, 30),
+                wait_for(lambda: self.worker_said("lost the broker (") == lost + 2, 30),
                 self.layer.worker_output()[-3000:],
             )
         finally:
@@ -158,10 +235,11 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertIsNone(worker.poll())
         self.assertEqual(self.events("start", tag="lost-after")[0]["pid"], worker.pid)
         self.assertEqual(self.events("start", tag="lost-down"), [])
-        output = self.layer.worker_output()
         # One line for the job, one for the queue; one when it is back.
-        self.assertEqual(output.count("lost the broker ("), 2, output[-3000:])
-        self.assertIn("the broker answers again", output)
+        self.assertEqual(
+            self.worker_said("lost the broker ("), lost + 2, self.layer.worker_output()[-3000:]
+        )
+        self.assertTrue(wait_for(lambda: self.worker_said("answers again") == back + 1, 30))
         # Still nothing of the cancelled job after its last commit.
         self.assertIsNone(self.stored("sg_lost_10"))
 

@@ -10,7 +10,9 @@ on a worker in ``test_plone_workers``.
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import unittest
 
@@ -202,6 +204,52 @@ class TestWorkers(WorkerStackTestCase):
         self.assertGreaterEqual(answer["workers"]["started"], 1)
         sock.close()
         self.assertTrue(wait_for(lambda: self.events("cleanup", tag="shown"), 30))
+
+    def status_page(self):
+        address = (HOST, self.layer.web.port)
+        status, _, body = http_request(address, "/@@stream-status", auth=MANAGER)
+        self.assertEqual(status, 200, body)
+        return body.decode()
+
+    def test_status_page_shows_the_workers_and_where_each_stream_runs(self):
+        name = f"{socket.gethostname()}:{self.worker_pid()}"
+        busy = self.stream("tag=page-busy&mode=batch&count=40&hold=0&run_on=worker", auth=MANAGER)
+        busy.read_until(b"created 0\n", 60)
+        queued = self.stream("tag=page-queued&mode=sees&run_on=worker")
+        queued.head(30)
+
+        def placed():
+            status, _, body = http_request(
+                (HOST, self.layer.web.port), "/@@stream-status?format=json", auth=MANAGER
+            )
+            places = {(s["runs"], s["position"]) for s in json.loads(body)["live"]}
+            return {(f"worker {name}", 0), ("worker queue", 1)} <= places
+
+        # The queued job's feeder looks its place up once a second.
+        self.assertTrue(wait_for(placed, 60))
+        # A worker's name comes from Redis: whoever can write it chooses it.
+        forged = "<b>forged</b>&"
+        self.redis.set(workers.PRESENCE + forged, "{}", ex=workers.LEASE)
+        self.addCleanup(self.redis.delete, workers.PRESENCE + forged)
+        page = self.status_page()
+        self.assertIn(f"worker {name}</td>", page)
+        self.assertIn("worker queue (position 1)</td>", page)
+        self.assertRegex(page, r"<th>Broker</th>\s*<td>configured, answers</td>")
+        self.assertIn(f'<span class="streamguard-worker">{name}</span>', page)
+        escaped = "&lt;b&gt;forged&lt;/b&gt;&amp;"
+        self.assertIn(f'<span class="streamguard-worker">{escaped}</span>', page)
+        self.assertNotIn("<b>forged", page)
+        for label, value in (
+            (r"Jobs queued on the broker \(all instances\)", 1),
+            (r"Worker queue bound \(worker-queue-size\)", workers.DEFAULT_QUEUE_SIZE),
+            ("Live here on workers", 2),
+        ):
+            self.assertRegex(page, rf"<th>{label}</th>\s*<td>{value}</td>")
+        self.assertTrue(re.search(r"<th>worker</th>\s*<td>2</td>", page), page)
+        self.assertNotIn("No broker is configured", page)
+        busy.close()
+        self.assertEqual(queued.body(60), b"page-queued\n")
+        self.assertTrue(wait_for(lambda: self.events("cleanup", tag="page-busy"), 30))
 
     def made(self, tag):
         return max([e["made"] for e in self.events("made", tag=tag)] or [0])
