@@ -65,8 +65,8 @@ RETRY_AFTER = 10
 #: work keeps the GIL for the whole switch interval (CPython's default,
 #: 5 ms) each time a page's thread asks for it, and a page asks again
 #: after every system call it makes: with two such jobs, Zope's root page
-#: took 30-40 times as long as alone; 8 times at 0.5 ms, for 14 % fewer
-#: jobs done (``benchmarks/README.rst``, job pool).
+#: took 30-42 times as long as alone; 6-8 times at 0.5 ms, for 13-31 %
+#: fewer jobs done (``benchmarks/README.rst``, the job switch interval).
 DEFAULT_SWITCH_INTERVAL = 0.0005
 
 #: Where a job is (``Job.state``).
