@@ -9,6 +9,7 @@ is not started: the test plays the I/O thread.
 import logging
 import select
 import socket
+import sys
 import threading
 import unittest
 
@@ -198,6 +199,65 @@ class TestNoSpinWhileAWorkerSends(ServerTestCase):
         self.assertEqual(self.peer.recv(100), b"headers")
         self.assertEqual(self.channel.total_outbufs_len, 0)
         self.assertFalse(self.trigger_pulled())
+
+
+class TestWaitingChannelsCostNoPythonInTheSweep(ServerTestCase):
+    """waitress' loop asks every channel of its map, at every pass, whether
+    it is readable and writable; a channel whose request waits for a
+    worker answers with a C call until a worker takes it."""
+
+    def setUp(self):
+        super().setUp()
+        ours, self.peer = socket.socketpair()
+        self.addCleanup(self.peer.close)
+        self.channel = ParkingChannel(
+            self.server, ours, ("127.0.0.1", 1), self.server.adj, map=self.server._map
+        )
+        self.addCleanup(self.channel.close)
+
+    def python_calls(self, *functions):
+        """The Python functions that calling ``functions`` runs."""
+        calls = []
+
+        def profile(frame, event, arg):
+            if event == "call":
+                calls.append(frame.f_code.co_name)
+
+        answers = []
+        sys.setprofile(profile)
+        try:
+            for function in functions:  # a loop: a comprehension is a call
+                answers.append(function())
+        finally:
+            sys.setprofile(None)
+        return answers, calls
+
+    def test_a_request_waiting_for_a_worker_is_asked_in_c_until_it_is_served(self):
+        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
+        self.assertEqual(answers, [True, False])  # idle: it reads
+        self.assertIn("readable", calls)
+        self.peer.sendall(request("/@@stream-log?log=event"))
+        self.channel.handle_read()  # the loop's read: the request is queued
+        self.assertEqual(len(self.channel.requests), 1)
+        self.assertIs(self.server._map[self.channel.socket.fileno()], self.channel)  # counted
+        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
+        self.assertEqual(answers, [False, False])
+        self.assertEqual(calls, [])
+        # A worker takes it: waitress' own answers again.
+        self.channel.service()
+        self.assertEqual(self.peer.recv(100).split(b"\r\n")[0], b"HTTP/1.1 200 OK")
+        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
+        self.assertEqual(answers, [True, False])
+        self.assertIn("readable", calls)
+
+    def test_a_channel_with_output_to_send_keeps_waitress_answers(self):
+        self.channel.write_soon(b"x" * (8 << 20))  # more than the socket pair takes
+        self.assertTrue(self.channel.total_outbufs_len)
+        self.peer.sendall(request("/@@stream-log?log=event"))
+        self.channel.handle_read()
+        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
+        self.assertEqual(answers, [False, True])
+        self.assertIn("writable", calls)
 
 
 class Messages(logging.Handler):

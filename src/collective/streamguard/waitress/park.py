@@ -63,6 +63,11 @@ except ImportError:  # no waitress: nothing here is used
 SELECT_SAFE_FD = 900
 
 
+#: readable() and writable() of a channel that waits for a worker: always
+#: False, and a call of C, not of Python (ParkingChannel.received).
+_NOTHING = functools.partial(bool)
+
+
 class LeaveWorker(BaseException):
     """Private: carries a worker out of ``WSGITask.execute``, body unfinished."""
 
@@ -115,8 +120,33 @@ class ParkingChannel(HTTPChannel):
                 if self.total_outbufs_len and self.connected:
                     self.server.pull_trigger()
 
+    def received(self, data):
+        handled = super().received(data)
+        # A channel whose request waits for a worker has nothing to read
+        # (waitress reads no further request first) and nothing to send,
+        # yet waitress' loop asks its readable() and writable() at every
+        # pass over its map, and a burst of arrivals makes several passes
+        # per arrival over hundreds of such channels: O(connections) of
+        # Python per wake (benchmarks/README.rst, bench_arrivals.py).  Until
+        # a worker takes it, both answers are a C call.  It stays in the
+        # map, so waitress' connection limit still counts it.
+        with self.requests_lock:
+            if (
+                self.requests
+                and self._servicing is None
+                and "readable" not in self.__dict__
+                and not HTTPChannel.readable(self)
+                and not self.writable()
+            ):
+                self.readable = self.writable = _NOTHING
+        return handled
+
     def service(self):
-        self._servicing = threading.get_ident()
+        with self.requests_lock:
+            # Taken: waitress' own answers again (see received()).
+            self.__dict__.pop("readable", None)
+            self.__dict__.pop("writable", None)
+            self._servicing = threading.get_ident()
         try:
             super().service()
         except LeaveWorker as parked:
