@@ -148,14 +148,7 @@ class TestWorkerBounds(WorkerStackTestCase):
             # The worker's producer is cancelled: its finally, its cleanups
             # once, with "error"; no step after the one it waited in.
             self.assertTrue(wait_for(lambda: self.events("cleanup", tag="frozen"), 60))
-            [cleanup] = self.events("cleanup", tag="frozen")
-            self.assertEqual((cleanup["reason"], cleanup["pid"]), ("error", worker.pid))
-            self.assertEqual(len(self.events("producer-finally", tag="frozen")), 1)
-            self.assertEqual(max(e["n"] for e in self.events("step", tag="frozen")), 14)
-            # Documents 0-9 were committed at 10; 10-14 were aborted.
-            self.assertEqual(self.stored("sg_frozen_9"), 9)
-            self.assertIsNone(self.stored("sg_frozen_10"))
-            self.assertIsNone(self.stored("sg_frozen_14"))
+            self.assert_batch_stopped_at_14("frozen", "error", worker.pid)
             # While the broker hangs, a worker job is refused plainly, and
             # the status page answers without the broker's figures.
             self.assert_refused(
@@ -206,14 +199,7 @@ class TestWorkerBounds(WorkerStackTestCase):
             # once, with "error"; no step after the one it waited in.
             bound = workers.POLL + workers.BROKER_TIMEOUT + 10
             self.assertTrue(wait_for(lambda: self.events("cleanup", tag="lost"), bound))
-            [cleanup] = self.events("cleanup", tag="lost")
-            self.assertEqual((cleanup["reason"], cleanup["pid"]), ("error", worker.pid))
-            self.assertEqual(len(self.events("producer-finally", tag="lost")), 1)
-            self.assertEqual(max(e["n"] for e in self.events("step", tag="lost")), 14)
-            # Documents 0-9 were committed at 10; 10-14 were aborted.
-            self.assertEqual(self.stored("sg_lost_9"), 9)
-            self.assertIsNone(self.stored("sg_lost_10"))
-            self.assertIsNone(self.stored("sg_lost_14"))
+            self.assert_batch_stopped_at_14("lost", "error", worker.pid)
             # While the broker is away, a worker job is refused plainly.
             self.assert_refused(
                 self.request("tag=lost-down&mode=sees&run_on=worker"),

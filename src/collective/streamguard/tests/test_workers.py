@@ -82,16 +82,7 @@ class TestWorkers(WorkerStackTestCase):
         sock.read_until(b"created 14\n", 60)
         sock.close()
         self.assertTrue(wait_for(lambda: self.events("cleanup", tag="left"), 30))
-        [cleanup] = self.events("cleanup", tag="left")
-        self.assertEqual(cleanup["reason"], "client gone")
-        self.assertEqual(cleanup["pid"], self.worker_pid())
-        self.assertEqual(len(self.events("producer-finally", tag="left")), 1)
-        # No step after the one it waited in.
-        self.assertEqual(max(e["n"] for e in self.events("step", tag="left")), 14)
-        # Documents 0-9 were committed at 10; 10-14 were aborted.
-        self.assertEqual(self.stored("sg_left_9"), 9)
-        self.assertIsNone(self.stored("sg_left_10"))
-        self.assertIsNone(self.stored("sg_left_14"))
+        self.assert_batch_stopped_at_14("left", "client gone", self.worker_pid())
         # The worker is free: the next job runs.
         self.assertEqual(
             self.stream("tag=after-left&mode=sees&run_on=worker").body(30), b"after-left\n"

@@ -238,6 +238,20 @@ class WorkerStackTestCase(unittest.TestCase):
         self.redis = redis.Redis.from_url(self.layer.broker_url)
         self.addCleanup(self.redis.close)
 
+    def assert_batch_stopped_at_14(self, tag, reason, pid):
+        """The batch job ``tag`` (``mode=batch&hold=14``: it waits after
+        document 14) was stopped in the step it waited in, in the worker
+        ``pid``: its cleanups once with ``reason``, its ``finally`` once, no
+        step after it; documents 0-9 committed (at 10), 10-14 aborted.
+        (``self.events``: the test class's record of the views' events.)"""
+        [cleanup] = self.events("cleanup", tag=tag)
+        self.assertEqual((cleanup["reason"], cleanup["pid"]), (reason, pid))
+        self.assertEqual(len(self.events("producer-finally", tag=tag)), 1)
+        self.assertEqual(max(e["n"] for e in self.events("step", tag=tag)), 14)
+        self.assertEqual(self.stored(f"sg_{tag}_9"), 9)
+        self.assertIsNone(self.stored(f"sg_{tag}_10"))
+        self.assertIsNone(self.stored(f"sg_{tag}_14"))
+
     def stored(self, name):
         """The app's attribute ``name`` as committed (another ZEO client)."""
         connection = self.db.open()
