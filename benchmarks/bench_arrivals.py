@@ -11,10 +11,12 @@ EventSource comes back at once.  For each N, on one fresh server:
   same view, answered 404 with no stream): the floor a burst is compared
   with (goal: the burst within 2x of it);
 - the same burst again alone ("alone": no page loop, as the floor is
-  measured), after the first burst's streams have ended; "ratio" is
-  burst/404s and alone/404s.  The burst with pages runs last: every page
-  served during it (pages go first, ``waitress.admission``) is worker
-  time the burst waits for, so it is not the floor's like;
+  measured), after the first burst's streams have ended.  The burst with
+  pages runs after it: every page served during it (pages go first,
+  ``waitress.admission``) is worker time the burst waits for, so it is
+  not the floor's like; the floor is therefore also timed with the same
+  page loop running ("404+p s"), last.  "ratio" is burst/404+p and
+  alone/404: each with its like;
 - pages during the burst: a loop of ``/`` requests, one after the other, in
   its own thread from before the burst until it is served; p50/p99/max,
   and the ratio of p50 and p99 to the same page with no burst (goal: p99
@@ -194,6 +196,21 @@ def measure(kind, count):
         pages.stop()
         for sock in socks:
             sock.close()
+        if kind == "zope":
+            # The floor again, with the same page loop running: the like of
+            # the burst above.
+            wait_until_ended(kind, port)
+            floor_pages = PageLoop(port, "/")
+            floor_pages.start()
+            while not floor_pages.latencies:
+                time.sleep(0.01)
+            floor_seconds, *_counts, floor_socks = burst(
+                port, "/@@stream-log?log=nope", count, headers + "Connection: close\r\n", answered
+            )
+            floor_pages.stop()
+            for sock in floor_socks:
+                sock.close()
+            result["floor_pages"] = floor_seconds
         result.update(
             seconds=seconds,
             served=served,
@@ -219,7 +236,8 @@ def main():
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"# open-files limit {hard}; runwsgi + waitress 4 threads vs asyncio (stdlib)")
     header = (
-        f"{'server':<8} {'N':>5} {'burst s':>7} {'alone s':>7} {'404s s':>6} {'ratio':>9} "
+        f"{'server':<8} {'N':>5} {'burst s':>7} {'alone s':>7} {'404s s':>6} {'404+p s':>7} "
+        f"{'ratio':>9} "
         f"{'served':>6} {'refused':>7} {'lost':>4} {'pages':>5} "
         f"{'page p50/p99/max ms (burst)':>28} {'page p50/p99 ms (0)':>19} "
         f"{'x p50/p99':>10} {'CPU ms/open':>11} {'404':>5}"
@@ -235,12 +253,14 @@ def main():
             p = r["pages"]
             i = r["idle"]
             floor = r.get("floor")
+            floor_pages = r.get("floor_pages")
             ratios = "-"
             if floor is not None:
-                ratios = f"{r['seconds'] / floor:.1f}/{r['alone'] / floor:.1f}"
+                ratios = f"{r['seconds'] / floor_pages:.1f}/{r['alone'] / floor:.1f}"
             print(
                 f"{kind:<8} {count:>5} {r['seconds']:>7.2f} {r['alone']:>7.2f} "
                 f"{floor if floor is None else format(floor, '.2f')!s:>6} "
+                f"{floor_pages if floor_pages is None else format(floor_pages, '.2f')!s:>7} "
                 f"{ratios:>9} "
                 f"{r['served']:>6} {r['refused']:>7} {r['lost']:>4} {len(p):>5} "
                 f"{percentile(p, 50) * 1000:>9.1f}/{percentile(p, 99) * 1000:<8.1f}/"
