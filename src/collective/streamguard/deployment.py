@@ -86,13 +86,7 @@ def _switch_interval(product, default):
     except ValueError:
         milliseconds = None
     if milliseconds is None or not 0 < milliseconds <= 5:
-        if ("job-switch-interval", value) not in _warned:
-            _warned.add(("job-switch-interval", value))
-            logger.warning(
-                "zope.conf: job-switch-interval %r is not milliseconds in (0, 5] or off; using %g",
-                value,
-                default * 1000,
-            )
+        _warn_once("job-switch-interval", value, "milliseconds in (0, 5] or off", default * 1000)
         return default
     return milliseconds / 1000
 
@@ -115,10 +109,15 @@ def _whole_number(product, name, default, least):
     try:
         return max(least, int(str(value).strip()))
     except ValueError:
-        if (name, value) not in _warned:
-            _warned.add((name, value))
-            logger.warning("zope.conf: %s %r is not a whole number; using %d", name, value, default)
+        _warn_once(name, value, "a whole number", default)
         return default
+
+
+def _warn_once(name, value, expected, default):
+    """One warning per setting and bad value: they are read per request."""
+    if (name, value) not in _warned:
+        _warned.add((name, value))
+        logger.warning("zope.conf: %s %r is not %s; using %g", name, value, expected, default)
 
 
 def log_rules():

@@ -282,18 +282,8 @@ def stream_response(
                     request, producer, content_type, guard, session, stream_label, user_name
                 )
             else:
-                job, refusal = (
-                    pool_job(
-                        request,
-                        producer,
-                        content_type,
-                        guard,
-                        session,
-                        stream_label,
-                        user_name,
-                        user,
-                    ),
-                    QUEUE_FULL,
+                job, refusal = pool_job(
+                    request, producer, content_type, guard, session, stream_label, user_name, user
                 )
             if job is None:
                 # Refused (its queue is full, or the workers' broker does
@@ -339,9 +329,9 @@ def stream_response(
 
 
 def pool_job(request, producer, content_type, guard, session, label, user_name, user):
-    """The job that runs ``producer`` on the pool for the stream of
-    ``guard``, admitted (it starts at the stream's first step); None when
-    the pool's queue is full."""
+    """``(job, None)``: the job that runs ``producer`` on the pool for the
+    stream of ``guard``, admitted (it starts at the stream's first step).
+    ``(None, message)`` when the pool's queue is full."""
     from collective.streamguard.deployment import job_pool_settings
 
     jobs.pool.configure(*job_pool_settings())
@@ -350,7 +340,7 @@ def pool_job(request, producer, content_type, guard, session, label, user_name, 
     try:
         jobs.pool.admit(job)
     except jobs.QueueFull:
-        return None
+        return None, QUEUE_FULL
     try:
         # The job's guard: its "client" is the relay, its clock the stream's.
         job_guard = StreamGuard(
@@ -371,7 +361,7 @@ def pool_job(request, producer, content_type, guard, session, label, user_name, 
     except BaseException:
         jobs.pool.withdraw(job)
         raise
-    return job
+    return job, None
 
 
 #: The process's dispatch to worker processes, made when first needed.

@@ -124,6 +124,18 @@ def open_stream(layer, path, auth=None, method="GET", headers=None, form=None, s
     return client.request(path, method=method, headers=headers, auth=auth, form=form)
 
 
+def set_product_config(testcase, **settings):
+    """zope.conf's ``<product-config collective.streamguard>`` with
+    ``settings`` added, for the rest of ``testcase``."""
+    from App.config import getConfiguration
+
+    config = getConfiguration()
+    before = getattr(config, "product_config", None)
+    product = dict((before or {}).get("collective.streamguard") or {}, **settings)
+    config.product_config = {**(before or {}), "collective.streamguard": product}
+    testcase.addCleanup(setattr, config, "product_config", before)
+
+
 def wait_for_streams_to_end(timeout=10.0):
     """True once no stream of this process is live any more: every one has
     ended and run its cleanups (they run in the server's threads)."""

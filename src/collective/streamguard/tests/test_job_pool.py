@@ -18,6 +18,7 @@ from collective.streamguard.streams import EndReason
 from collective.streamguard.testing import TEST_VIEWS_WAITRESS_TESTING
 from collective.streamguard.testing import committed_site
 from collective.streamguard.testing import open_stream
+from collective.streamguard.testing import set_product_config
 from collective.streamguard.testing import wait_for_streams_to_end
 from collective.streamguard.tests import views
 from collective.streamguard.tests.helpers import AllLogLines
@@ -322,7 +323,7 @@ class TestJobPoolStreams(unittest.TestCase):
 
     def test_past_the_queue_streams_are_refused_with_a_jittered_retry_after(self):
         self.addCleanup(jobs.pool.configure, jobs.pool.size, jobs.pool.queue_size)
-        self.set_product_config(**{"job-pool-size": "1", "job-queue-size": "1"})
+        set_product_config(self, **{"job-pool-size": "1", "job-queue-size": "1"})
         self.anonymous("tag=f0&mode=busy&run_on=pool", 0).read_until(b"busy 1\n")
         self.anonymous("tag=f1&mode=busy&run_on=pool", 1).read_until(b"queued: position 1\n")
         refused = self.anonymous("tag=f2&mode=busy&run_on=pool", 2)
@@ -331,17 +332,6 @@ class TestJobPoolStreams(unittest.TestCase):
         self.assertIn(int(headers["retry-after"]), range(10, 21))
         self.assertIn(b"job pool", refused.body())
         self.assertEqual(self.started("f2"), [])
-
-    def set_product_config(self, **settings):
-        """zope.conf's product config with ``settings``, for this test."""
-        from App.config import getConfiguration
-
-        config = getConfiguration()
-        saved = getattr(config, "product_config", None)
-        self.addCleanup(setattr, config, "product_config", saved)
-        product = dict((saved or {}).get("collective.streamguard") or {})
-        product.update(settings)
-        config.product_config = {**(saved or {}), "collective.streamguard": product}
 
     def test_jobs_shorten_the_switch_interval_as_zope_conf_says(self):
         self.addCleanup(jobs.pool.configure, jobs.pool.size, jobs.pool.queue_size)
@@ -354,7 +344,7 @@ class TestJobPoolStreams(unittest.TestCase):
         ):
             with self.subTest(setting=setting):
                 if setting is not None:
-                    self.set_product_config(**{"job-switch-interval": setting})
+                    set_product_config(self, **{"job-switch-interval": setting})
                 tag = f"si-{setting}"
                 client = self.open(f"tag={tag}&mode=busy&run_on=pool")
                 client.read_until(b"busy 1\n")

@@ -12,11 +12,11 @@ import os
 import shutil
 import socket
 
-from App.config import getConfiguration
 from plone.app.testing import SITE_OWNER_NAME
 from plone.app.testing import SITE_OWNER_PASSWORD
 
 from collective.streamguard.logs.position import Switch
+from collective.streamguard.testing import set_product_config
 from collective.streamguard.tests.sse import EventStream
 from collective.streamguard.tests.streamcases import LogTestCase
 
@@ -121,14 +121,7 @@ class TestExactResume(ResumeTestCase):
         self.assertEqual(self.read_to_the_end(stream), "second old line\n")
 
     def test_the_start_event_names_the_configured_instance(self):
-        config = getConfiguration()
-        before = config.product_config
-        product_config = dict(before)
-        product_config["collective.streamguard"] = dict(
-            product_config["collective.streamguard"], **{"instance-name": "backend-2"}
-        )
-        config.product_config = product_config
-        self.addCleanup(setattr, config, "product_config", before)
+        set_product_config(self, **{"instance-name": "backend-2"})
         stream = self.events("lines=0")
         self.assertEqual(stream.start.json(), {"instance": "backend-2", "log": "app"})
 

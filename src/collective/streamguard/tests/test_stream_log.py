@@ -11,7 +11,6 @@ import shutil
 import socket
 
 import transaction
-from App.config import getConfiguration
 from plone.app.testing import TEST_USER_NAME
 from plone.app.testing import TEST_USER_PASSWORD
 
@@ -19,6 +18,7 @@ from collective.streamguard.logs.source import LogSource
 from collective.streamguard.logs.stream import RETRY_RANGE
 from collective.streamguard.permissions import VIEW_LOG_STREAMS
 from collective.streamguard.streams import live_streams
+from collective.streamguard.testing import set_product_config
 from collective.streamguard.tests.helpers import Recorder
 from collective.streamguard.tests.helpers import read_until
 from collective.streamguard.tests.helpers import wait_for
@@ -396,12 +396,7 @@ class TestSecurity(LogTestCase):
         self.assertEqual(status, 200)
         self.assertIn(f"{socket.gethostname()}:{self.layer['port']}".encode(), body)
         self.assertIn(b"process's only", body)
-        config = getConfiguration()
-        before = getattr(config, "product_config", None)
-        product_config = dict(before or {})
-        product_config["collective.streamguard"] = {"instance-name": "backend-2"}
-        config.product_config = product_config
-        self.addCleanup(setattr, config, "product_config", before)
+        set_product_config(self, **{"instance-name": "backend-2"})
         status, _, body = self.get_as_manager("/plone/@@stream-status?format=json")
         self.assertEqual(json.loads(body)["instance"], "backend-2")
 

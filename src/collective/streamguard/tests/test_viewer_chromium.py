@@ -12,9 +12,8 @@ the cookie ``@login`` sets.
 
 import os
 
-from App.config import getConfiguration
-
 from collective.streamguard.testing import STREAMGUARD_DISTRIBUTION_WAITRESS_TESTING
+from collective.streamguard.testing import set_product_config
 from collective.streamguard.tests.helpers import wait_for
 from collective.streamguard.tests.streamcases import LogTestCase
 
@@ -152,14 +151,7 @@ class TestViewerInChromium(ChromiumTestCase):
 class TestViewerNamesItsInstance(ChromiumTestCase):
     def name_instance(self, name):
         """As zope.conf's ``instance-name``, for the rest of the test."""
-        config = getConfiguration()
-        before = config.product_config
-        product_config = dict(before)
-        product_config["collective.streamguard"] = dict(
-            product_config["collective.streamguard"], **{"instance-name": name}
-        )
-        config.product_config = product_config
-        self.addCleanup(setattr, config, "product_config", before)
+        set_product_config(self, **{"instance-name": name})
 
     def test_instance_always_shown_and_a_switch_is_a_divider(self):
         from selenium.webdriver.common.by import By

@@ -122,17 +122,23 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertEqual(self.events("start", tag="qb-refused"), [])
         self.assertEqual(self.events("start", tag="qb-refused-sse"), [])
 
+    def batch_held_at_14(self, tag):
+        """An SSE client of a worker's batch job ``tag`` that waits after
+        document 14 (10 committed), once its step 14 is recorded."""
+        sock = self.stream(
+            f"tag={tag}&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
+        )
+        sock.read_until(b"created 14\n", 60)
+        self.assertTrue(wait_for(lambda: self.events("step", tag=tag, n=14), 30))
+        return sock
+
     def worker_said(self, text):
         return self.layer.worker_output().count(text)
 
     def test_broker_frozen_mid_job_fails_the_stream_cancels_the_producer_and_the_worker_goes_on(
         self,
     ):
-        sock = self.stream(
-            "tag=frozen&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
-        )
-        sock.read_until(b"created 14\n", 60)
-        self.assertTrue(wait_for(lambda: self.events("step", tag="frozen", n=14), 30))
+        sock = self.batch_held_at_14("frozen")
         worker = self.layer.worker
         lost, back = self.worker_said("lost the broker ("), self.worker_said("answers again")
         logged = len(self.layer.worker_output())
@@ -181,11 +187,7 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertIsNone(self.stored("sg_frozen_10"))
 
     def test_broker_killed_mid_job_cancels_the_producer_and_the_worker_goes_on(self):
-        sock = self.stream(
-            "tag=lost&mode=batch&count=40&hold=14&run_on=worker&type=text/event-stream"
-        )
-        sock.read_until(b"created 14\n", 60)
-        self.assertTrue(wait_for(lambda: self.events("step", tag="lost", n=14), 30))
+        sock = self.batch_held_at_14("lost")
         worker = self.layer.worker
         lost, back = self.worker_said("lost the broker ("), self.worker_said("answers again")
         self.layer.kill_redis()

@@ -134,7 +134,6 @@ class ParkingChannel(HTTPChannel):
             if (
                 self.requests
                 and self._servicing is None
-                and "readable" not in self.__dict__
                 and not HTTPChannel.readable(self)
                 and not self.writable()
             ):
