@@ -20,7 +20,8 @@ side's lease and the worker's heartbeat, under ``streamguard:<job>:*``:
              waits above ``RELAY_HIGH`` (backpressure); ``ack`` wakes it;
 ``cancel``   the web side's end reason: the producer stops at its next
              chunk or wait;
-``lease``    set by the web side, renewed every ``LEASE / 5`` s: a web
+``lease``    set by the web side once the job is queued (a worker starts
+             a job only under it), renewed every ``LEASE / 5`` s: a web
              process killed with -9 stops renewing it, and the worker
              cancels the job within ``LEASE`` + ``POLL`` seconds;
 ``beat``     set by the worker, renewed as often: a worker killed with -9
@@ -263,9 +264,18 @@ class Broker:
     # -- web side --
 
     def dispatch(self, message):
-        """Queue ``message`` (JSON-able, with its ``job`` id) for a worker."""
-        self.redis.set(self.key(message["job"], "lease"), b"1", ex=LEASE)
+        """Queue ``message`` (JSON-able, with its ``job`` id) for a worker,
+        then give it its web side's lease.
+
+        In that order: a worker starts a job only under its lease
+        (``wait_for_lease``).  A Redis that hangs keeps what a connection
+        sent before the call timed out, and runs it when it goes on: a job
+        whose queueing timed out here (its client was told it failed) then
+        reaches a worker, without a lease, and is never run.  With the lease
+        first, it would have run until the lease expired, committing for
+        nobody."""
         self.task(message)
+        self.redis.set(self.key(message["job"], "lease"), b"1", ex=LEASE)
 
     def cancel(self, job_id, reason):
         pipe = self.redis.pipeline()
@@ -334,21 +344,53 @@ class Broker:
     def end_beat(self, job_id):
         self.redis.delete(self.key(job_id, "beat"))
 
-    def cancelled(self, job_id):
-        """The web side's end reason, or None while it lives."""
+    def _cancel_and_lease(self, job_id):
         pipe = self.redis.pipeline()
         pipe.get(self.key(job_id, "cancel"))
         pipe.exists(self.key(job_id, "lease"))
         reason, lease = pipe.execute()
         if reason is not None:
             try:
-                return EndReason(reason.decode())
+                reason = EndReason(reason.decode())
             except ValueError:
-                return EndReason.CLIENT_GONE
-        if not lease:
+                reason = EndReason.CLIENT_GONE
+        return reason, bool(lease)
+
+    def cancelled(self, job_id):
+        """The web side's end reason, or None while it lives."""
+        reason, lease = self._cancel_and_lease(job_id)
+        if reason is None and not lease:
             logger.warning("job %s: its web side's lease expired; cancelled", job_id)
             return EndReason.CLIENT_GONE
-        return None
+        return reason
+
+    def wait_for_lease(self, job_id, within=LEASE):
+        """Before a job starts: None once its web side's lease is there,
+        else why it must not run: the web side's end reason (it ended while
+        the job waited), or ERROR when no lease came within ``within`` s.
+
+        The web side sets the lease just after it queued the job
+        (``dispatch``), so a worker may take a job a moment before its
+        lease: it waits.  No lease at all means that side never learned the
+        job was queued (the call timed out on a hung Redis, which ran the
+        push later) or died before it could say so (kill -9)."""
+        deadline = time.monotonic() + within
+        pause = 0.005
+        while True:
+            reason, lease = self._cancel_and_lease(job_id)
+            if reason is not None:
+                return reason
+            if lease:
+                return None
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "job %s: its web side never confirmed it was queued "
+                    "(its dispatch failed there); not run",
+                    job_id,
+                )
+                return EndReason.ERROR
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def serve(self, runner):
         """Run jobs as they come, one at a time, until SIGINT/SIGTERM; the
@@ -642,9 +684,10 @@ def run_job(broker, message, stream_for, worker="worker"):
     wake = threading.Event()
     relay = jobs.Relay(wake.set)
     broker.beat(job_id, worker)
-    reason = broker.cancelled(job_id)
+    reason = broker.wait_for_lease(job_id)
     if reason is not None:
-        # Its web side ended (or died) while it waited in the queue.
+        # Its web side ended (or died, or never learned it was queued)
+        # while it waited in the queue.
         logger.info("job %s: its web side ended before it started (%s)", job_id, reason.value)
         broker.push(job_id, b"e", reason.value.encode())
         broker.end_beat(job_id)

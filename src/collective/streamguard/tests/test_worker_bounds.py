@@ -186,6 +186,63 @@ class TestWorkerBounds(WorkerStackTestCase):
         # has run whatever the frozen connections had sent.
         self.assertIsNone(self.stored("sg_frozen_10"))
 
+    def broker(self):
+        """The add-on's broker, as a web instance has it (same Redis, same
+        secret): what its ``dispatch`` sends is a job the worker would run."""
+        broker = workers.Broker(self.layer.broker_url, self.layer.secret)
+        self.addCleanup(broker.redis.close)
+        return broker
+
+    @staticmethod
+    def job(tag):
+        # No ZODB session: the producer records its start, then fails on
+        # guard.zodb; only whether it starts matters here.
+        return {
+            "job": workers.new_job_id(),
+            "producer": "streamguard-test.sees",
+            "args": {"tag": tag},
+            "session": None,
+        }
+
+    def test_a_job_whose_dispatch_timed_out_on_a_frozen_redis_never_runs(self):
+        # A frozen Redis keeps what an open connection sent it, and runs it
+        # when it goes on: the push of a dispatch that timed out (its client
+        # was told it failed) reaches the worker then, without a lease.
+        broker, message = self.broker(), self.job("late")
+        broker.queued()  # its connection is open before Redis stops
+        never_run = self.worker_said("never confirmed it was queued")
+        self.layer.freeze_redis()
+        self.addCleanup(self.layer.thaw_redis)
+        try:
+            with self.assertRaises(Exception) as raised:
+                broker.dispatch(message)
+            self.assertIn("Timeout", type(raised.exception).__name__)
+        finally:
+            self.layer.thaw_redis()
+        self.assertTrue(
+            wait_for(
+                lambda: self.worker_said("never confirmed it was queued") == never_run + 1, 60
+            ),
+            self.layer.worker_output()[-3000:],
+        )
+        self.assertIn(message["job"], self.layer.worker_output()[-3000:])
+        self.assertEqual(self.events("start", tag="late"), [])
+        # The worker takes jobs again.
+        self.assertEqual(
+            self.stream("tag=late-after&mode=sees&run_on=worker").body(60), b"late-after\n"
+        )
+
+    def test_a_job_taken_before_its_lease_is_set_waits_for_it_and_runs(self):
+        # dispatch() queues first and sets the lease next: a worker may take
+        # the job in between.
+        broker, message = self.broker(), self.job("early")
+        broker.task(message)
+        beat = workers.Broker.key(message["job"], "beat")
+        self.assertTrue(wait_for(lambda: self.redis.exists(beat), 30))
+        self.assertEqual(self.events("start", tag="early"), [])
+        broker.renew_lease(message["job"])
+        self.assertTrue(wait_for(lambda: self.events("start", tag="early"), 30))
+
     def test_broker_killed_mid_job_cancels_the_producer_and_the_worker_goes_on(self):
         sock = self.batch_held_at_14("lost")
         worker = self.layer.worker
