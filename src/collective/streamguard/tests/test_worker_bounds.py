@@ -12,9 +12,13 @@ import json
 import os
 import signal
 import socket
+import threading
+import types
 
+from collective.streamguard import jobs
 from collective.streamguard import streaming
 from collective.streamguard import workers
+from collective.streamguard.streams import EndReason
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import http_request
@@ -242,6 +246,31 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertEqual(self.events("start", tag="early"), [])
         broker.renew_lease(message["job"])
         self.assertTrue(wait_for(lambda: self.events("start", tag="early"), 30))
+
+    def test_a_cancel_on_a_frozen_redis_holds_no_thread_of_the_web_side(self):
+        # Where a stream ends (a waitress worker, or the hub that serves every
+        # parked stream) must not wait BROKER_TIMEOUT s for a hung Redis.
+        dispatch = workers.WorkerDispatch(self.broker())
+        dispatch.broker.queued()  # its connection is open before Redis stops
+        job = types.SimpleNamespace(
+            relay=jobs.Relay(lambda: None), message={"job": workers.new_job_id()}
+        )
+        self.layer.freeze_redis()
+        self.addCleanup(self.layer.thaw_redis)
+        try:
+            dispatch._cancel(job, EndReason.CLIENT_GONE)
+            # Returned while the cancel itself still waits for Redis.
+            senders = [t for t in threading.enumerate() if t.name == "streamguard-cancel"]
+            self.assertTrue(any(t.is_alive() for t in senders), senders)
+        finally:
+            self.layer.thaw_redis()
+        for sender in senders:
+            sender.join(30)
+        # Redis went on: the cancel it had kept is there.
+        self.assertEqual(
+            self.redis.get(workers.Broker.key(job.message["job"], "cancel")),
+            EndReason.CLIENT_GONE.value.encode(),
+        )
 
     def test_broker_killed_mid_job_cancels_the_producer_and_the_worker_goes_on(self):
         sock = self.batch_held_at_14("lost")
