@@ -10,7 +10,12 @@ producer on waitress' worker; ``pool``: ``run_on="pool"``, 2 job threads,
 a queue of 16; ``workers``: ``run_on="worker"``, 2 ``streamguard-worker``
 processes, huey's queue in a Redis started here), in one run.  With
 ``workers`` among the places the database is a ZEO server (``runzeo``)
-for every place, so that the columns compare the same storage:
+for every place, so that the columns compare the same storage.  A fourth
+place, ``threads`` (not among the defaults), is the floor of any job in
+the web process: two plain threads of the server, no add-on code, doing
+the same work as the pool's two jobs (``@@bench-threads``), with the
+switch interval the pool sets (``--job-switch-interval``); only its page
+and jobs columns apply:
 
 - N concurrent streams (``--streams``, 20) are opened at once: served
   (200, and it runs at once), queued (200, its first line says so),
@@ -31,7 +36,7 @@ for every place, so that the columns compare the same storage:
 Run from the repository root, after ``make install-test``::
 
     .venv/bin/python benchmarks/bench_offload.py [--streams 20] [--steps 500] [--reps 400] \\
-        [--places in-process,pool,workers]
+        [--places in-process,pool,workers,threads]
 
 Nothing is asserted.
 """
@@ -71,6 +76,8 @@ AUTH = "Basic " + base64.b64encode(b"admin:admin").decode()
 
 BENCH_MODULE = """\
 import json
+import sys
+import threading
 import time
 
 from BTrees.OOBTree import OOBTree
@@ -126,7 +133,10 @@ class Work(BrowserView):
 
 @register_producer("bench.work")
 def work(guard, steps, slice_, reps, tag):
-    tree = guard.zodb.app._bench_tree
+    yield from work_on(guard.zodb.app._bench_tree, steps, slice_, reps, tag)
+
+
+def work_on(tree, steps, slice_, reps, tag):
     stepped = None  # when the last step's work was done
     try:
         for n in range(steps):
@@ -140,6 +150,40 @@ def work(guard, steps, slice_, reps, tag):
         with open(FINALLY, "a") as f:
             event = {{"tag": tag, "time": time.monotonic(), "stepped": stepped}}
             f.write(json.dumps(event) + "\\n")
+
+
+class Threads(BrowserView):
+    # The floor of any job in this process: ``count`` plain threads do the
+    # same work (each its own ZODB connection; no add-on code), with the
+    # switch interval the pool sets while its jobs run; started and left.
+
+    def __call__(self):
+        form = self.request.form
+        count, steps = int(form.get("count", "2")), int(form.get("steps", "500"))
+        reps, tag = int(form.get("reps", "400")), form.get("tag", "")
+        interval = float(form.get("switch_ms", "0.5")) / 1000
+        db = self.context._p_jar.db()
+        left = [count]
+        lock = threading.Lock()
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(interval)
+
+        def run(n):
+            connection = db.open()
+            try:
+                tree = connection.root()["Application"]._bench_tree
+                for _ in work_on(tree, steps, 2000, reps, f"{{tag}}-{{n}}"):
+                    pass
+            finally:
+                connection.close()
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        sys.setswitchinterval(previous)
+
+        for n in range(count):
+            threading.Thread(target=run, args=(n,), daemon=True).start()
+        return "started"
 """
 
 SITE_ZCML = """\
@@ -153,6 +197,8 @@ SITE_ZCML = """\
   <browser:page name="bench-setup" for="*" class="benchwork.Setup"
       permission="zope2.ViewManagementScreens" />
   <browser:page name="bench-work" for="*" class="benchwork.Work"
+      permission="zope2.ViewManagementScreens" />
+  <browser:page name="bench-threads" for="*" class="benchwork.Threads"
       permission="zope2.ViewManagementScreens" />
 </configure>
 """
@@ -275,6 +321,30 @@ def measure(port, instance, run_on, count, steps, closes):
             statistics.median(beyond_step) if beyond_step else float("nan"),
             max(beyond_step, default=0.0),
         ),
+    }
+
+
+def measure_threads(port, instance, steps, switch_ms):
+    """The GIL's floor: two plain threads of the server (no add-on) doing the
+    same work as the pool's two jobs, with the pool's switch interval."""
+    finally_path = os.path.join(instance.home, "var", "finally.jsonl")
+    idle = page_latencies(port, "/", 100)
+    tag = f"threads-{time.monotonic()}"
+    started = time.monotonic()
+    get(port, f"/@@bench-threads?count=2&steps={steps}&reps={REPS}&tag={tag}&switch_ms={switch_ms}")
+
+    def ended():
+        with open(finally_path) as f:
+            return [e for e in map(json.loads, f) if e["tag"].startswith(tag)]
+
+    busy = []
+    while len(ended()) < 2:
+        busy += page_latencies(port, "/", 10)
+    elapsed = max(e["time"] for e in ended()) - started
+    return {
+        "page0": (percentile(idle, 50), percentile(idle, 99)),
+        "pageN": (percentile(busy, 50), percentile(busy, 99)),
+        "jobs_per_min": 2 / elapsed * 60,
     }
 
 
@@ -406,6 +476,21 @@ def main():
         print(header)
         print("-" * len(header))
         for place in places:
+            if place == "threads":
+                interval = args.job_switch_interval or "0.5"
+                r = measure_threads(
+                    port, instance, args.steps, 5 if interval == "off" else interval
+                )
+                print(
+                    f"{place:<11} {'-':>6} {'-':>6} {'-':>7} {2:>4} "
+                    f"{r['page0'][0] * 1000:>9.1f}/{r['page0'][1] * 1000:<9.1f} "
+                    f"{r['pageN'][0] * 1000:>9.1f}/{r['pageN'][1] * 1000:<9.1f} "
+                    f"{r['pageN'][0] / r['page0'][0]:>5.1f} "
+                    f"{r['pageN'][1] / r['page0'][1]:>5.1f} "
+                    f"{r['jobs_per_min']:>8.1f} {'-':>25} {'-':>25}",
+                    flush=True,
+                )
+                continue
             run_on = {"pool": "pool", "workers": "worker"}.get(place, "")
             r = measure(port, instance, run_on, args.streams, args.steps, args.closes)
             print(
