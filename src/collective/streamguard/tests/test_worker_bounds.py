@@ -200,11 +200,13 @@ class TestWorkerBounds(WorkerStackTestCase):
     @staticmethod
     def job(tag):
         # No ZODB session: the producer records its start, then fails on
-        # guard.zodb; only whether it starts matters here.
+        # guard.zodb; only whether it starts matters here.  The tag is the
+        # job's own: the test may run again in the same layer (-N).
+        job_id = workers.new_job_id()
         return {
-            "job": workers.new_job_id(),
+            "job": job_id,
             "producer": "streamguard-test.sees",
-            "args": {"tag": tag},
+            "args": {"tag": f"{tag}-{job_id}"},
             "session": None,
         }
 
@@ -230,7 +232,7 @@ class TestWorkerBounds(WorkerStackTestCase):
             self.layer.worker_output()[-3000:],
         )
         self.assertIn(message["job"], self.layer.worker_output()[-3000:])
-        self.assertEqual(self.events("start", tag="late"), [])
+        self.assertEqual(self.events("start", tag=message["args"]["tag"]), [])
         # The worker takes jobs again.
         self.assertEqual(
             self.stream("tag=late-after&mode=sees&run_on=worker").body(60), b"late-after\n"
@@ -243,9 +245,10 @@ class TestWorkerBounds(WorkerStackTestCase):
         broker.task(message)
         beat = workers.Broker.key(message["job"], "beat")
         self.assertTrue(wait_for(lambda: self.redis.exists(beat), 30))
-        self.assertEqual(self.events("start", tag="early"), [])
+        tag = message["args"]["tag"]
+        self.assertEqual(self.events("start", tag=tag), [])
         broker.renew_lease(message["job"])
-        self.assertTrue(wait_for(lambda: self.events("start", tag="early"), 30))
+        self.assertTrue(wait_for(lambda: self.events("start", tag=tag), 30))
 
     def test_a_cancel_on_a_frozen_redis_holds_no_thread_of_the_web_side(self):
         # Where a stream ends (a waitress worker, or the hub that serves every
