@@ -79,9 +79,6 @@ class TestWorkerBounds(WorkerStackTestCase):
             (HOST, self.layer.web.port), f"/@@streamguard-test-worker?{query}", auth=auth
         )
 
-    def events(self, name=None, **match):
-        return self.layer.web.events(name, **match)
-
     def status(self):
         status, _, body = http_request(
             (HOST, self.layer.web.port), "/@@stream-status?format=json", auth=MANAGER
@@ -137,7 +134,7 @@ class TestWorkerBounds(WorkerStackTestCase):
         return sock
 
     def worker_said(self, text):
-        return self.layer.worker_output().count(text)
+        return self.worker_output().count(text)
 
     def test_broker_frozen_mid_job_fails_the_stream_cancels_the_producer_and_the_worker_goes_on(
         self,
@@ -145,7 +142,7 @@ class TestWorkerBounds(WorkerStackTestCase):
         sock = self.batch_held_at_14("frozen")
         worker = self.layer.worker
         lost, back = self.worker_said("lost the broker ("), self.worker_said("answers again")
-        logged = len(self.layer.worker_output())
+        logged = len(self.worker_output())
         self.layer.freeze_redis()
         # Whatever fails below, Redis goes on: the next tests need it.
         self.addCleanup(self.layer.thaw_redis)
@@ -170,7 +167,7 @@ class TestWorkerBounds(WorkerStackTestCase):
             # The worker's consumer has noticed too, while Redis hangs.
             self.assertTrue(
                 wait_for(lambda: self.worker_said("lost the broker (") == lost + 2, 60),
-                self.layer.worker_output()[-3000:],
+                self.worker_output()[-3000:],
             )
         finally:
             self.layer.thaw_redis()
@@ -185,7 +182,7 @@ class TestWorkerBounds(WorkerStackTestCase):
         # One line for the job, one for the queue, one when it is back; no
         # traceback (huey's scheduler would log one at every look).
         self.assertEqual(self.worker_said("lost the broker ("), lost + 2)
-        self.assertNotIn("Traceback", self.layer.worker_output()[logged:])
+        self.assertNotIn("Traceback", self.worker_output()[logged:])
         # Nothing of the cancelled job after its last commit, now that Redis
         # has run whatever the frozen connections had sent.
         self.assertIsNone(self.stored("sg_frozen_10"))
@@ -229,9 +226,9 @@ class TestWorkerBounds(WorkerStackTestCase):
             wait_for(
                 lambda: self.worker_said("never confirmed it was queued") == never_run + 1, 60
             ),
-            self.layer.worker_output()[-3000:],
+            self.worker_output()[-3000:],
         )
-        self.assertIn(message["job"], self.layer.worker_output()[-3000:])
+        self.assertIn(message["job"], self.worker_output()[-3000:])
         self.assertEqual(self.events("start", tag=message["args"]["tag"]), [])
         # The worker takes jobs again.
         self.assertEqual(
@@ -301,7 +298,7 @@ class TestWorkerBounds(WorkerStackTestCase):
             # The worker's consumer has noticed too (before Redis is back).
             self.assertTrue(
                 wait_for(lambda: self.worker_said("lost the broker (") == lost + 2, 30),
-                self.layer.worker_output()[-3000:],
+                self.worker_output()[-3000:],
             )
         finally:
             self.layer.start_redis()
@@ -314,7 +311,7 @@ class TestWorkerBounds(WorkerStackTestCase):
         self.assertEqual(self.events("start", tag="lost-down"), [])
         # One line for the job, one for the queue; one when it is back.
         self.assertEqual(
-            self.worker_said("lost the broker ("), lost + 2, self.layer.worker_output()[-3000:]
+            self.worker_said("lost the broker ("), lost + 2, self.worker_output()[-3000:]
         )
         self.assertTrue(wait_for(lambda: self.worker_said("answers again") == back + 1, 30))
         # Still nothing of the cancelled job after its last commit.

@@ -50,9 +50,6 @@ class TestWorkers(WorkerStackTestCase):
         self.addCleanup(sock.close)
         return sock.request(f"/@@streamguard-test-worker?{query}", auth=auth)
 
-    def events(self, name=None, **match):
-        return self.layer.web.events(name, **match)
-
     def worker_pid(self):
         return self.layer.worker.pid
 
@@ -103,9 +100,7 @@ class TestWorkers(WorkerStackTestCase):
         self.assertTrue(wait_for(lambda: self.events("cleanup", tag="raised"), 30))
         self.assertEqual(self.events("cleanup", tag="raised")[0]["reason"], "error")
         self.assertIsNone(self.stored("sg_raised_error"))
-        self.assertEqual(
-            self.layer.worker_output().count("ValueError: the job failed on purpose"), 1
-        )
+        self.assertEqual(self.worker_output().count("ValueError: the job failed on purpose"), 1)
         # The worker is back.
         self.assertEqual(
             self.stream("tag=after-error&mode=sees&run_on=worker").body(30), b"after-error\n"
@@ -128,7 +123,7 @@ class TestWorkers(WorkerStackTestCase):
             self.stream("tag=after-forged&mode=sees&run_on=worker").body(30), b"after-forged\n"
         )
         self.assertEqual(self.events("start", tag="forged"), [])
-        self.assertEqual(self.layer.worker_output().count("refused a broker message"), 2)
+        self.assertEqual(self.worker_output().count("refused a broker message"), 2)
 
     def test_worker_killed_mid_job_fails_the_stream_and_commits_nothing_more(self):
         sock = self.stream(

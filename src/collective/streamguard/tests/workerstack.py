@@ -237,6 +237,18 @@ class WorkerStackTestCase(unittest.TestCase):
         self.addCleanup(self.db.close)
         self.redis = redis.Redis.from_url(self.layer.broker_url)
         self.addCleanup(self.redis.close)
+        # The layer's events and the worker's output go on from test to test
+        # (and from one repetition to the next, -N): a test reads its own.
+        self._events_from = self.layer.web.event_count()
+        self._output_from = len(self.layer.worker_output())
+
+    def events(self, name=None, **match):
+        """The views' and producers' events recorded since this test began."""
+        return self.layer.web.events(name, since=self._events_from, **match)
+
+    def worker_output(self):
+        """What the worker processes have written since this test began."""
+        return self.layer.worker_output()[self._output_from :]
 
     def assert_batch_stopped_at_14(self, tag, reason, pid):
         """The batch job ``tag`` (``mode=batch&hold=14``: it waits after

@@ -136,17 +136,24 @@ class ZopeInstance:
             "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
         }
 
-    def events(self, name=None, **match):
-        try:
-            with open(self.events_path) as f:
-                found = [json.loads(line) for line in f if line.strip()]
-        except FileNotFoundError:
-            return []
+    def events(self, name=None, since=0, **match):
+        """The events recorded (``tests.views.record``) that match, from the
+        ``since``-th on (``event_count()`` at some earlier moment)."""
         return [
             e
-            for e in found
+            for e in self._all_events()[since:]
             if (name is None or e["event"] == name) and all(e.get(k) == v for k, v in match.items())
         ]
+
+    def event_count(self):
+        return len(self._all_events())
+
+    def _all_events(self):
+        try:
+            with open(self.events_path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
 
     def remove(self):
         shutil.rmtree(self.home, ignore_errors=True)
