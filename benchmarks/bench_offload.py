@@ -360,6 +360,9 @@ def main():
         default="",
         help="zope.conf's job-switch-interval (ms, or off; default: the add-on's)",
     )
+    parser.add_argument(
+        "--worker-nice", default="", help="the workers' zope.conf worker-nice (default: 10)"
+    )
     args = parser.parse_args()
     places = args.places.split(",")
     port = free_port()
@@ -414,6 +417,8 @@ def main():
         product.append(f"worker-secret {secrets.token_hex(16)}")
     if args.job_switch_interval:
         product.append(f"job-switch-interval {args.job_switch_interval}")
+    if args.worker_nice:
+        product.append(f"worker-nice {args.worker_nice}")
     if product:
         with open(instance.zope_conf, "a") as f:
             f.write("<product-config collective.streamguard>\n")
@@ -465,6 +470,7 @@ def main():
             f"# runwsgi + waitress 4 threads; {args.streams} concurrent streams of "
             f"{args.steps} steps; one alone takes {alone.ended - t0:.1f} s; pool 2, queue 16, "
             f"job-switch-interval {args.job_switch_interval or 'default'}; "
+            f"worker-nice {args.worker_nice or 'default'}; "
             f"{'ZEO, 2 workers' if zeo else 'FileStorage'}"
         )
         header = (

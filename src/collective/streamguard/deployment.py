@@ -155,6 +155,16 @@ def worker_settings():
     return url, secret
 
 
+def worker_nice():
+    """A worker's zope.conf ``worker-nice``: the niceness of its process
+    (0 to 19, else 10), so that jobs that compute on the web instances'
+    host leave them the CPU when their pages need it (measured:
+    ``benchmarks/bench_offload.py``)."""
+    from collective.streamguard.workers import DEFAULT_NICE
+
+    return min(19, _whole_number(product_config(), "worker-nice", DEFAULT_NICE, 0))
+
+
 def worker_queue_size():
     """zope.conf's ``worker-queue-size``: how many jobs may wait for a
     worker (``run_on="worker"``), counted across the cluster (the queue in

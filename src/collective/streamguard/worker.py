@@ -66,6 +66,26 @@ def job_stream(db, message, relay, worker="worker"):
     )
 
 
+def set_niceness(nice):
+    """Every thread of this process at niceness ``nice``; the niceness it
+    has.  Linux keeps one per thread (new threads take their creator's),
+    and ZEO's client thread is running already.  Lowering it needs
+    privileges: without them it stays, with a warning."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except OSError as error:
+            logger.warning("cannot set worker-nice %d: %s", nice, error)
+            break
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="streamguard-worker",
@@ -89,6 +109,7 @@ def main(argv=None):
 
     from collective.streamguard import workers
     from collective.streamguard.deployment import WorkersNotConfigured
+    from collective.streamguard.deployment import worker_nice
     from collective.streamguard.deployment import worker_settings
 
     try:
@@ -96,8 +117,9 @@ def main(argv=None):
     except WorkersNotConfigured as error:
         parser.exit(2, f"streamguard-worker: {options.zope_conf}: {error}\n")
     name = options.name or f"{socket.gethostname()}:{os.getpid()}"
+    nice = set_niceness(worker_nice())
     broker = workers.Broker(url, secret, worker=name)
-    logger.info("streamguard worker %s serves jobs from the broker", name)
+    logger.info("streamguard worker %s serves jobs from the broker (nice %s)", name, nice)
 
     def runner(message):
         stream_for = functools.partial(job_stream, db, worker=name)

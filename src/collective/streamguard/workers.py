@@ -67,6 +67,9 @@ BROKER_TIMEOUT = POLL + 4
 #: The default of zope.conf's ``worker-queue-size``: jobs that may wait
 #: for a worker, counted across the cluster (``WorkerDispatch.admit``).
 DEFAULT_QUEUE_SIZE = 16
+#: The default of a worker's zope.conf ``worker-nice``: a worker on the
+#: web instances' host leaves them the CPU when their pages need it.
+DEFAULT_NICE = 10
 QUEUE_NAME = "streamguard"
 #: ``PRESENCE + name``: set by each worker while it serves (``LEASE``).
 PRESENCE = "streamguard:worker:"

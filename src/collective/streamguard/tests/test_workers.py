@@ -16,8 +16,10 @@ import socket
 import subprocess
 import unittest
 
+from collective.streamguard import deployment
 from collective.streamguard import jobs
 from collective.streamguard import workers
+from collective.streamguard.testing import set_product_config
 from collective.streamguard.tests.helpers import HOST
 from collective.streamguard.tests.helpers import HTTPClient
 from collective.streamguard.tests.helpers import http_request
@@ -105,6 +107,18 @@ class TestWorkers(WorkerStackTestCase):
         self.assertEqual(
             self.stream("tag=after-error&mode=sees&run_on=worker").body(30), b"after-error\n"
         )
+
+    def test_the_worker_runs_at_zope_confs_niceness_in_every_thread(self):
+        # The layer's worker zope.conf does not set worker-nice: the default.
+        pid = self.worker_pid()
+        threads = os.listdir(f"/proc/{pid}/task")
+        self.assertGreater(len(threads), 1)  # ZEO's client thread, at least
+        for tid in threads:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                # After "(command)": the state is field 3, the niceness 19.
+                fields = f.read().rpartition(")")[2].split()
+            self.assertEqual(int(fields[19 - 3]), workers.DEFAULT_NICE, tid)
+        self.assertIn(f"(nice {workers.DEFAULT_NICE})", self.layer.worker_output())
 
     def test_unsigned_and_badly_signed_messages_are_refused_never_run(self):
         message = {
@@ -359,6 +373,22 @@ class TestMessages(unittest.TestCase):
             workers.producer_name(unregistered)
         with self.assertRaises(ValueError):
             workers.register_producer("streamguard-test.unit")(unregistered)
+
+
+class TestWorkerSettings(unittest.TestCase):
+    def test_worker_nice_is_zope_confs_between_0_and_19_else_the_default(self):
+        for setting, nice in (
+            (None, workers.DEFAULT_NICE),
+            ("0", 0),
+            (" 5 ", 5),
+            ("19", 19),
+            ("40", 19),
+            ("-3", 0),
+            ("high", workers.DEFAULT_NICE),
+        ):
+            with self.subTest(setting=setting):
+                set_product_config(self, **{"worker-nice": setting})
+                self.assertEqual(deployment.worker_nice(), nice)
 
 
 class TestWorkerCommand(unittest.TestCase):
