@@ -344,8 +344,26 @@ def measure_threads(port, instance, steps, switch_ms):
     return {
         "page0": (percentile(idle, 50), percentile(idle, 99)),
         "pageN": (percentile(busy, 50), percentile(busy, 99)),
+        "completed": 2,
         "jobs_per_min": 2 / elapsed * 60,
     }
+
+
+def row(place, r):
+    """One line of the table; "-" where the place has no such figure."""
+
+    def pair(key, width):
+        if key not in r:
+            return f"{'-':>{2 * width + 1}}"
+        return f"{r[key][0] * 1000:>{width}.1f}/{r[key][1] * 1000:<{width}.1f}"
+
+    counts = [r.get(key, "-") for key in ("served", "queued", "refused")]
+    return (
+        f"{place:<11} {counts[0]:>6} {counts[1]:>6} {counts[2]:>7} {r['completed']:>4} "
+        f"{pair('page0', 9)} {pair('pageN', 9)} "
+        f"{r['pageN'][0] / r['page0'][0]:>5.1f} {r['pageN'][1] / r['page0'][1]:>5.1f} "
+        f"{r['jobs_per_min']:>8.1f} {pair('gone', 12)} {pair('beyond_step', 12)}"
+    )
 
 
 def main():
@@ -487,29 +505,10 @@ def main():
                 r = measure_threads(
                     port, instance, args.steps, 5 if interval == "off" else interval
                 )
-                print(
-                    f"{place:<11} {'-':>6} {'-':>6} {'-':>7} {2:>4} "
-                    f"{r['page0'][0] * 1000:>9.1f}/{r['page0'][1] * 1000:<9.1f} "
-                    f"{r['pageN'][0] * 1000:>9.1f}/{r['pageN'][1] * 1000:<9.1f} "
-                    f"{r['pageN'][0] / r['page0'][0]:>5.1f} "
-                    f"{r['pageN'][1] / r['page0'][1]:>5.1f} "
-                    f"{r['jobs_per_min']:>8.1f} {'-':>25} {'-':>25}",
-                    flush=True,
-                )
-                continue
-            run_on = {"pool": "pool", "workers": "worker"}.get(place, "")
-            r = measure(port, instance, run_on, args.streams, args.steps, args.closes)
-            print(
-                f"{place:<11} {r['served']:>6} {r['queued']:>6} {r['refused']:>7} "
-                f"{r['completed']:>4} "
-                f"{r['page0'][0] * 1000:>9.1f}/{r['page0'][1] * 1000:<9.1f} "
-                f"{r['pageN'][0] * 1000:>9.1f}/{r['pageN'][1] * 1000:<9.1f} "
-                f"{r['pageN'][0] / r['page0'][0]:>5.1f} {r['pageN'][1] / r['page0'][1]:>5.1f} "
-                f"{r['jobs_per_min']:>8.1f} "
-                f"{r['gone'][0] * 1000:>12.1f}/{r['gone'][1] * 1000:<12.1f} "
-                f"{r['beyond_step'][0] * 1000:>12.1f}/{r['beyond_step'][1] * 1000:<12.1f}",
-                flush=True,
-            )
+            else:
+                run_on = {"pool": "pool", "workers": "worker"}.get(place, "")
+                r = measure(port, instance, run_on, args.streams, args.steps, args.closes)
+            print(row(place, r), flush=True)
     finally:
         process.kill()
         process.wait(10)
