@@ -265,6 +265,18 @@ class StreamGuard:
         producer's ``wake_step``: the producer stays in ``idle()``."""
         self._woken = False
 
+    def send_parked(self, chunk, advance, *args):
+        """In the hub's thread, while the stream is parked in ``idle(wake_step
+        =...)`` with nothing pending and nothing ending it: run
+        ``advance(*args)`` and send ``chunk`` (bytes or None), the producer
+        staying in ``idle()``, as if its ``wake_step`` had returned
+        ``[chunk]``; True if done.  False, having done nothing, otherwise
+        (the caller then ``wake()``s it as usual).  For a producer's own
+        helper that serves many parked streams one answer
+        (``logs.stream.FanOut``)."""
+        parked = self.parked
+        return parked is not None and parked.send_shared(chunk, advance, args)
+
     def resume(self, outcome):
         """What a parked ``idle()`` returns with, handed over by the stream's
         driver before the producer's next step: ``READY`` (a wake, or a

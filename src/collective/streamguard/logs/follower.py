@@ -200,6 +200,13 @@ class LogFollower:
         self._source = None
         self._file = None  # the source's OpenFile we read, or None
         self._callbacks = []  # see on_change()
+        self._listening = False  # _changed is one of the source's listeners
+        #: The source's shared answer (``LogSource.remember``) this
+        #: follower's state came from, while it has not moved since; None
+        #: otherwise.  Followers holding the same one are in the same
+        #: state: a fan-out (``logs.stream.FanOut``) reads for one of them
+        #: and ``adopt``s the answer for the others.
+        self.shared_state = None
         self._eventfd = -1  # see fileno()
         self._pos = 0
         self._scan_lines = None  # last_lines, scanned at the first read()
@@ -237,11 +244,27 @@ class LogFollower:
         else callers wait ``poll_interval`` between reads."""
         return self._source is not None and self._source.changes is not None
 
+    @property
+    def source(self):
+        """The path's ``LogSource``, shared with its other followers in
+        the process (None before ``open()`` and after ``close()``)."""
+        return self._source
+
     def on_change(self, callback):
         """Call ``callback()`` (in another thread, quickly) whenever the
         file may have changed; ``guard.wake`` is the usual one."""
         with self._lock:
             self._callbacks.append(callback)
+            self._listen()
+
+    def _listen(self):
+        # Our lock held.  Only a follower that has something to tell is one
+        # of the source's listeners: a fan-out's followers are told by
+        # their FanOut, and a call each that does nothing would cost every
+        # change of the log a call per viewer.
+        if not self._listening and self._source is not None and not self._closed:
+            self._listening = True
+            self._source.listen(self._changed)
 
     def fileno(self):
         """An fd that becomes readable when the file may have changed, or -1
@@ -250,6 +273,7 @@ class LogFollower:
         with self._lock:
             if self._eventfd < 0 and self.notifies and not self._closed:
                 self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._listen()
                 # Readable at once if a change came since read() last looked.
                 # After the assignment: the hub counts a change before it
                 # calls _changed(), so one of the two writes it.
@@ -275,6 +299,7 @@ class LogFollower:
             if self._error is not None:
                 raise LogUnavailable(self._error)
             self._drain()
+            self.shared_state = None  # set again below if it comes from one
             source = self._source
             changes = self._seen = source.changes
             if notified and changes is not None and changes == self._read_up_to:
@@ -310,6 +335,7 @@ class LogFollower:
                         known
                     )
                     self._read_up_to = changes
+                    self.shared_state = known
                     return list(pieces)
             pieces = []
             file = self._file
@@ -325,7 +351,9 @@ class LogFollower:
                             self._head,
                             self._ended,
                         )
-                        source.remember(key, (tuple(pieces), *state), changes)
+                        result = (tuple(pieces), *state)
+                        if source.remember(key, result, changes):
+                            self.shared_state = result
             except LogUnavailable:
                 if not pieces:
                     raise
@@ -333,6 +361,18 @@ class LogFollower:
                 # offset is already counted); the error is sticky, so the
                 # next read() raises.
             return pieces
+
+    def adopt(self, shared_state, changes):
+        """Take ``shared_state``, the answer another follower in this
+        follower's ``shared_state`` got at ``changes`` (a ``read(notified=
+        True)`` now would return the same pieces, from the source's cache):
+        the state moves as that read would move it, without reading.
+
+        For ``logs.stream.FanOut``, in the hub's thread, while nothing else
+        reads this follower (its stream is parked): no lock is taken."""
+        _pieces, self._pos, self._at_line_start, self._tail, self._head, self._ended = shared_state
+        self._read_up_to = self._seen = changes
+        self.shared_state = shared_state
 
     @property
     def ended(self):
@@ -374,9 +414,12 @@ class LogFollower:
         """Let go of the shared file and directory; idempotent."""
         with self._lock:
             self._closed = True
+            self.shared_state = None
             source, self._source = self._source, None
-            if source is not None:
+            if source is not None and self._listening:
+                self._listening = False
                 source.unlisten(self._changed)
+            if source is not None:
                 if self._file is not None:
                     source.close_file(self._file)
                     self._file = None
@@ -409,7 +452,8 @@ class LogFollower:
         except LogUnavailable:
             self._opened = False
             raise
-        self._source.listen(self._changed)
+        if self._callbacks:
+            self._listen()
         self._seen = self._source.changes
         try:
             if not self._open_file():

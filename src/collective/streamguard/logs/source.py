@@ -203,15 +203,17 @@ class LogSource:
     def remember(self, key, result, changes):
         """Keep what a follower in the state ``key`` read at ``changes``,
         for the others in the same state: in a fan-out every follower of
-        the path is, and reads the same line."""
+        the path is, and reads the same line.  True if it was kept."""
         with self.lock:
             if self.changes != changes:
-                return  # an event came meanwhile: a later read may differ
+                return False  # an event came meanwhile: a later read may differ
             if self._cache_at != changes:
                 self._cache.clear()
                 self._cache_at = changes
             if len(self._cache) < 4 * self._CACHED_READS:
                 self._cache[("result", key)] = result
+                return True
+            return False
 
     def stat_name(self, shared=False):
         """os.stat of the name (not followed); raises OSError."""

@@ -15,6 +15,7 @@ where it starts.  Event ids are ``logs.position`` ids: file and offset.
 import json
 import logging
 import random
+import threading
 import weakref
 
 from collective.streamguard.logs.follower import LogUnavailable
@@ -90,12 +91,17 @@ class LogStream:
         self.instance = instance
         self.log = log
         self.last_lines = last_lines
+        self.guard = None  # set when the stream starts (pieces)
         self._after_cr = False  # the last event ended with CR
         self._unsent = ()  # the last read's pieces; _given of them went
         self._given = 0
         # What a wake step read and left to the next step (pieces, or the
         # exception the read raised), or None.
         self._stashed = None
+        #: What the last wake step read for others in the same state, for
+        #: the FanOut: (the follower's shared state before, the one chunk
+        #: or None, the shared state after); else None.
+        self.shared_wake = None
         # A body the publisher drops without running still closes the
         # follower's file and inotify descriptors.
         weakref.finalize(self, follower.close)
@@ -121,11 +127,13 @@ class LogStream:
 
     def pieces(self, guard):
         follower = self.follower
-        # Changes wake the guard: no descriptor of our own to wait on, so a
-        # parked log stream holds its socket and nothing else.
+        self.guard = guard
+        # Changes wake the guard, through the log's FanOut: no descriptor
+        # of our own to wait on, so a parked log stream holds its socket
+        # and nothing else.
         notifies = follower.notifies
         if notifies:
-            follower.on_change(guard.wake)
+            guard.add_cleanup(FanOut.join(self).leave, self)
         if self.sse:
             # Sent first: how long an EventSource waits to reconnect.
             yield retry_field()
@@ -217,15 +225,29 @@ class LogStream:
         The hub reads at most one SSE piece (64 KiB) of a file that was
         just written (the page cache); a larger append is caught up by
         steps on workers."""
+        follower = self.follower
+        before, after_cr = follower.shared_state, self._after_cr
+        self.shared_wake = None
         try:
-            pieces = self.follower.read(SSE_PIECE, notified=True)
+            pieces = follower.read(SSE_PIECE, notified=True)
         except Exception as error:
             self._stashed = error
             return None
-        if self.follower.ended or (pieces and not self.follower.at_end):
+        if follower.ended or (pieces and not follower.at_end):
             self._stashed = pieces
             return None
-        return [self.format(piece) for piece in pieces]
+        chunks = [self.format(piece) for piece in pieces]
+        after = follower.shared_state
+        if (
+            before is not None
+            and after is not None
+            and len(chunks) <= 1
+            and not (after_cr or self._after_cr or follower.carried)
+        ):
+            # Read from a state others may share, and formatted as they
+            # would format it (FanOut).
+            self.shared_wake = (before, chunks[0] if chunks else None, after)
+        return chunks
 
     def format(self, piece):
         if not self.sse:
@@ -260,3 +282,91 @@ class LogStream:
             event_id,
             data.replace(b"\n", b"\ndata: "),
         )
+
+
+class FanOut:
+    """The ``LogStream``s of one log in this process, told of its changes
+    together, in the hub's thread.
+
+    Each is woken as one follower of the log would be (``guard.wake()``:
+    a parked stream runs its ``wake_step`` in the hub, another is resumed).
+    But when a parked stream's wake step read from a shared state (the
+    source's remembered answer, ``LogFollower.shared_state``), the
+    streams after it in that same state do not read, wake or format: each
+    ``adopt``s the answer and sends the shared chunk (``guard.send_parked``).
+
+    Why: with 10,000 parked viewers of one log, a new line cost 6-8 us of
+    Python per viewer around its send (the source, the follower's
+    listener, the guard, the parked stream, the wake step, the shared
+    read, the event), and the fan-out took about twice as long as the
+    stdlib asyncio server's (benchmarks/bench_parked_streams.py).  Here a
+    viewer in the common state costs a check and its send.
+    """
+
+    _fan_outs = {}  # LogSource -> FanOut
+    _lock = threading.Lock()
+
+    def __init__(self, source):
+        self.source = source
+        self.members = {}  # LogStream -> None, in the order they came
+        #: ``tuple(members)``, made again by the hub after a change of
+        #: members: a thousand arrivals cost one copy, not one each.
+        self.snapshot = ()
+
+    @classmethod
+    def join(cls, stream):
+        """Tell ``stream`` (its follower opened, inotify reporting) of its
+        log's changes; returns the FanOut (``leave`` it when it ends)."""
+        source = stream.follower.source
+        with cls._lock:
+            fan_out = cls._fan_outs.get(source)
+            if fan_out is None:
+                fan_out = cls._fan_outs[source] = cls(source)
+                source.listen(fan_out.changed)
+            fan_out.members[stream] = None
+            fan_out.snapshot = None
+        return fan_out
+
+    def leave(self, stream):
+        with self._lock:
+            self.members.pop(stream, None)
+            self.snapshot = None
+            if not self.members:
+                if self._fan_outs.get(self.source) is self:
+                    del self._fan_outs[self.source]
+                self.source.unlisten(self.changed)
+
+    def __len__(self):
+        return len(self.members)
+
+    def changed(self):
+        """A change of the log (the hub's thread, ``LogSource.listen``)."""
+        members = self.snapshot
+        if members is None:
+            with self._lock:
+                members = self.snapshot = tuple(self.members)
+        changes = self.source.changes
+        shared_from = shared_to = chunk = sse = None
+        for stream in members:
+            follower = stream.follower
+            state = follower.shared_state
+            if (
+                state is shared_from
+                and state is not None
+                and stream.sse is sse
+                and not stream._after_cr
+                and stream._stashed is None
+                and not follower.carried
+                and stream.guard.send_parked(chunk, follower.adopt, shared_to, changes)
+            ):
+                continue
+            stream.shared_wake = None
+            try:
+                stream.guard.wake()
+            except Exception:
+                logger.exception("waking %r failed", stream)
+                continue
+            led = stream.shared_wake
+            if led is not None and led[0] is state:
+                shared_from, chunk, shared_to = led
+                sse = stream.sse
