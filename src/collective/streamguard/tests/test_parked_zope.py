@@ -211,6 +211,64 @@ class TestWakeSteps(Installed, LogTestCase):
             sock.close()
         self.assertTrue(wait_for(lambda: not parked()))
 
+    def end_and_read(self, socks):
+        """End every stream with the marker; each body's log text."""
+        self.write(f"{MARKER}\n")
+        texts = []
+        for sock in socks:
+            body = sock.body()
+            self.assertTrue(body.endswith(b"event: end\ndata: \n\n"), body[-200:])
+            texts.append(log_text(body))
+        self.assertTrue(wait_for(lambda: not parked()))
+        return texts
+
+    def test_followers_in_one_state_share_one_read(self):
+        # logs.stream.FanOut: once the followers have read the same line
+        # (and so share the source's answer), the next line is read for
+        # one of them and sent to the others from the hub as it is.
+        socks, streams = self.follow_parked(self.COUNT)
+        resumes = [stream.resumes for stream in streams]
+        for line in ("first shared line\n", "second shared line\n"):
+            self.write(line)
+            events = [sock.read_until(f"data: {line}".encode()) for sock in socks]
+        self.assertGreaterEqual(sum(stream.shared_sends for stream in streams), self.COUNT - 1)
+        self.assertEqual([stream.resumes for stream in streams], resumes)
+        last_events = {event[event.rindex(b"id: ") :] for event in events}
+        self.assertEqual(len(last_events), 1, last_events)
+        expected = "first shared line\nsecond shared line\n"
+        self.assertEqual(self.end_and_read(socks), [expected] * self.COUNT)
+
+    def test_a_follower_that_joins_at_another_place_gets_its_own_lines_once(self):
+        socks, streams = self.follow_parked(3)
+        self.write("one\n")
+        for sock in socks:
+            sock.read_until(b"data: one\n")
+        # A fourth starts at the last line: it reads "one" in a step of its
+        # own, then parks among followers that got it from the hub.
+        late, _head = self.follow("log=app&format=sse&lines=1")
+        late.read_until(b"data: one\n")
+        self.assertTrue(wait_for(lambda: len(parked()) == 4))
+        self.write("two\n")
+        self.write("three\n")
+        texts = self.end_and_read([*socks, late])
+        self.assertEqual(texts, ["one\ntwo\nthree\n"] * 4)
+
+    def test_a_line_break_split_between_writes_reaches_every_follower_once(self):
+        # A CR at the end of a piece is followed by its stream's own state
+        # (its next event must not start with an empty line): such a
+        # stream is never served the shared chunk.
+        socks, streams = self.follow_parked(4)
+        self.write("shared\n")
+        for sock in socks:
+            sock.read_until(b"data: shared\n")
+        self.write("carriage\r")
+        for sock in socks:
+            sock.read_until(b"data: carriage\n")
+        self.write("\nafter\n")
+        self.write("last\n")
+        texts = self.end_and_read(socks)
+        self.assertEqual(texts, ["shared\ncarriage\nafter\nlast\n"] * 4)
+
     def test_what_the_hub_cannot_send_goes_to_a_step_exactly_once(self):
         socks, streams = self.follow_parked(4)
         resumes = [stream.resumes for stream in streams]
