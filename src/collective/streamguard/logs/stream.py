@@ -134,9 +134,10 @@ class LogStream:
         notifies = follower.notifies
         if notifies:
             guard.add_cleanup(FanOut.join(self).leave, self)
-        if self.sse:
-            # Sent first: how long an EventSource waits to reconnect.
-            yield retry_field()
+        # Sent first, with the first event: how long an EventSource waits
+        # to reconnect.  One chunk, not two: a step less for each of a
+        # thousand viewers arriving at once (bench_arrivals.py).
+        retry = retry_field() if self.sse else b""
         # What the log holds now is owed even to a client that half-closed
         # after its request (stream_response(catch_up=True) set
         # guard.catching_up); past it, such a client counts as gone.
@@ -160,7 +161,7 @@ class LogStream:
                 # nothing of it, and say so.
                 logger.warning("log stream stopped: %s", error)
                 if self.sse:
-                    yield UNAVAILABLE_EVENT
+                    yield retry + UNAVAILABLE_EVENT if first else UNAVAILABLE_EVENT
                 guard.stop(EndReason.LOG_UNAVAILABLE)
                 return
             if first:
@@ -169,7 +170,7 @@ class LogStream:
                 # that a reconnect before any data resumes right there.
                 first = False
                 place = None if pieces else follower.event_id
-                yield start_event(
+                yield retry + start_event(
                     follower,
                     self.instance,
                     self.log,
