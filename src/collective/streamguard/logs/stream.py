@@ -349,25 +349,25 @@ class FanOut:
         changes = self.source.changes
         shared_from = shared_to = chunk = sse = None
         for stream in members:
-            follower = stream.follower
-            state = follower.shared_state
-            if (
-                state is shared_from
-                and state is not None
-                and stream.sse is sse
-                and not stream._after_cr
-                and stream._stashed is None
-                and not follower.carried
-                and stream.guard.send_parked(chunk, follower.adopt, shared_to, changes)
-            ):
-                continue
-            stream.shared_wake = None
+            # One viewer's failure must not keep the line from the others.
             try:
+                follower = stream.follower
+                state = follower.shared_state
+                if (
+                    state is shared_from
+                    and state is not None
+                    and stream.sse is sse
+                    and not stream._after_cr
+                    and stream._stashed is None
+                    and not follower.carried
+                    and stream.guard.send_parked(chunk, follower.adopt, shared_to, changes)
+                ):
+                    continue
+                stream.shared_wake = None
                 stream.guard.wake()
+                led = stream.shared_wake
+                if led is not None and led[0] is state:
+                    shared_from, chunk, shared_to = led
+                    sse = stream.sse
             except Exception:
-                logger.exception("waking %r failed", stream)
-                continue
-            led = stream.shared_wake
-            if led is not None and led[0] is state:
-                shared_from, chunk, shared_to = led
-                sse = stream.sse
+                logger.exception("telling %r of a change failed", stream)

@@ -184,12 +184,13 @@ class TestWakeSteps(Installed, LogTestCase):
 
     COUNT = 12
 
-    def follow_parked(self, count):
+    def follow_parked(self, count, sse=True):
         self.configure(max_streams_per_user=0)
         socks = []
         for _ in range(count):
-            sock, _head = self.follow("log=app&format=sse")
-            sock.read_until(b"event: stream\n")
+            sock, _head = self.follow("log=app&format=sse" if sse else "log=app")
+            if sse:
+                sock.read_until(b"event: stream\n")
             socks.append(sock)
         self.assertTrue(wait_for(lambda: len(parked()) == count))
         streams = [record.guard.parked for record in parked()]
@@ -237,6 +238,18 @@ class TestWakeSteps(Installed, LogTestCase):
         self.assertEqual(len(last_events), 1, last_events)
         expected = "first shared line\nsecond shared line\n"
         self.assertEqual(self.end_and_read(socks), [expected] * self.COUNT)
+
+    def test_text_followers_in_one_state_share_one_read(self):
+        socks, streams = self.follow_parked(4, sse=False)
+        for line in ("first text line\n", "second text line\n"):
+            self.write(line)
+            for sock in socks:
+                sock.read_until(line.encode())
+        self.assertGreaterEqual(sum(stream.shared_sends for stream in streams), 3)
+        self.write(f"{MARKER}\n")
+        for sock in socks:
+            self.assertEqual(sock.body(), b"first text line\nsecond text line\n")
+        self.assertTrue(wait_for(lambda: not parked()))
 
     def test_a_follower_that_joins_at_another_place_gets_its_own_lines_once(self):
         socks, streams = self.follow_parked(3)
