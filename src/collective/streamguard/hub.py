@@ -203,11 +203,19 @@ class Hub:
             events = ()
         for fd, mask in events:
             if fd == self.eventfd:
-                self._signalled = False
                 try:
                     os.eventfd_read(self.eventfd)
                 except BlockingIOError:
                     pass
+                # Only now, after the read: the read lets the GIL go, and a
+                # call_soon() in that moment that saw the flag down would
+                # raise it and write, its write consumed by this read; the
+                # flag would then stay up with nothing to read, no later
+                # call_soon() would write, and each would wait for the
+                # epoll timeout (TICK): 1 s stalls, seen in the tests.  The
+                # inbox is drained after this, so a caller that saw the
+                # flag up is served in this turn.
+                self._signalled = False
                 continue
             handler = self.handlers.get(fd)
             if handler is not None:
