@@ -375,6 +375,18 @@ class ParkedStream:
             self.state = QUEUED
         self.scheduler.submit(self)
 
+    def _wakes_served_here(self):
+        """Our lock held: the producer waits in ``idle()``, nothing is
+        queued and nothing ends the stream, so a wake may be served in the
+        hub without a step."""
+        return (
+            self.state is PARKED
+            and self.in_idle
+            and not self.gone
+            and not self.out.size
+            and self.guard.check() is None
+        )
+
     def _run_wake_step(self):
         """A wake in the hub's thread: the producer's ``wake_step`` gives
         what it would send before it waits again, and the stream stays
@@ -388,13 +400,7 @@ class ParkedStream:
         in one thread, as asyncio does."""
         guard = self.guard
         with self.lock:
-            if (
-                self.state is not PARKED
-                or not self.in_idle
-                or self.gone
-                or self.out.size
-                or guard.check() is not None
-            ):
+            if not self._wakes_served_here():
                 return False  # ending, or output waits: the step decides
             guard.take_wake()
             try:
@@ -440,15 +446,7 @@ class ParkedStream:
         followers are in one state reads once and sends each this way."""
         guard = self.guard
         with self.lock:
-            if (
-                self.state is not PARKED
-                or not self.in_idle
-                or self.gone
-                or self.out.size
-                or guard.park_wake_step is None
-                or guard.woken
-                or guard.check() is not None
-            ):
+            if guard.park_wake_step is None or guard.woken or not self._wakes_served_here():
                 return False
             advance(*args)
             self.wake_steps += 1
