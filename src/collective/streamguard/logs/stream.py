@@ -161,7 +161,7 @@ class LogStream:
                 # nothing of it, and say so.
                 logger.warning("log stream stopped: %s", error)
                 if self.sse:
-                    yield retry + UNAVAILABLE_EVENT if first else UNAVAILABLE_EVENT
+                    yield retry + UNAVAILABLE_EVENT
                 guard.stop(EndReason.LOG_UNAVAILABLE)
                 return
             if first:
@@ -177,6 +177,7 @@ class LogStream:
                     self.last_lines,
                     None if place is None else place + follower.carried,
                 )
+                retry = b""  # sent
             # No copy per read (every follower reads at every line): the
             # list and how many of it went, for held_bytes.
             self._unsent, self._given = pieces, 0
@@ -311,8 +312,8 @@ class FanOut:
         self.source = source
         self.members = {}  # LogStream -> None, in the order they came
         #: ``tuple(members)``, made again by the hub after a change of
-        #: members: a thousand arrivals cost one copy, not one each.
-        self.snapshot = ()
+        #: members (None): a thousand arrivals cost one copy, not one each.
+        self.snapshot = None
 
     @classmethod
     def join(cls, stream):
@@ -336,9 +337,6 @@ class FanOut:
                 if self._fan_outs.get(self.source) is self:
                     del self._fan_outs[self.source]
                 self.source.unlisten(self.changed)
-
-    def __len__(self):
-        return len(self.members)
 
     def changed(self):
         """A change of the log (the hub's thread, ``LogSource.listen``)."""

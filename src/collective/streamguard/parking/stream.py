@@ -427,9 +427,8 @@ class ParkedStream:
                     except OSError:
                         self.gone = self.broken = True
         if size:
-            guard.last_output = time.monotonic()
-            self.body.record.bytes_sent += size
-        if self.gone:
+            self._sent_from_hub(size, time.monotonic())
+        elif self.gone:
             self.resume(STOP, gone=True)
         return True
 
@@ -454,10 +453,7 @@ class ParkedStream:
             if chunk:
                 self._send_now(frame(chunk) if self.chunked else chunk)
         if chunk:
-            guard.last_output = time.monotonic()
-            self.body.record.bytes_sent += len(chunk)
-            if self.gone:
-                self.resume(STOP, gone=True)
+            self._sent_from_hub(len(chunk), time.monotonic())
         return True
 
     def on_socket_event(self, mask):
@@ -530,8 +526,14 @@ class ParkedStream:
                 return  # output is pending anyway
             # Thousands of streams beat every 15 s: one send() each.
             self._send_now(frame(guard.heartbeat) if self.chunked else guard.heartbeat)
-        guard.last_output = now
-        self.body.record.bytes_sent += len(guard.heartbeat)
+        self._sent_from_hub(len(guard.heartbeat), now)
+
+    def _sent_from_hub(self, size, now):
+        """After ``size`` bytes went out from the hub (no step): the time
+        of the last output (heartbeats count from it), the stream's bytes,
+        and its end if the send found the client gone."""
+        self.guard.last_output = now
+        self.body.record.bytes_sent += size
         if self.gone:
             self.resume(STOP, gone=True)
 

@@ -296,12 +296,8 @@ class TestWakeSteps(Installed, LogTestCase):
         )
         self.assertTrue(wait_for(lambda: len(parked()) == 4))
         # The end marker, found by a wake step, ends every stream.
-        self.write(f"{MARKER}\n")
-        for sock in socks:
-            body = sock.body()
-            self.assertTrue(body.endswith(b"event: end\ndata: \n\n"), body[-200:])
-            self.assertEqual(log_text(body), "".join(line + "\n" for line in lines))
-        self.assertTrue(wait_for(lambda: not parked()))
+        expected = "".join(line + "\n" for line in lines)
+        self.assertEqual(self.end_and_read(socks), [expected] * 4)
 
     def test_a_log_swapped_for_a_symbolic_link_while_parked_is_not_sent(self):
         socks, streams = self.follow_parked(3)
