@@ -9,7 +9,6 @@ is not started: the test plays the I/O thread.
 import logging
 import select
 import socket
-import sys
 import threading
 import unittest
 
@@ -201,63 +200,94 @@ class TestNoSpinWhileAWorkerSends(ServerTestCase):
         self.assertFalse(self.trigger_pulled())
 
 
-class TestWaitingChannelsCostNoPythonInTheSweep(ServerTestCase):
+class TestWaitingChannelsWaitOutOfTheMap(ServerTestCase):
     """waitress' loop asks every channel of its map, at every pass, whether
     it is readable and writable; a channel whose request waits for a
-    worker answers with a C call until a worker takes it."""
+    worker waits out of the map (``admission.WaitingRoom``) until a worker
+    takes it."""
 
     def setUp(self):
         super().setUp()
+        self.room = admission.WaitingRoom.install(self.server)  # the test is the I/O thread
         ours, self.peer = socket.socketpair()
         self.addCleanup(self.peer.close)
         self.channel = ParkingChannel(
             self.server, ours, ("127.0.0.1", 1), self.server.adj, map=self.server._map
         )
         self.addCleanup(self.channel.close)
+        self.fileno = ours.fileno()
 
-    def python_calls(self, *functions):
-        """The Python functions that calling ``functions`` runs."""
-        calls = []
+    def in_map(self):
+        return self.server._map.get(self.fileno) is self.channel
 
-        def profile(frame, event, arg):
-            if event == "call":
-                calls.append(frame.f_code.co_name)
+    def in_room(self):
+        return self.room.channels.get(self.fileno) is self.channel
 
-        answers = []
-        sys.setprofile(profile)
-        try:
-            for function in functions:  # a loop: a comprehension is a call
-                answers.append(function())
-        finally:
-            sys.setprofile(None)
-        return answers, calls
-
-    def test_a_request_waiting_for_a_worker_is_asked_in_c_until_it_is_served(self):
-        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
-        self.assertEqual(answers, [True, False])  # idle: it reads
-        self.assertIn("readable", calls)
+    def queue_request(self):
         self.peer.sendall(request("/@@stream-log?log=event"))
         self.channel.handle_read()  # the loop's read: the request is queued
         self.assertEqual(len(self.channel.requests), 1)
-        self.assertIs(self.server._map[self.channel.socket.fileno()], self.channel)  # counted
-        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
-        self.assertEqual(answers, [False, False])
-        self.assertEqual(calls, [])
-        # A worker takes it: waitress' own answers again.
-        self.channel.service()
-        self.assertEqual(self.peer.recv(100).split(b"\r\n")[0], b"HTTP/1.1 200 OK")
-        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
-        self.assertEqual(answers, [True, False])
-        self.assertIn("readable", calls)
 
-    def test_a_channel_with_output_to_send_keeps_waitress_answers(self):
+    def test_a_request_waiting_for_a_worker_is_out_of_the_map_until_a_worker_takes_it(self):
+        self.assertTrue(self.in_map())  # idle: it reads
+        self.queue_request()
+        self.assertFalse(self.in_map())
+        self.assertTrue(self.in_room())
+        self.assertEqual(len(self.room), 1)
+        seen_by_app = []
+        self.channel.server.application = lambda environ, start_response: (
+            seen_by_app.append((self.in_map(), self.in_room())),
+            start_response("200 OK", [("Content-Length", "2")]),
+            [b"ok"],
+        )[2]
+        self.channel.service()  # a worker takes it
+        self.assertEqual(seen_by_app, [(True, False)])  # back before the request ran
+        self.assertEqual(self.peer.recv(100).split(b"\r\n")[0], b"HTTP/1.1 200 OK")
+        self.assertTrue(self.in_map())
+        self.assertEqual(len(self.room), 0)
+
+    def test_a_channel_with_output_to_send_stays_in_the_map(self):
         self.channel.write_soon(b"x" * (8 << 20))  # more than the socket pair takes
         self.assertTrue(self.channel.total_outbufs_len)
-        self.peer.sendall(request("/@@stream-log?log=event"))
-        self.channel.handle_read()
-        answers, calls = self.python_calls(self.channel.readable, self.channel.writable)
-        self.assertEqual(answers, [False, True])
-        self.assertIn("writable", calls)
+        self.queue_request()
+        self.assertTrue(self.in_map())
+        self.assertFalse(self.in_room())
+        self.assertTrue(self.channel.writable())
+
+    def test_the_connection_limit_counts_the_waiting_channels(self):
+        self.queue_request()
+        # waitress alone counts the map: one connection left below the limit.
+        self.server.adj.connection_limit = len(self.server._map) + 1
+        with self.assertLogs("collective.streamguard", "WARNING") as logged:
+            self.assertFalse(self.server.readable())
+        self.assertIn("connection limit (1 waiting for a worker)", logged.output[0])
+        self.server.adj.connection_limit += 1
+        with self.assertLogs("collective.streamguard", "INFO") as logged:
+            self.assertTrue(self.server.readable())
+        self.assertIn("listening again", logged.output[0])
+
+    def test_shutdown_closes_the_channels_that_wait_out_of_the_map(self):
+        self.queue_request()
+        self.assertTrue(self.in_room())
+        # waitress' shutdown cancels what waits in its queue (no thread runs
+        # here); the channel, out of the map, is not among the map's.
+        self.assertTrue(self.server.task_dispatcher.shutdown(timeout=0))
+        self.assertFalse(self.in_room())
+        self.assertFalse(self.in_map())
+        self.assertEqual(self.peer.recv(100), b"")  # closed
+        self.assertFalse(self.channel.connected)
+
+    def test_servers_that_share_a_map_share_its_room(self):
+        multi = create_server(
+            app, listen="127.0.0.1:0 127.0.0.1:0", _dispatcher=ThreadedTaskDispatcher()
+        )
+        self.addCleanup(multi.close)
+        listeners = [d for d in multi.map.values() if hasattr(d, "accepting") and d.accepting]
+        self.assertEqual(len(listeners), 2)
+        rooms = [admission.WaitingRoom.install(server) for server in listeners]
+        self.assertIs(rooms[0], rooms[1])
+        self.assertIs(rooms[0].map, multi.map)
+        self.assertIs(admission.WaitingRoom.install(listeners[0]), rooms[0])  # once
 
 
 class Messages(logging.Handler):

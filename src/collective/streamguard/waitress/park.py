@@ -63,11 +63,6 @@ except ImportError:  # no waitress: nothing here is used
 SELECT_SAFE_FD = 900
 
 
-#: readable() and writable() of a channel that waits for a worker: always
-#: False, and a call of C, not of Python (ParkingChannel.received).
-_NOTHING = functools.partial(bool)
-
-
 class LeaveWorker(BaseException):
     """Private: carries a worker out of ``WSGITask.execute``, body unfinished."""
 
@@ -97,9 +92,9 @@ class ParkingChannel(HTTPChannel):
         # worker it waited for: 500,000 loop passes over ~500 channels for
         # 1,000 stream opens, 40-70 s instead of 2-3 s
         # (benchmarks/bench_arrivals.py).
-        # The loop asks every channel of its map at every pass (hundreds
-        # wait for a worker during a burst): nothing to send is answered
-        # first, without the lock or super() (waitress' own answer then).
+        # The loop asks every channel of its map at every pass: nothing to
+        # send is answered first, without the lock or super() (waitress'
+        # own answer then).
         if not self.total_outbufs_len:
             return self.will_close or self.close_when_flushed
         if self.requests and not (self.will_close or self.close_when_flushed):
@@ -123,28 +118,26 @@ class ParkingChannel(HTTPChannel):
     def received(self, data):
         handled = super().received(data)
         # A channel whose request waits for a worker has nothing to read
-        # (waitress reads no further request first) and nothing to send,
-        # yet waitress' loop asks its readable() and writable() at every
-        # pass over its map, and a burst of arrivals makes several passes
-        # per arrival over hundreds of such channels: O(connections) of
-        # Python per wake (benchmarks/README.rst, bench_arrivals.py).  Until
-        # a worker takes it, both answers are a C call.  It stays in the
-        # map, so waitress' connection limit still counts it.
-        with self.requests_lock:
-            if (
-                self.requests
-                and self._servicing is None
-                and not HTTPChannel.readable(self)
-                and not self.writable()
-            ):
-                self.readable = self.writable = _NOTHING
+        # (waitress reads no further request first) and nothing to send:
+        # it waits out of waitress' map, whose every channel the loop asks
+        # at every pass (admission.WaitingRoom), until a worker takes it.
+        room = getattr(self.server, "waiting_room", None)
+        if room is not None:
+            with self.requests_lock:
+                if (
+                    self.requests
+                    and self._servicing is None
+                    and not HTTPChannel.readable(self)
+                    and not self.writable()
+                ):
+                    room.enter(self)
         return handled
 
     def service(self):
+        room = getattr(self.server, "waiting_room", None)
         with self.requests_lock:
-            # Taken: waitress' own answers again (see received()).
-            self.__dict__.pop("readable", None)
-            self.__dict__.pop("writable", None)
+            if room is not None:
+                room.leave(self)  # back in the map before the request runs
             self._servicing = threading.get_ident()
         try:
             super().service()
@@ -154,6 +147,17 @@ class ParkingChannel(HTTPChannel):
             self.server.trigger.pull_trigger(functools.partial(_detach, self, stream))
         finally:
             self._servicing = None
+
+    def cancel(self):
+        # waitress' shutdown cancels the requests still queued; a channel
+        # that waited out of the map is not closed with the map's.
+        super().cancel()
+        room = getattr(self.server, "waiting_room", None)
+        if room is not None:
+            with self.requests_lock:
+                waited = room.leave(self, back=False)
+            if waited:
+                self.handle_close()
 
 
 _warned = set()
@@ -189,6 +193,7 @@ def _install(server):
         server.channel_class = ParkingChannel
         if type(server.task_dispatcher) is ThreadedTaskDispatcher:
             admission.install(server.task_dispatcher)
+            admission.WaitingRoom.install(server)
         if loop_polls(server):
             raise_open_files_limit()
         for channel in list(server.active_channels.values()):
