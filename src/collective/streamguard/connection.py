@@ -88,6 +88,15 @@ def keep_alive(fd, sends_every=None):
     except OSError:
         return False
     try:
+        return keep_socket_alive(sock, sends_every)
+    finally:
+        sock.close()
+
+
+def keep_socket_alive(sock, sends_every=None):
+    """``keep_alive`` on a socket object (the server's own: the options
+    belong to the socket, not to one of its fds)."""
+    try:
         if sock.type != socket.SOCK_STREAM or sock.family not in (
             socket.AF_INET,
             socket.AF_INET6,
@@ -103,10 +112,8 @@ def keep_alive(fd, sends_every=None):
             if hasattr(socket, option):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         return True
-    except OSError:
+    except (OSError, ValueError):
         return False
-    finally:
-        sock.close()
 
 
 class ConnectionState(enum.Enum):
@@ -181,6 +188,11 @@ class ClientConnection:
     def fileno(self):
         """The client socket's fd, or -1 when there is none (or no more)."""
         return -1
+
+    def keep_alive(self, sends_every=None):
+        """Turn on ``connection.keep_alive``'s probes on the client socket;
+        False where there is none or it is not TCP."""
+        return keep_alive(self.fileno(), sends_every)
 
     def wait_closed(self, timeout=None):
         """Block until the client leaves or ``timeout`` seconds pass.

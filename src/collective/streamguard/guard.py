@@ -34,7 +34,6 @@ import weakref
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import RECHECK_INTERVAL
 from collective.streamguard.connection import ConnectionState
-from collective.streamguard.connection import keep_alive
 from collective.streamguard.streams import EndReason
 from collective.streamguard.streams import live_streams
 
@@ -498,8 +497,7 @@ class GuardedStream:
         # A client that vanishes without FIN or reset is found by the
         # kernel within 50 s (connection.keep_alive): by keepalive probes,
         # or, for a stream that beats, by its heartbeats' user timeout.
-        keep_alive(
-            guard.connection.fileno(),
+        guard.connection.keep_alive(
             sends_every=guard.heartbeat_interval if guard.heartbeat is not None else None,
         )
         # Only for garbage collection (a body the publisher dropped): at

@@ -16,6 +16,7 @@ import sys
 
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import ClientConnection
+from collective.streamguard.connection import keep_socket_alive
 from collective.streamguard.waitress.channel import channel_of
 
 logger = logging.getLogger("collective.streamguard")
@@ -62,6 +63,13 @@ class SocketConnection(ClientConnection):
             return self._sock.fileno()
         except (AttributeError, OSError, ValueError):
             return -1
+
+    def keep_alive(self, sends_every=None):
+        # On the server's socket object itself: no duplicate fd to make and
+        # close for each stream.
+        if self.fileno() < 0:
+            return False
+        return keep_socket_alive(self._sock, sends_every)
 
     def _probe(self):
         return self._alive if socket_is_open(self._sock) else self._closed

@@ -249,3 +249,19 @@ class TestVanishedPeerBound(unittest.TestCase):
         sock = self.tcp_pair()
         self.assertTrue(keep_alive(sock.fileno(), sends_every=45))
         self.assertEqual(self.user_timeout(sock), 10_000)
+
+    def test_a_connection_with_the_socket_object_sets_them_on_it(self):
+        sock = self.tcp_pair()
+        connection = client_connection({"gunicorn.socket": sock})
+        self.assertTrue(connection.keep_alive(sends_every=15))
+        self.assertEqual(self.user_timeout(sock), 35_000)
+        self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        sock.close()
+        self.assertFalse(connection.keep_alive())
+
+    def test_a_unix_socket_is_left_alone(self):
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        self.assertFalse(client_connection({"gunicorn.socket": ours}).keep_alive())
+        self.assertFalse(keep_alive(ours.fileno()))

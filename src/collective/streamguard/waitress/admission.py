@@ -201,5 +201,7 @@ class WaitingRoom:
             return False
         if self.over_limit:
             self.over_limit = False
-            logger.info("total open connections dropped below the connection limit, listening again")
+            logger.info(
+                "total open connections dropped below the connection limit, listening again"
+            )
         return True
