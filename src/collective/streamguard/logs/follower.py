@@ -456,14 +456,15 @@ class LogFollower:
             self._listen()
         self._seen = self._source.changes
         try:
-            if not self._open_file():
+            info = self._open_file()
+            if info is None:
                 if self._resume is not None:
                     unknown = self._resume.offset is None
                     self.switched = Switch.UNKNOWN_ID if unknown else Switch.NO_FILE
                     self.carried = carry((self._resume, *self._resume.carried))
                 return  # followed from 0 once it exists
             offset, last_lines = self._start
-            size = os.fstat(self._file.fd).st_size
+            size = info.st_size
             if self._resume is not None:
                 place, self.switched, self.carried = self._resume.choose(
                     self._file.fd, self._file.ident, size
@@ -487,15 +488,17 @@ class LogFollower:
             raise
 
     def _open_file(self):
-        """Open the file at the name; False if there is none."""
+        """Open the file at the name; its ``os.stat_result``, or None if
+        there is none."""
         # lstat first: opening a device node can have side effects, and
         # O_NOFOLLOW alone would still open one.
-        if self._check_name() is _MISSING:
-            return False
+        seen = self._name_info()
+        if seen is None:
+            return None
         try:
-            file, info = self._source.open_file()
+            file, info = self._source.open_file(seen)
         except FileNotFoundError:
-            return False
+            return None
         except OSError as error:
             self._fail(reason_of(error))
         problem = None
@@ -503,11 +506,12 @@ class LogFollower:
             problem = "is not a regular file"
         elif info.st_nlink > 1:
             problem = f"has {info.st_nlink} hard links"
-        elif info.st_size == 0:
+        elif info.st_size == 0 and not file.checked:
             # A procfs or sysfs file reads data while its size says 0: it
             # would be sent again from its start at every change.  Its size
             # is asked again after the read: an empty log written to just
-            # then has grown, and is a log after all.
+            # then has grown, and is a log after all.  Asked once per open
+            # file: where a file lives does not change.
             try:
                 if os.pread(file.fd, 1, 0) and os.fstat(file.fd).st_size == 0:
                     problem = "reads data while its size is 0 (a pseudo-file)"
@@ -516,15 +520,17 @@ class LogFollower:
         if problem is not None:
             self._source.close_file(file)
             self._fail(problem)
+        file.checked = True
         self._file = file
-        return True
+        return info
 
-    def _check_name(self):
-        """Where the name points now: our file, another file, or nowhere."""
+    def _name_info(self):
+        """The name's ``os.stat_result`` (not followed), or None when there
+        is none; fails unless it is a regular file with one link."""
         try:
             info = self._source.stat_name(self._shared)
         except FileNotFoundError:
-            return _MISSING
+            return None
         except OSError as error:
             self._fail(reason_of(error))
         if stat.S_ISLNK(info.st_mode):
@@ -535,6 +541,13 @@ class LogFollower:
             # A hard link to another file moved in place of the log: never
             # followed like a rotation.
             self._fail(f"has {info.st_nlink} hard links")
+        return info
+
+    def _check_name(self):
+        """Where the name points now: our file, another file, or nowhere."""
+        info = self._name_info()
+        if info is None:
+            return _MISSING
         if self._file is not None and (info.st_dev, info.st_ino) == self._file.ident:
             return _SAME
         return _OTHER
@@ -577,7 +590,7 @@ class LogFollower:
         while True:
             where = self._check_name()
             if self._file is None:
-                if where is _MISSING or not self._open_file():
+                if where is _MISSING or self._open_file() is None:
                     return True
                 self._pos, self._at_line_start, self._tail, self._head = 0, True, b"", b""
                 where = _SAME

@@ -222,6 +222,70 @@ class SharedStateTests(FollowTestCase):
         self.assertLessEqual(len(vars(follower)), 29, sorted(vars(follower)))
 
 
+#: The names opened while a test records (``sys.audit``'s "open" events;
+#: an audit hook stays for the process, so it records only when asked).
+_opened = None
+
+
+def _record_opens(event, args):
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+class JoiningTests(FollowTestCase):
+    """A follower that joins a file its source has open shares it as it is:
+    no open() of its own (a thousand viewers arriving at once were a
+    thousand open(), fstat() and close() calls, each handing the GIL over).
+    What it checks of the name still holds."""
+
+    def opens_during(self, function):
+        global _opened
+        _opened = []
+        try:
+            function()
+        finally:
+            opened, _opened = _opened, None
+        return [name for name in opened if os.path.basename(name) == "event.log"]
+
+    def test_a_follower_that_joins_an_open_file_shares_it_without_opening_it(self):
+        self.append("one\n")
+        self.assertEqual(len(self.opens_during(lambda: self.follower(offset=0))), 1)
+        second = LogFollower(self.path, offset=0)
+        self.addCleanup(second.close)
+        self.assertEqual(self.opens_during(second.open), [])
+        self.assertEqual(len(second.source.files), 1)
+        [shared] = second.source.files.values()
+        self.assertEqual(shared.users, 2)
+        self.assertEqual(text_of(second.read()), "one\n")
+
+    def test_followers_of_an_empty_log_read_it_and_a_pseudo_file_is_still_refused(self):
+        first = self.follower()
+        second = self.follower()
+        self.append("later\n")
+        self.assertEqual(text_of(first.read()), "later\n")
+        self.assertEqual(text_of(second.read()), "later\n")
+        with self.assertRaisesRegex(LogUnavailable, "pseudo-file"):
+            self.follower(path="/proc/self/status")
+
+    def test_a_follower_that_joins_after_the_name_became_a_symlink_is_refused(self):
+        self.append("one\n")
+        self.follower()  # keeps the file open
+        os.rename(self.path, self.path + ".1")
+        os.symlink(self.path + ".1", self.path)
+        with self.assertRaisesRegex(LogUnavailable, "symbolic link"):
+            self.follower()
+
+    def test_a_follower_that_joins_after_a_second_link_was_made_is_refused(self):
+        self.append("one\n")
+        self.follower()
+        os.link(self.path, self.path + ".other")
+        with self.assertRaisesRegex(LogUnavailable, "hard links"):
+            self.follower()
+
+
 class MarkerTests(FollowTestCase):
     def test_marker_line_ends_the_log_and_nothing_after_it_is_returned(self):
         follower = self.follower()
