@@ -29,7 +29,6 @@ import select
 import sys
 import threading
 import time
-import weakref
 
 from collective.streamguard.connection import CLOSE_EVENTS
 from collective.streamguard.connection import RECHECK_INTERVAL
@@ -125,11 +124,13 @@ class StreamGuard:
         self.before_wait = None
         self.started = time.monotonic()
         self.last_output = self.started
-        self._endings = []
-        self._cleanups = []
+        # Empty tuples until something is added: shared, and nothing for
+        # the garbage collector to track (each parked stream has a guard).
+        self._endings = ()
+        self._cleanups = ()
         #: (enter, leave) pairs run around every step of a parked stream, in
         #: whatever thread runs it (``add_step_hooks``).
-        self._step_hooks = []
+        self._step_hooks = ()
         # The wake pipe is made by the first blocking wait: a parked stream
         # never needs one (the hub wakes it), so it holds no fds of its own.
         self._wake_r = self._wake_w = -1
@@ -297,7 +298,7 @@ class StreamGuard:
         producer once its stream has parked (each may run in another
         thread); ``leave()`` also runs just before the first park.  For
         thread-locals the producer needs (``zodb.ZODBSession``)."""
-        self._step_hooks.append((enter, leave))
+        self._step_hooks = (*self._step_hooks, (enter, leave))
 
     def enter_step(self):
         for enter, _leave in self._step_hooks:
@@ -365,12 +366,16 @@ class StreamGuard:
         Cleanups run last-added first, in the thread that ends the stream;
         ``guard.reason`` tells why it ended.
         """
+        if not self._cleanups:
+            self._cleanups = []
         self._cleanups.append((function, args, kwargs))
 
     def add_ending(self, function, *args, **kwargs):
         """Run ``function(*args, **kwargs)`` once when the stream ends, before
         any cleanup: where a transaction is committed or aborted, while the
         resources that cleanups close (an SQL session) are still open."""
+        if not self._endings:
+            self._endings = []
         self._endings.append((function, args, kwargs))
 
     def run_cleanups(self):
@@ -500,9 +505,6 @@ class GuardedStream:
         guard.connection.keep_alive(
             sends_every=guard.heartbeat_interval if guard.heartbeat is not None else None,
         )
-        # Only for garbage collection (a body the publisher dropped): at
-        # interpreter exit live_streams.shutdown() ends live streams.
-        weakref.finalize(self, guard.live_streams.discard, self.record).atexit = False
         logger.info(
             "stream %d started: %s user=%s client=%s probe=%s",
             self.record.id,
@@ -511,6 +513,17 @@ class GuardedStream:
             client,
             guard.connection.probe,
         )
+
+    def __del__(self):
+        # Only for garbage collection (a body the publisher dropped): the
+        # slot comes back and the cleanups run (LiveStreams.discard).  A
+        # method, not a weakref.finalize: that is five more objects for the
+        # collector to track for each of 10,000 parked streams.
+        try:
+            live_streams, record = self.guard.live_streams, self.record
+        except AttributeError:  # __init__ did not get that far
+            return
+        live_streams.discard(record)
 
     def __iter__(self):
         return self

@@ -451,9 +451,9 @@ def direct_output_for(environ):
     server's connection (waitress), or None."""
     if channel_of(environ) is None:
         return None
-    from collective.streamguard.waitress.output import DirectOutput
+    from collective.streamguard.waitress.output import direct_output_for
 
-    return DirectOutput.for_caller
+    return direct_output_for
 
 
 def takes_guard(producer):

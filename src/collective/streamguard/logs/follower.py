@@ -198,7 +198,7 @@ class LogFollower:
         self.carried = b""
         self._source = None
         self._file = None  # the source's OpenFile we read, or None
-        self._callbacks = []  # see on_change()
+        self._callbacks = ()  # see on_change()
         # Attributes: at most 29 of them.  CPython 3.11 keeps an instance's
         # values in its class' shared keys up to that; a 30th gives every
         # follower a dict of its own (1.3 KiB more per stream, measured).
@@ -226,7 +226,9 @@ class LogFollower:
         # kernel reuse) an fd that read() is in the middle of using.  Re-entrant:
         # a weakref finalizer may call close() in the reading thread itself.
         self._lock = threading.RLock()
-        self._pool = []  # bytearrays of max_piece bytes, see _pooled_buffer()
+        # bytearrays of max_piece bytes, see _pooled_buffer(); a tuple while
+        # empty (most followers never need one: nothing for the collector).
+        self._pool = ()
 
     # -- public API ---------------------------------------------------------
 
@@ -255,7 +257,7 @@ class LogFollower:
         """Call ``callback()`` (in another thread, quickly) whenever the
         file may have changed; ``guard.wake`` is the usual one."""
         with self._lock:
-            self._callbacks.append(callback)
+            self._callbacks = (*self._callbacks, callback)
             self._listen()
 
     def _listen(self):
@@ -424,10 +426,16 @@ class LogFollower:
                     source.close_file(self._file)
                     self._file = None
                 source.release()
-            self._callbacks = []
+            self._callbacks = ()
             fd, self._eventfd = self._eventfd, -1
             if fd >= 0:
                 os.close(fd)
+
+    def __del__(self):
+        # A follower dropped without close() (a stream body the publisher
+        # never ran) still gives back its source's file and directory.
+        if not getattr(self, "_closed", True):
+            self.close()
 
     def __enter__(self):
         self.open()
@@ -650,7 +658,7 @@ class LogFollower:
             used += len(data)
             at_end = len(data) < want  # a regular file reads short only at its end
             if at_end:
-                self._pool.clear()
+                self._pool = ()
             taken = self._take(data, pieces, final and at_end)
             if at_end or self._ended or not taken:
                 return used, at_end or not taken
@@ -669,7 +677,7 @@ class LogFollower:
                 return buffer
         if len(self._pool) < _POOL_SIZE:
             buffer = bytearray(self.max_piece)
-            self._pool.append(buffer)
+            self._pool = [*self._pool, buffer]
             return buffer
         return None
 

@@ -16,7 +16,6 @@ import json
 import logging
 import random
 import threading
-import weakref
 
 from collective.streamguard.logs.follower import LogUnavailable
 from collective.streamguard.logs.position import Switch
@@ -102,11 +101,16 @@ class LogStream:
         #: the FanOut: (the follower's shared state before, the one chunk
         #: or None, the shared state after); else None.
         self.shared_wake = None
-        # A body the publisher drops without running still closes the
-        # follower's file and inotify descriptors.
-        weakref.finalize(self, follower.close)
+        #: The log's FanOut this stream is told of changes by, or None.
+        self.fan_out = None
 
     def close(self):
+        """Leave the log's FanOut and close the follower; idempotent.  A
+        body the publisher drops without running is closed by the
+        follower's own ``__del__``."""
+        fan_out, self.fan_out = self.fan_out, None
+        if fan_out is not None:
+            fan_out.leave(self)
         self.follower.close()
 
     @property
@@ -120,7 +124,7 @@ class LogStream:
         return held
 
     def __call__(self, guard):
-        guard.add_cleanup(self.follower.close)
+        guard.add_cleanup(self.close)
         # It only ever waits in the guard: large pieces may go out in batches.
         guard.batch_output = True
         return self.pieces(guard)
@@ -133,7 +137,7 @@ class LogStream:
         # and nothing else.
         notifies = follower.notifies
         if notifies:
-            guard.add_cleanup(FanOut.join(self).leave, self)
+            self.fan_out = FanOut.join(self)
         # Sent first, with the first event: how long an EventSource waits
         # to reconnect.  One chunk, not two: a step less for each of a
         # thousand viewers arriving at once (bench_arrivals.py).

@@ -1,6 +1,7 @@
 """LogFollower on real files: appends, rotation, truncation, deletion,
 symbolic links and FIFOs made by the test itself, in a temporary directory."""
 
+import gc
 import json
 import os
 import random
@@ -260,6 +261,21 @@ class JoiningTests(FollowTestCase):
         [shared] = second.source.files.values()
         self.assertEqual(shared.users, 2)
         self.assertEqual(text_of(second.read()), "one\n")
+
+    def test_a_follower_dropped_without_close_gives_its_file_back(self):
+        # What a stream body the publisher never ran leaves behind.
+        self.append("one\n")
+        keeper = self.follower()
+        dropped = LogFollower(self.path)
+        dropped.open()
+        source = dropped.source
+        [shared] = source.files.values()
+        self.assertEqual((source.users, shared.users), (2, 2))
+        del dropped
+        gc.collect()
+        self.assertEqual((source.users, shared.users), (1, 1))
+        keeper.close()
+        self.assertEqual(source.files, {})
 
     def test_followers_of_an_empty_log_read_it_and_a_pseudo_file_is_still_refused(self):
         first = self.follower()

@@ -193,3 +193,8 @@ class DirectOutput:
         except ClientDisconnected:
             if not quiet:
                 raise
+
+
+#: ``DirectOutput.for_caller``, bound once: a stream keeps it, and a bound
+#: method made per stream is one more object for the collector to track.
+direct_output_for = DirectOutput.for_caller
