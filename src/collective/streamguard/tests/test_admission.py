@@ -290,6 +290,53 @@ class TestWaitingChannelsWaitOutOfTheMap(ServerTestCase):
         self.assertIs(admission.WaitingRoom.install(listeners[0]), rooms[0])  # once
 
 
+class TestAcceptInBatches(ServerTestCase):
+    """A page's new connection waits in the kernel's backlog behind every
+    connection that came before it; waitress takes one per wake of its
+    loop, the add-on up to ``ACCEPTS_PER_WAKE`` (the test is the I/O
+    thread)."""
+
+    def connect(self, count):
+        clients = []
+        for _ in range(count):
+            client = socket.create_connection(self.server.socket.getsockname())
+            self.addCleanup(client.close)
+            clients.append(client)
+        return clients
+
+    def accept_once(self):
+        before = set(self.server.active_channels)
+        self.server.handle_accept()
+        accepted = [
+            self.server.active_channels[fd] for fd in set(self.server.active_channels) - before
+        ]
+        for channel in accepted:
+            self.addCleanup(channel.close)
+        return accepted
+
+    def test_waitress_alone_accepts_one_connection_per_wake(self):
+        self.connect(5)
+        self.assertEqual(len(self.accept_once()), 1)
+
+    def test_waiting_connections_are_accepted_together(self):
+        admission.accept_in_batches(self.server)
+        admission.accept_in_batches(self.server)  # once
+        self.connect(5)
+        self.assertEqual(len(self.accept_once()), 5)
+        self.assertEqual(self.accept_once(), [])  # nothing left: no wait
+
+    def test_a_batch_stops_at_the_connection_limit(self):
+        admission.WaitingRoom.install(self.server)
+        admission.accept_in_batches(self.server)
+        self.server.adj.connection_limit = len(self.server._map) + 3
+        self.connect(5)
+        with self.assertLogs("waitress", "WARNING"):  # waitress' own limit
+            self.assertEqual(len(self.accept_once()), 3)
+            self.assertFalse(self.server.readable())
+        self.server.adj.connection_limit += 2
+        self.assertEqual(len(self.accept_once()), 2)
+
+
 class Messages(logging.Handler):
     def __init__(self):
         super().__init__()

@@ -194,6 +194,7 @@ def _install(server):
         if type(server.task_dispatcher) is ThreadedTaskDispatcher:
             admission.install(server.task_dispatcher)
             admission.WaitingRoom.install(server)
+            admission.accept_in_batches(server)
         if loop_polls(server):
             raise_open_files_limit()
         for channel in list(server.active_channels.values()):
