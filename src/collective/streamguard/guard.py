@@ -518,7 +518,10 @@ class GuardedStream:
         # Only for garbage collection (a body the publisher dropped): the
         # slot comes back and the cleanups run (LiveStreams.discard).  A
         # method, not a weakref.finalize: that is five more objects for the
-        # collector to track for each of 10,000 parked streams.
+        # collector to track for each of 10,000 parked streams.  Not at
+        # interpreter exit: live_streams.shutdown() has ended live streams.
+        if sys.is_finalizing():
+            return
         try:
             live_streams, record = self.guard.live_streams, self.record
         except AttributeError:  # __init__ did not get that far

@@ -224,7 +224,8 @@ class LogFollower:
         self._opened = self._closed = False
         # close() from a cleanup in another thread must not close (and let the
         # kernel reuse) an fd that read() is in the middle of using.  Re-entrant:
-        # a weakref finalizer may call close() in the reading thread itself.
+        # the garbage collector may run a dropped stream's __del__ (and its
+        # close()) in the reading thread itself.
         self._lock = threading.RLock()
         # bytearrays of max_piece bytes, see _pooled_buffer(); a tuple while
         # empty (most followers never need one: nothing for the collector).
@@ -433,8 +434,9 @@ class LogFollower:
 
     def __del__(self):
         # A follower dropped without close() (a stream body the publisher
-        # never ran) still gives back its source's file and directory.
-        if not getattr(self, "_closed", True):
+        # never ran) still gives back its source's file and directory.  Not
+        # at interpreter exit: the process' descriptors go with it.
+        if not getattr(self, "_closed", True) and not sys.is_finalizing():
             self.close()
 
     def __enter__(self):
