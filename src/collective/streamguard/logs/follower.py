@@ -466,7 +466,7 @@ class LogFollower:
             self._listen()
         self._seen = self._source.changes
         try:
-            info = self._open_file()
+            info = self._open_file(self._name_info())
             if info is None:
                 if self._resume is not None:
                     unknown = self._resume.offset is None
@@ -497,12 +497,11 @@ class LogFollower:
             self.close()
             raise
 
-    def _open_file(self):
-        """Open the file at the name; its ``os.stat_result``, or None if
-        there is none."""
-        # lstat first: opening a device node can have side effects, and
-        # O_NOFOLLOW alone would still open one.
-        seen = self._name_info()
+    def _open_file(self, seen):
+        """Open the file at the name, whose ``_name_info()`` is ``seen``;
+        its ``os.stat_result``, or None if there is none."""
+        # lstat first (``seen``): opening a device node can have side
+        # effects, and O_NOFOLLOW alone would still open one.
         if seen is None:
             return None
         try:
@@ -553,9 +552,9 @@ class LogFollower:
             self._fail(f"has {info.st_nlink} hard links")
         return info
 
-    def _check_name(self):
-        """Where the name points now: our file, another file, or nowhere."""
-        info = self._name_info()
+    def _place(self, info):
+        """Where the name whose ``_name_info()`` is ``info`` points: our
+        file, another file, or nowhere."""
         if info is None:
             return _MISSING
         if self._file is not None and (info.st_dev, info.st_ino) == self._file.ident:
@@ -598,9 +597,10 @@ class LogFollower:
         was reached (nothing more to read until the next change)."""
         source = self._source
         while True:
-            where = self._check_name()
+            seen = self._name_info()
+            where = self._place(seen)
             if self._file is None:
-                if where is _MISSING or self._open_file() is None:
+                if self._open_file(seen) is None:
                     return True
                 self._pos, self._at_line_start, self._tail, self._head = 0, True, b"", b""
                 where = _SAME
