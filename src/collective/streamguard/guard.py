@@ -505,7 +505,11 @@ class GuardedStream:
         guard.connection.keep_alive(
             sends_every=guard.heartbeat_interval if guard.heartbeat is not None else None,
         )
-        logger.info(
+        # Debug only: at INFO, a thousand viewers coming back after a restart
+        # wrote a thousand lines, each waking every viewer of the event log,
+        # and the line was 5 % of an opening's time (py-spy).  The end's line
+        # says all this at INFO, once per stream.
+        logger.debug(
             "stream %d started: %s user=%s client=%s probe=%s",
             self.record.id,
             label,
@@ -741,11 +745,16 @@ class GuardedStream:
             # An ending may have turned it into a failure (a refused commit).
             reason = guard.reason
             guard.live_streams.end(self.record, reason)
+            record = self.record
             logger.info(
-                "stream %d ended (%s): %d bytes (%d queued without a copy) in %.1f s",
-                self.record.id,
+                "stream %d ended (%s): %d bytes (%d queued without a copy) in %.1f s: "
+                "%s user=%s client=%s",
+                record.id,
                 reason.value,
-                self.record.bytes_sent,
-                self.record.bytes_direct,
+                record.bytes_sent,
+                record.bytes_direct,
                 time.monotonic() - guard.started,
+                record.label,
+                record.user,
+                record.client,
             )
