@@ -44,8 +44,17 @@ def instance_name(environ=None):
     if configured:
         return configured
     port = (environ or {}).get("SERVER_PORT")
-    host = socket.gethostname()
+    host = host_name()
     return f"{host}:{port}" if port else host
+
+
+@functools.lru_cache(maxsize=1)
+def host_name():
+    """The host's name, asked once: ``@@stream-log`` names its instance in
+    every stream's first event, and ``gethostname()`` is a system call that
+    lets go of the interpreter's lock (a thousand viewers arrive at once
+    after a restart)."""
+    return socket.gethostname()
 
 
 def job_pool_settings():

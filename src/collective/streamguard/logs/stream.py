@@ -142,10 +142,12 @@ class LogStream:
         # to reconnect.  One chunk, not two: a step less for each of a
         # thousand viewers arriving at once (bench_arrivals.py).
         retry = retry_field() if self.sse else b""
-        # What the log holds now is owed even to a client that half-closed
+        # What the log holds is owed even to a client that half-closed
         # after its request (stream_response(catch_up=True) set
-        # guard.catching_up); past it, such a client counts as gone.
-        caught_up_at = follower.size
+        # guard.catching_up); past it, such a client counts as gone.  Its
+        # size is asked when first needed, after a read that did not reach
+        # the end: most streams never need it (an fstat less per opening).
+        caught_up_at = None
         first = self.sse
         # One piece per read: a step stops once the client's queue is full
         # (parking.stream.OUT_HIGH), and what the generator holds then
@@ -194,9 +196,12 @@ class LogStream:
                 if self.sse:
                     yield END_EVENT
                 return
-            if follower.offset >= caught_up_at:
-                guard.catching_up = False
             if pieces and not follower.at_end:
+                if guard.catching_up:
+                    if caught_up_at is None:
+                        caught_up_at = follower.size
+                    if follower.offset >= caught_up_at:
+                        guard.catching_up = False
                 continue
             guard.catching_up = False  # nothing more was there
             # inotify wakes us at once; the timeout is the safety net (and
