@@ -26,6 +26,7 @@ from collective.streamguard.probes import FdConnection
 from collective.streamguard.probes import socket_is_open
 from collective.streamguard.tests.helpers import SocketTestCase
 from collective.streamguard.tests.helpers import blocked_at
+from collective.streamguard.tests.helpers import reset
 from collective.streamguard.tests.helpers import wait_for
 
 
@@ -116,6 +117,41 @@ class SocketProbeTests(SocketTestCase):
         self.assertTrue(wait_for(lambda: not socket_is_open(server)), "the FIN was not seen")
         # What a one-byte peek sees: data, so "open".
         self.assertEqual(server.recv(1, socket.MSG_PEEK), b"G")
+
+    def test_reset(self):
+        server, client = self.pair()
+        reset(client)
+        self.assertTrue(wait_for(lambda: not socket_is_open(server)), "the reset was not seen")
+
+    def test_the_servers_own_shutdown_of_its_sending_side_is_still_open(self):
+        # TCP's state is FIN_WAIT: the peer may still read and send.
+        server, client = self.pair()
+        server.shutdown(socket.SHUT_WR)
+        self.assertEqual(client.recv(1), b"")  # our FIN arrived
+        self.assertTrue(socket_is_open(server))
+        client.close()
+        self.assertTrue(wait_for(lambda: not socket_is_open(server)), "the FIN was not seen")
+
+    def test_ipv6(self):
+        try:
+            listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+        except OSError as error:  # pragma: no cover (a host without IPv6)
+            self.skipTest(f"no IPv6 loopback: {error}")
+        with listener:
+            client = socket.create_connection(listener.getsockname()[:2])
+            server, _ = listener.accept()
+        self.sockets += [server, client]
+        self.assertTrue(socket_is_open(server))
+        client.close()
+        self.assertTrue(wait_for(lambda: not socket_is_open(server)), "the FIN was not seen")
+
+    def test_a_unix_socket_is_polled(self):
+        # TCP_INFO is TCP's: a Unix socket is asked with poll(), as before.
+        server, client = socket.socketpair()
+        self.sockets += [server, client]
+        self.assertTrue(socket_is_open(server))
+        client.close()
+        self.assertTrue(wait_for(lambda: not socket_is_open(server)), "the close was not seen")
 
     def test_closed_by_the_server(self):
         server, _ = self.pair()
