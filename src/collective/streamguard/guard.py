@@ -545,8 +545,10 @@ class GuardedStream:
                 self._direct = False
             self._on_thread_since = time.monotonic()
             if self._direct:
+                # Its headers go with the first chunk, in one send (below),
+                # or before the stream first waits, parks or ends
+                # (_flush_direct): a quiet stream's proxy sees them at once.
                 self.guard.before_wait = self._flush_direct
-                self._direct.send_headers()
         try:
             while True:
                 chunk = self.step()
@@ -567,9 +569,16 @@ class GuardedStream:
         if self.guard.parkable and not self._busy_held and self.guard.parked is None:
             if time.monotonic() - self._on_thread_since > HOLD_GRACE:
                 self._hold_busy()
-        if len(chunk) >= DIRECT_MIN and self._direct:
-            if self._direct.ready():
-                self._direct.write(chunk, self._stopping, batch=self.guard.batch_output)
+        direct = self._direct
+        if direct and not direct.headers_sent:
+            # A small first chunk goes with the headers, in one send; a
+            # large one after them, the direct way (no copy).
+            if chunk and len(chunk) < DIRECT_MIN and direct.send_headers_with(chunk):
+                return b""
+            direct.send_headers()
+        if len(chunk) >= DIRECT_MIN and direct:
+            if direct.ready():
+                direct.write(chunk, self._stopping, batch=self.guard.batch_output)
                 self.record.bytes_direct += len(chunk)
                 return b""
         # An ordinary chunk: what the direct output holds goes first.

@@ -11,6 +11,7 @@ import time
 import unittest
 from urllib.parse import parse_qs
 
+from waitress.channel import HTTPChannel
 from webtest.http import StopableWSGIServer
 
 from collective.streamguard.connection import client_connection
@@ -51,10 +52,21 @@ class CountingGuard(StreamGuard):
         return super().check()
 
 
+class RecordingChannel(HTTPChannel):
+    """waitress' own channel, keeping what each ``write_soon()`` queued (bytes,
+    or the buffer's type name) in its server's ``queued``: each queueing
+    sends (waitress' ``send_bytes`` is 1)."""
+
+    def write_soon(self, data):
+        self.server.queued.append(data if isinstance(data, bytes) else type(data).__name__)
+        return super().write_soon(data)
+
+
 class App:
     """``/chunks?sizes=70000,10,1048576`` yields those chunks under a guard
     (``&batch=1``: with ``guard.batch_output``, ``&pause=S``: then waits S
-    seconds in the guard and yields "end", ``&repeat=N``: the sizes N times);
+    seconds in the guard and yields "end", ``&first_wait=S``: waits S
+    seconds in the guard before the first, ``&repeat=N``: the sizes N times);
     ``/wrapped?...`` the same behind a middleware that iterates the body."""
 
     def __init__(self):
@@ -66,12 +78,13 @@ class App:
         query = parse_qs(environ.get("QUERY_STRING", ""))
         sizes = [int(s) for s in query["sizes"][0].split(",")] * int(query.get("repeat", ["1"])[0])
         pause = float(query.get("pause", ["0"])[0])
+        first_wait = float(query.get("first_wait", ["0"])[0])
         batch = "batch" in query
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         guard = self.guard = CountingGuard(client_connection(environ))
         guard.add_cleanup(self.cleaned)
         body = GuardedStream(
-            lambda guard: self.producer(guard, sizes, pause, batch),
+            lambda guard: self.producer(guard, sizes, pause, batch, first_wait),
             guard,
             label=environ["PATH_INFO"],
             direct_output=DirectOutput.for_caller,
@@ -80,8 +93,10 @@ class App:
             return self.middleware(body)
         return body
 
-    def producer(self, guard, sizes, pause, batch):
+    def producer(self, guard, sizes, pause, batch, first_wait=0):
         guard.batch_output = batch
+        if first_wait and guard.wait(first_wait):
+            return
         for index, size in enumerate(sizes):
             data = chunk(index, size)
             self.produced += size
@@ -106,11 +121,16 @@ class DirectOutputTests(unittest.TestCase):
     def setUp(self):
         self.recorder = Recorder.attach(self)
         self.app = App()
-        server = StopableWSGIServer.create(self.app, threads=4, expose_tracebacks=False)
+        server = self.server = StopableWSGIServer.create(
+            self.app, threads=4, expose_tracebacks=False
+        )
         self.addCleanup(server.runner.join, 10)
         self.addCleanup(server.shutdown)
         self.address = (server.adj.host, server.adj.port)
         self.assertTrue(server.wait())
+        # The test's connections, not wait()'s own.
+        server.queued = []
+        server.channel_class = RecordingChannel
 
     def connect(self, path, version="1.1", method="GET"):
         sock = HTTPClient(self.address)
@@ -137,9 +157,34 @@ class DirectOutputTests(unittest.TestCase):
                 self.assertEqual(body, expected_body(sizes))
                 ended = self.ended()
                 self.assertEqual((ended["reason"], ended["sent"]), ("finished", sum(sizes)))
-                # The headers go out before the first step, so every chunk of
-                # 64 KiB or more takes the direct way; smaller ones do not.
+                # The headers go out before a large first chunk (a small one
+                # goes with them), so every chunk of 64 KiB or more takes the
+                # direct way; smaller ones do not.
                 self.assertEqual(ended["direct"], 70_000 + 6 * MiB + 7 + 65_536 + 200_000)
+
+    def test_a_small_first_chunk_is_queued_with_the_headers(self):
+        # One queueing, so one send: waitress' Task.write queues the headers
+        # and the chunk apart, and each queueing sent (two sends per stream
+        # opened, a thousand times when a thousand viewers come back).
+        head, body = dechunk(self.fetch("/chunks?sizes=100,70000"))
+        self.assertEqual(body, expected_body([100, 70_000]))
+        first = self.server.queued[0]
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK\r\n"), first)
+        self.assertTrue(first.endswith(b"\r\n\r\n64\r\n" + chunk(0, 100) + b"\r\n"), first)
+        # The large second chunk took the direct way, after it.
+        self.assertEqual(self.server.queued[1], "ChunkBuffer")
+        self.assertEqual(self.ended()["direct"], 70_000)
+
+    def test_the_headers_come_before_the_producer_first_waits(self):
+        # Nothing to send yet: the headers go before the wait, not with the
+        # first chunk, or a proxy in front would give up (nginx: 504).
+        sock = self.connect("/chunks?sizes=10&first_wait=120")
+        head = read_until(sock, b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertEqual(self.server.queued, [head])
+        self.assertFalse(self.recorder.ended)  # still waiting
+        sock.close()
+        self.assertEqual(self.ended()["reason"], "client gone")
 
     def test_http_1_0_body_runs_to_the_close(self):
         sizes = [100, 2 * MiB, 80_000, 3]
