@@ -293,8 +293,8 @@ class TestWaitingChannelsWaitOutOfTheMap(ServerTestCase):
 class TestAcceptInBatches(ServerTestCase):
     """A page's new connection waits in the kernel's backlog behind every
     connection that came before it; waitress takes one per wake of its
-    loop, the add-on up to ``ACCEPTS_PER_WAKE`` (the test is the I/O
-    thread)."""
+    loop, the add-on all of them, up to its listen backlog (the test is
+    the I/O thread)."""
 
     def connect(self, count):
         clients = []
@@ -324,6 +324,19 @@ class TestAcceptInBatches(ServerTestCase):
         self.connect(5)
         self.assertEqual(len(self.accept_once()), 5)
         self.assertEqual(self.accept_once(), [])  # nothing left: no wait
+
+    def test_more_than_32_are_accepted_in_one_wake(self):
+        # 32 per wake left a page's connection 0.9 s in the backlog.
+        admission.accept_in_batches(self.server)
+        self.connect(40)
+        self.assertEqual(len(self.accept_once()), 40)
+
+    def test_a_batch_is_at_most_the_listen_backlog(self):
+        admission.accept_in_batches(self.server)
+        self.server.adj.backlog = 4
+        self.connect(5)
+        self.assertEqual(len(self.accept_once()), 4)
+        self.assertEqual(len(self.accept_once()), 1)
 
     def test_a_batch_stops_at_the_connection_limit(self):
         admission.WaitingRoom.install(self.server)

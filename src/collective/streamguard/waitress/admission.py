@@ -207,22 +207,23 @@ class WaitingRoom:
         return True
 
 
-#: Connections taken from the listening socket's backlog per wake of
-#: waitress' loop (waitress takes one).
-ACCEPTS_PER_WAKE = 32
-
-
 def accept_in_batches(server):
-    """Let ``server`` (a waitress server) accept up to ``ACCEPTS_PER_WAKE``
-    waiting connections each time its listening socket is readable, within
-    its connection limit.  In the server's I/O thread.
+    """Let ``server`` (a waitress server) accept every waiting connection
+    each time its listening socket is readable, up to its listen backlog
+    (``backlog``, 1024 by default) per wake and within its connection
+    limit.  In the server's I/O thread.
 
     Why: the kernel's backlog of accepted connections is first-come.  When
     a thousand viewers come back at once, a page's new connection waits
     there behind every one of them, and waitress takes one per pass of its
     loop: pages then waited up to 0.4-0.7 s, where ``PagesFirstQueue``
-    would have let them pass at once.  Taken in batches, they reach the
-    queue, where pages go first (bench_arrivals.py, benchmarks/README)."""
+    would have let them pass at once.  Taken together, they reach the
+    queue, where pages go first.  32 per wake was not enough once openings
+    got cheaper: the workers then let go of the interpreter's lock less
+    often, the I/O thread got it back less often, and a page's connection
+    still waited up to 0.9 s in the backlog (bench_arrivals.py; measured
+    by the time of its accept, benchmarks/README).  One backlog's worth
+    empties a full backlog, and bounds one wake."""
     if getattr(server, "accepts_in_batches", False):
         return
     server.accepts_in_batches = True
@@ -232,7 +233,7 @@ def accept_in_batches(server):
 def _accept_batch(server, accept_one):
     # waitress' handle_accept() accepts one connection, or none when the
     # backlog is empty (EAGAIN): a channel joins the map for each one.
-    for _ in range(ACCEPTS_PER_WAKE):
+    for _ in range(max(1, int(server.adj.backlog))):
         before = len(server._map)
         accept_one()
         if len(server._map) == before or not server.readable():
