@@ -97,7 +97,7 @@ class ZopeInstance:
 
     ``zeo``: the "host:port" of a ZEO server to use instead of a FileStorage.
     ``server_options``: more settings of waitress (``[server:main]``).
-    ``stream_log``: the add-on's own lines (streams started and ended) go to
+    ``stream_log``: the add-on's own lines (streams ended, and failures) go to
     var/streams.log (``self.stream_log``), not to the event log, which a
     benchmark's streams follow, and the event log takes only warnings.
     """

@@ -202,17 +202,18 @@ class DirectOutput:
             self.flush(stopping, quiet=False)
 
     def flush(self, stopping=None, quiet=True):
-        """Queue the held chunks.  Waits while more than QUEUE_LIMIT bytes are
+        """Queue the status line and headers if they are not out yet, then
+        the held chunks.  Waits while more than QUEUE_LIMIT bytes are
         queued, until the I/O thread has sent some or ``stopping()`` says to
         stop.  A gone client raises ``ClientDisconnected``; with ``quiet`` the
         chunks are dropped instead."""
         if not self.task.wrote_header:
-            # Nothing leaves, and no stream waits, before its headers.  A
-            # client gone by now is the guard's to see, as for held chunks.
+            # Nothing leaves, and no stream waits, before its headers (no
+            # chunk is held before them: ready() wants them out).  A client
+            # gone by now is the guard's to see.
             try:
                 self.send_headers()
             except ClientDisconnected:
-                self._held, self._held_bytes = [], 0
                 return
         if not self._held:
             return
