@@ -140,14 +140,13 @@ class SocketProbeTests(SocketTestCase):
         with listener:
             client = socket.create_connection(listener.getsockname()[:2])
             server, _ = listener.accept()
-        self.sockets += [server, client]
-        self.assertTrue(socket_is_open(server))
-        client.close()
-        self.assertTrue(wait_for(lambda: not socket_is_open(server)), "the FIN was not seen")
+        self.assert_open_until_the_peer_closes(server, client)
 
     def test_a_unix_socket_is_polled(self):
         # TCP_INFO is TCP's: a Unix socket is asked with poll(), as before.
-        server, client = socket.socketpair()
+        self.assert_open_until_the_peer_closes(*socket.socketpair())
+
+    def assert_open_until_the_peer_closes(self, server, client):
         self.sockets += [server, client]
         self.assertTrue(socket_is_open(server))
         client.close()
