@@ -66,7 +66,8 @@ class App:
     """``/chunks?sizes=70000,10,1048576`` yields those chunks under a guard
     (``&batch=1``: with ``guard.batch_output``, ``&pause=S``: then waits S
     seconds in the guard and yields "end", ``&first_wait=S``: waits S
-    seconds in the guard before the first, ``&repeat=N``: the sizes N times);
+    seconds in the guard before the first, ``&fail_first=1``: raises before
+    the first, ``&repeat=N``: the sizes N times);
     ``/wrapped?...`` the same behind a middleware that iterates the body."""
 
     def __init__(self):
@@ -79,12 +80,13 @@ class App:
         sizes = [int(s) for s in query["sizes"][0].split(",")] * int(query.get("repeat", ["1"])[0])
         pause = float(query.get("pause", ["0"])[0])
         first_wait = float(query.get("first_wait", ["0"])[0])
+        fail_first = "fail_first" in query
         batch = "batch" in query
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         guard = self.guard = CountingGuard(client_connection(environ))
         guard.add_cleanup(self.cleaned)
         body = GuardedStream(
-            lambda guard: self.producer(guard, sizes, pause, batch, first_wait),
+            lambda guard: self.producer(guard, sizes, pause, batch, first_wait, fail_first),
             guard,
             label=environ["PATH_INFO"],
             direct_output=DirectOutput.for_caller,
@@ -93,10 +95,12 @@ class App:
             return self.middleware(body)
         return body
 
-    def producer(self, guard, sizes, pause, batch, first_wait=0):
+    def producer(self, guard, sizes, pause, batch, first_wait=0, fail_first=False):
         guard.batch_output = batch
         if first_wait and guard.wait(first_wait):
             return
+        if fail_first:
+            raise RuntimeError("the producer failed before its first chunk")
         for index, size in enumerate(sizes):
             data = chunk(index, size)
             self.produced += size
@@ -185,6 +189,20 @@ class DirectOutputTests(unittest.TestCase):
         self.assertFalse(self.recorder.ended)  # still waiting
         sock.close()
         self.assertEqual(self.ended()["reason"], "client gone")
+
+    def test_a_producer_that_fails_before_its_first_chunk_leaves_the_body_unfinished(self):
+        # The headers were not out yet: they go first, then the connection
+        # closes without the chunked body's last chunk (the client can tell).
+        with self.assertLogs("collective.streamguard", "INFO") as logs:
+            sock = self.connect("/chunks?sizes=10&fail_first=1")
+            head = read_until(sock, b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+            self.assertIn(b"Transfer-Encoding: chunked", head)
+            with self.assertRaisesRegex(AssertionError, "server closed before the body ended"):
+                sock.body()
+        # Logged before the connection closed: the failure, then the end.
+        self.assertIn("failed before its first chunk", "\n".join(logs.output))
+        self.assertRegex("\n".join(logs.output), r"stream \d+ ended \(error\)")
 
     def test_http_1_0_body_runs_to_the_close(self):
         sizes = [100, 2 * MiB, 80_000, 3]

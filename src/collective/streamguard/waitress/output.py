@@ -184,9 +184,18 @@ class DirectOutput:
         chunk of a chunked body, and the connection closes.  A client can
         then tell that the stream failed (curl: "transfer closed with
         outstanding read data remaining").  ``WSGITask.finish`` sends the
-        last chunk only while ``chunked_response`` is set."""
-        self.task.chunked_response = False
-        self.task.close_on_finish = True
+        last chunk only while ``chunked_response`` is set.  Headers not out
+        yet (the producer failed before its first chunk) go first: built
+        after this, they would set ``chunked_response`` again, and the body
+        would end cleanly."""
+        task = self.task
+        if not task.wrote_header:
+            try:
+                self.send_headers()
+            except ClientDisconnected:
+                pass  # nobody left to tell
+        task.chunked_response = False
+        task.close_on_finish = True
 
     def write(self, data, stopping=None, batch=False):
         """Send ``data`` now or, with ``batch``, with the next chunks while
