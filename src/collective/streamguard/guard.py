@@ -536,7 +536,8 @@ class GuardedStream:
         return self
 
     def __next__(self):
-        if self._direct is None and not self._ended:
+        first_call = self._direct is None and not self._ended
+        if first_call:
             # Who iterates us: waitress itself, or anything else.  Asked
             # once, at the first step, from the caller's frame.
             if self._direct_output_for is not None:
@@ -570,9 +571,11 @@ class GuardedStream:
             if time.monotonic() - self._on_thread_since > HOLD_GRACE:
                 self._hold_busy()
         direct = self._direct
-        if direct and not direct.headers_sent:
+        if first_call and direct and not direct.headers_sent:
             # A small first chunk goes with the headers, in one send; a
-            # large one after them, the direct way (no copy).
+            # large one after them, the direct way (no copy).  Past the
+            # first call they are out: it sent them, or a wait or a park
+            # did.
             if chunk and len(chunk) < DIRECT_MIN and direct.send_headers_with(chunk):
                 return b""
             direct.send_headers()

@@ -35,6 +35,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version
 
 from collective.streamguard.parking.output import OutQueue
+from collective.streamguard.parking.output import frame
 from collective.streamguard.parking.output import framed_parts
 
 try:
@@ -164,9 +165,19 @@ class DirectOutput:
         if not (task.has_body and (task.chunked_response or task.content_length is None)):
             self.channel.write_soon(header)
             return False
-        if task.chunked_response:
-            chunk = b"%X\r\n%s\r\n" % (len(chunk), chunk)
-        self.channel.write_soon(header + chunk)
+        # bytes(): frame() keeps the last chunk it framed by identity, and a
+        # bytearray (a reused read buffer) may change under it.
+        chunk = bytes(chunk)
+        self.channel.write_soon(header + (frame(chunk) if task.chunked_response else chunk))
+        return True
+
+    def send_headers_quietly(self):
+        """``send_headers()``; False, sending nothing, when the client has
+        gone (the guard sees that; nobody is left to tell)."""
+        try:
+            self.send_headers()
+        except ClientDisconnected:
+            return False
         return True
 
     def ready(self):
@@ -189,11 +200,7 @@ class DirectOutput:
         after this, they would set ``chunked_response`` again, and the body
         would end cleanly."""
         task = self.task
-        if not task.wrote_header:
-            try:
-                self.send_headers()
-            except ClientDisconnected:
-                pass  # nobody left to tell
+        self.send_headers_quietly()
         task.chunked_response = False
         task.close_on_finish = True
 
@@ -216,15 +223,9 @@ class DirectOutput:
         queued, until the I/O thread has sent some or ``stopping()`` says to
         stop.  A gone client raises ``ClientDisconnected``; with ``quiet`` the
         chunks are dropped instead."""
-        if not self.task.wrote_header:
-            # Nothing leaves, and no stream waits, before its headers (no
-            # chunk is held before them: ready() wants them out).  A client
-            # gone by now is the guard's to see.
-            try:
-                self.send_headers()
-            except ClientDisconnected:
-                return
-        if not self._held:
+        # Nothing leaves, and no stream waits, before its headers (no chunk
+        # is held before them: ready() wants them out).
+        if not self.send_headers_quietly() or not self._held:
             return
         held, self._held, self._held_bytes = self._held, [], 0
         channel = self.channel
