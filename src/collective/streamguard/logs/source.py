@@ -258,15 +258,27 @@ class LogSource:
                 file.users += 1
                 os.close(fd)  # the one we have is the same file
                 return file, info
-            file = self.files[ident] = OpenFile(fd, ident)
+            file = OpenFile(fd, ident)
             file.users = 1
-        if self._subscriber is not None:
-            # The open fd's inode, through /proc: no race with a rename
-            # between our open() and the watch.  Without /proc, every write
-            # in the directory wakes us.
-            file.wd = self._subscriber.watch(f"/proc/self/fd/{fd}".encode(), FILE_MASK)
-            if file.wd < 0:
-                self._subscriber.watch(os.fsencode(self.dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
+            if self._subscriber is not None:
+                # Watched before any follower can read it (it is in
+                # ``files`` below): a write between a read and the watch
+                # would never be reported.  The open fd's inode, through
+                # /proc: no race with a rename between our open() and the
+                # watch.  Without /proc, every write in the directory wakes us.
+                file.wd = self._subscriber.watch(f"/proc/self/fd/{fd}".encode(), FILE_MASK)
+                if file.wd < 0:
+                    self._subscriber.watch(
+                        os.fsencode(self.dir), DIR_MASK | FILE_MASK | IN_ONLYDIR
+                    )
+            self.files[ident] = file
+            # What was kept since the last change may be older than this
+            # watch: while no follower had the file open, nothing watched
+            # it, and a write then (the rest of a copytruncate, say) moved
+            # no count.  A follower opening it must not be answered
+            # "size 0" from before that write, and wait for a change that
+            # will not come (test_follow: ``UnwatchedWriteTests``).
+            self._cache.clear()
         return file, info
 
     def close_file(self, file):
@@ -276,8 +288,11 @@ class LogSource:
                 return
             if self.files.get(file.ident) is file:
                 del self.files[file.ident]
-        if file.wd >= 0 and self._subscriber is not None:
-            self._subscriber.unwatch(file.wd)
+            # Under the lock, like the watch in open_file(): inotify gives
+            # the same inode the same watch, and a follower opening the file
+            # again meanwhile would have its watch removed by this one.
+            if file.wd >= 0 and self._subscriber is not None:
+                self._subscriber.unwatch(file.wd)
         os.close(file.fd)
 
 

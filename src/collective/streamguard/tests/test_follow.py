@@ -20,6 +20,7 @@ from collective.streamguard.logs import utf8
 from collective.streamguard.logs.follower import LogFollower
 from collective.streamguard.logs.follower import LogUnavailable
 from collective.streamguard.logs.follower import Piece
+from collective.streamguard.logs.source import LogSource
 from collective.streamguard.tests.helpers import wait_for
 
 MARKER = follow.END_MARKER
@@ -211,6 +212,35 @@ class SharedStateTests(FollowTestCase):
         self.assertEqual(adopter.read(notified=True), [])
         self.append("next\n")
         self.assertEqual([p.text for p in adopter.read()], ["next\n"])
+
+    def test_a_file_written_while_no_follower_had_it_open_is_read_afresh(self):
+        # A copytruncate while the file's only follower leaves: the
+        # truncation is counted and answered (size 0), the follower closes
+        # the file (its watch goes), and the writer writes the rest
+        # unwatched.  The source lives on (another follower of the name
+        # holds it).  A follower opening the file again must not be
+        # answered from before that write: no change would ever come to
+        # correct it (test_log_resume's copytruncate tests hung so, about
+        # once in 300 runs).
+        self.append("old line one\nold line two\n")
+        leaving = self.follower(offset=0)
+        holder = LogSource.acquire(leaving.path)
+        self.addCleanup(holder.release)
+        self.assertIs(holder, leaving.source)
+        self.assertEqual(text_of(read_all(leaving)), "old line one\nold line two\n")
+        before = leaving.source.changes
+        os.truncate(self.path, 0)
+        self.assertTrue(wait_for(lambda: leaving.source.changes != before))
+        self.assertEqual(leaving.read(notified=True), [])  # "size 0" is kept now
+        leaving.close()
+        self.append("new line\n")
+        joining = self.follower(last_lines=1)
+        self.assertEqual(text_of(joining.read(notified=True)), "new line\n")
+        # And its writes are reported again.
+        changes = joining.source.changes
+        self.append("next line\n")
+        self.assertTrue(wait_for(lambda: joining.source.changes != changes))
+        self.assertEqual(text_of(joining.read(notified=True)), "next line\n")
 
     def test_a_follower_keeps_its_attributes_in_its_class_shared_keys(self):
         # CPython 3.11 shares an instance's attribute names with its class
