@@ -211,7 +211,7 @@ class LogFollower:
         self._eventfd = -1  # see fileno()
         self._pos = 0
         self._scan_lines = None  # last_lines, scanned at the first read()
-        self._tail = b""  # the TAIL bytes just before _pos, see _rewritten()
+        self._tail = b""  # the TAIL bytes just before _pos, see _truncated()
         self._head = b""  # the file's first min(HEAD, _pos) bytes
         self._at_line_start = True
         #: The source's change count when a read last reached the end of
@@ -595,7 +595,6 @@ class LogFollower:
     def _follow(self, pieces, budget):
         """Read what is there; True when the end of the file at the name
         was reached (nothing more to read until the next change)."""
-        source = self._source
         while True:
             seen = self._name_info()
             where = self._place(seen)
@@ -604,7 +603,7 @@ class LogFollower:
                     return True
                 self._pos, self._at_line_start, self._tail, self._head = 0, True, b"", b""
                 where = _SAME
-            elif source.size(self._file, self._shared) < self._pos or self._rewritten():
+            elif self._truncated(self._shared) and (not self._shared or self._truncated(False)):
                 # copytruncate: the file shrank under us (or shrank and grew
                 # past our position before we looked); its new content
                 # starts at 0.
@@ -619,8 +618,33 @@ class LogFollower:
                 return True
             self._close_file()
 
+    # The source's answers since the last change (``self._shared``) are as
+    # fresh as that change, and a follower can know more: its start was
+    # placed by a look of its own (an offset, a resume id, the scan for
+    # the last lines), after writes whose change the hub has not counted
+    # yet.  An answer that is only older makes a read come up short, and
+    # that change, when counted, wakes it again.  But an older answer must
+    # never decide a truncation (the follower would start the file again,
+    # and send it twice): that is believed only when a look of its own
+    # says so too.  test_log_resume sent a log twice so, once in 1,175
+    # runs.  (The name's answer cannot be older than the file a follower
+    # opened: opening a file clears the source's answers.)
+
+    def _truncated(self, shared):
+        """True when the file is shorter than our position, or its bytes
+        before it are not the ones we read there (truncated and written
+        again past it)."""
+        if self._source.size(self._file, shared) < self._pos:
+            return True
+        tail = self._tail
+        if not tail:
+            return False
+        before = self._source.pread(self._file, len(tail), self._pos - len(tail), shared)
+        return before != tail
+
     def _byte_before(self):
-        return self._source.pread(self._file, 1, self._pos - 1, self._shared)
+        # Asked for a position placed from outside: never an older answer.
+        return self._source.pread(self._file, 1, self._pos - 1)
 
     def _read_marks(self):
         """Read ``_head`` and ``_tail`` for a position set from outside
@@ -629,15 +653,6 @@ class LogFollower:
         self._head = os.pread(fd, min(HEAD, pos), 0) if pos else b""
         start = max(0, pos - TAIL)
         self._tail = os.pread(fd, pos - start, start) if pos else b""
-
-    def _rewritten(self):
-        """True when the bytes before the read position are not the ones we
-        read there: the file was truncated and written again."""
-        tail = self._tail
-        if not tail:
-            return False
-        before = self._source.pread(self._file, len(tail), self._pos - len(tail), self._shared)
-        return before != tail
 
     def _read_into(self, pieces, budget, final):
         """Read from ``self._pos`` up to about ``budget`` bytes or the end of
@@ -716,7 +731,7 @@ class LogFollower:
             # The TAIL bytes before the position and the file's first HEAD
             # bytes, kept exact as the position moves: they name the file
             # in the SSE id (logs.position), and a tail shorter than TAIL
-            # would miss a rewrite _rewritten() can see.
+            # would miss a rewrite _truncated() can see.
             if taken >= TAIL:
                 self._tail = bytes(data[taken - TAIL : taken])
             else:

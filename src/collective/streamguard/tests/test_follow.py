@@ -9,6 +9,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import unittest
@@ -241,6 +242,59 @@ class SharedStateTests(FollowTestCase):
         self.append("next line\n")
         self.assertTrue(wait_for(lambda: joining.source.changes != changes))
         self.assertEqual(text_of(joining.read(notified=True)), "next line\n")
+
+    def hold_the_hub(self):
+        """Keep the hub's thread (which counts inotify's events) busy until
+        the returned function is called: changes wait, uncounted."""
+        from collective.streamguard import hub
+
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            held.set()
+            release.wait(30)
+
+        hub.hub().call_soon(hold)
+        self.assertTrue(held.wait(10))
+        self.addCleanup(release.set)
+        return release.set
+
+    def test_an_answer_older_than_the_start_is_no_truncation(self):
+        # A stream resumes at a place its last connection read (a look of
+        # its own, at open) after a write whose change the hub has not
+        # counted yet: the size its source kept is older, and smaller.
+        # It must not take that for a truncation and send the log again.
+        self.append("old line\n")
+        first = self.follower(offset=0)
+        self.assertEqual(text_of(first.read(notified=True)), "old line\n")  # size 9 kept
+        release = self.hold_the_hub()
+        self.append("written meanwhile\n")
+        resumed = self.follower(offset=27)
+        self.assertEqual(resumed.read(notified=True), [])
+        self.assertEqual(resumed.offset, 27)
+        self.append("after\n")
+        changes = resumed.source.changes
+        release()
+        self.assertTrue(wait_for(lambda: resumed.source.changes != changes))
+        self.assertEqual(resumed.read(notified=True), [Piece("after\n", 33)])
+
+    def test_an_answer_older_than_the_start_is_no_rotation(self):
+        # The same with a rotation whose directory event is not counted
+        # yet: the name's kept answer was the old file when the follower
+        # opened the new one (which forgets the kept answers).  It reads
+        # the new one, never the old one again from 0.
+        self.append("old file\n")
+        first = self.follower(offset=0)
+        self.assertEqual(text_of(first.read(notified=True)), "old file\n")
+        release = self.hold_the_hub()
+        os.rename(self.path, self.path + ".1")
+        self.append("new file\n")
+        joined = self.follower(offset=9)
+        self.assertEqual(joined.read(notified=True), [])
+        self.assertEqual(joined.offset, 9)
+        release()
+        self.append("more\n")
+        self.assertEqual(text_of(read_all(joined)), "more\n")
 
     def test_a_follower_keeps_its_attributes_in_its_class_shared_keys(self):
         # CPython 3.11 shares an instance's attribute names with its class
