@@ -268,9 +268,7 @@ class LogSource:
                 # watch.  Without /proc, every write in the directory wakes us.
                 file.wd = self._subscriber.watch(f"/proc/self/fd/{fd}".encode(), FILE_MASK)
                 if file.wd < 0:
-                    self._subscriber.watch(
-                        os.fsencode(self.dir), DIR_MASK | FILE_MASK | IN_ONLYDIR
-                    )
+                    self._subscriber.watch(os.fsencode(self.dir), DIR_MASK | FILE_MASK | IN_ONLYDIR)
             self.files[ident] = file
             # What was kept since the last change may be older than this
             # watch: while no follower had the file open, nothing watched
