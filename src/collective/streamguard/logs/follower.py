@@ -626,7 +626,7 @@ class LogFollower:
     # that change, when counted, wakes it again.  But an older answer must
     # never decide a truncation (the follower would start the file again,
     # and send it twice): that is believed only when a look of its own
-    # says so too.  test_log_resume sent a log twice so, once in 1,175
+    # says so too.  test_log_resume sent a log twice so, once in 1,200
     # runs.  (The name's answer cannot be older than the file a follower
     # opened: opening a file clears the source's answers.)
 
