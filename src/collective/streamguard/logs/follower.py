@@ -307,6 +307,7 @@ class LogFollower:
             self.shared_state = None  # set again below if it comes from one
             source = self._source
             changes = self._seen = source.changes
+            epoch = source.epoch
             if notified and changes is not None and changes == self._read_up_to:
                 return []  # read to the end, and nothing happened since
             self._read_up_to = None
@@ -357,7 +358,7 @@ class LogFollower:
                             self._ended,
                         )
                         result = (tuple(pieces), *state)
-                        if source.remember(key, result, changes):
+                        if source.remember(key, result, changes, epoch):
                             self.shared_state = result
             except LogUnavailable:
                 if not pieces:
@@ -603,7 +604,7 @@ class LogFollower:
                     return True
                 self._pos, self._at_line_start, self._tail, self._head = 0, True, b"", b""
                 where = _SAME
-            elif self._truncated(self._shared) and (not self._shared or self._truncated(False)):
+            elif self._was_truncated():
                 # copytruncate: the file shrank under us (or shrank and grew
                 # past our position before we looked); its new content
                 # starts at 0.
@@ -627,8 +628,21 @@ class LogFollower:
     # never decide a truncation (the follower would start the file again,
     # and send it twice): that is believed only when a look of its own
     # says so too.  test_log_resume sent a log twice so, once in 1,200
-    # runs.  (The name's answer cannot be older than the file a follower
-    # opened: opening a file clears the source's answers.)
+    # runs.  Once it is believed, the kept answers go: their bytes may be
+    # the file's from before the truncation.  (The name's answer cannot be
+    # older than the file a follower opened: opening a file clears the
+    # source's answers.)
+
+    def _was_truncated(self):
+        """True when the file was truncated under us (copytruncate)."""
+        if not self._truncated(self._shared):
+            return False
+        if not self._shared:
+            return True
+        if not self._truncated(False):
+            return False
+        self._source.forget()
+        return True
 
     def _truncated(self, shared):
         """True when the file is shorter than our position, or its bytes

@@ -95,6 +95,9 @@ class LogSource:
         self._subscriber = None
         self._cache = {}
         self._cache_at = None
+        #: Moves whenever the kept answers are forgotten (``forget``): a
+        #: read that began before must not ``remember`` what it found.
+        self.epoch = 0
         self.dfd = None
 
     @classmethod
@@ -202,12 +205,13 @@ class LogSource:
                 return self._cache.get(("result", key))
         return None
 
-    def remember(self, key, result, changes):
-        """Keep what a follower in the state ``key`` read at ``changes``,
-        for the others in the same state: in a fan-out every follower of
-        the path is, and reads the same line.  True if it was kept."""
+    def remember(self, key, result, changes, epoch):
+        """Keep what a follower in the state ``key`` read at ``changes``
+        (and ``epoch``), for the others in the same state: in a fan-out
+        every follower of the path is, and reads the same line.  True if
+        it was kept."""
         with self.lock:
-            if self.changes != changes:
+            if self.changes != changes or self.epoch != epoch:
                 return False  # an event came meanwhile: a later read may differ
             if self._cache_at != changes:
                 self._cache.clear()
@@ -216,6 +220,13 @@ class LogSource:
                 self._cache[("result", key)] = result
                 return True
             return False
+
+    def forget(self):
+        """Drop every answer kept since the last change: they may be older
+        than something a follower has just seen for itself."""
+        with self.lock:
+            self._cache.clear()
+            self.epoch += 1
 
     def stat_name(self, shared=False):
         """os.stat of the name (not followed); raises OSError."""
@@ -275,8 +286,10 @@ class LogSource:
             # it, and a write then (the rest of a copytruncate, say) moved
             # no count.  A follower opening it must not be answered
             # "size 0" from before that write, and wait for a change that
-            # will not come (test_follow: ``UnwatchedWriteTests``).
+            # will not come (test_follow: a file written while no follower
+            # had it open).
             self._cache.clear()
+            self.epoch += 1
         return file, info
 
     def close_file(self, file):

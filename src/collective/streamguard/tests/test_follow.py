@@ -278,6 +278,21 @@ class SharedStateTests(FollowTestCase):
         self.assertTrue(wait_for(lambda: resumed.source.changes != changes))
         self.assertEqual(resumed.read(notified=True), [Piece("after\n", 33)])
 
+    def test_a_truncation_newer_than_the_kept_answers_reads_the_new_bytes(self):
+        # The same stream, and the file is truncated and written again
+        # before the hub counts anything: the truncation is real (its own
+        # look says so), and the bytes kept at offset 0 are the old file's.
+        self.append("old line one\nold line two\n")
+        first = self.follower(offset=0)
+        self.assertEqual(text_of(first.read(notified=True)), "old line one\nold line two\n")
+        release = self.hold_the_hub()
+        self.append("more\n")
+        resumed = self.follower(offset=31)
+        os.truncate(self.path, 0)
+        self.append("fresh\n")
+        self.assertEqual(resumed.read(notified=True), [Piece("fresh\n", 6)])
+        release()
+
     def test_an_answer_older_than_the_start_is_no_rotation(self):
         # The same with a rotation whose directory event is not counted
         # yet: the name's kept answer was the old file when the follower
