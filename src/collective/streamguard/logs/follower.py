@@ -641,7 +641,7 @@ class LogFollower:
             return True
         if not self._truncated(False):
             return False
-        self._source.forget()
+        self._source.forget(self._seen)
         return True
 
     def _truncated(self, shared):

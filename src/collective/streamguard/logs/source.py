@@ -98,6 +98,7 @@ class LogSource:
         #: Moves whenever the kept answers are forgotten (``forget``): a
         #: read that began before must not ``remember`` what it found.
         self.epoch = 0
+        self._forgotten_at = None  # the change count of the last forget()
         self.dfd = None
 
     @classmethod
@@ -221,10 +222,16 @@ class LogSource:
                 return True
             return False
 
-    def forget(self):
-        """Drop every answer kept since the last change: they may be older
-        than something a follower has just seen for itself."""
+    def forget(self, changes):
+        """Drop every answer kept since the last change (``changes``): they
+        may be older than something a follower has just seen for itself.
+        Once per change: what is kept after it was asked after that look
+        (after a copytruncate, every follower of the path sees it, and
+        the second one's answer is shared again with the rest)."""
         with self.lock:
+            if self._forgotten_at == changes == self.changes:
+                return
+            self._forgotten_at = changes
             self._cache.clear()
             self.epoch += 1
 

@@ -293,6 +293,30 @@ class SharedStateTests(FollowTestCase):
         self.assertEqual(resumed.read(notified=True), [Piece("fresh\n", 6)])
         release()
 
+    def test_followers_share_again_after_a_truncation(self):
+        # A copytruncate, counted: the first follower to see it makes the
+        # source forget what it kept; the others share the second one's
+        # answer, as in any fan-out.
+        self.append("old line one\nold line two\n")
+        followers = [self.follower(offset=0) for _ in range(3)]
+        for follower in followers:
+            self.assertEqual(text_of(follower.read(notified=True)), "old line one\nold line two\n")
+        changes = followers[0].source.changes
+        # One change: both writes wait for the hub, then come as one event
+        # (the writer stays open: no IN_CLOSE_WRITE after it).
+        release = self.hold_the_hub()
+        with open(self.path, "r+b", buffering=0) as writer:
+            writer.truncate(0)
+            writer.write(b"fresh\n")
+            release()
+            self.assertTrue(wait_for(lambda: followers[0].source.changes != changes))
+            first, second, third = (follower.read(notified=True) for follower in followers)
+            self.assertEqual(followers[0].source.changes, changes + 1)
+        self.assertEqual([first, second, third], [[Piece("fresh\n", 6)]] * 3)
+        self.assertIsNone(followers[0].shared_state)  # read before the forgetting
+        self.assertIsNotNone(followers[1].shared_state)
+        self.assertIs(followers[2].shared_state, followers[1].shared_state)
+
     def test_an_answer_older_than_the_start_is_no_rotation(self):
         # The same with a rotation whose directory event is not counted
         # yet: the name's kept answer was the old file when the follower
