@@ -232,8 +232,12 @@ class LogSource:
             if self._forgotten_at == changes == self.changes:
                 return
             self._forgotten_at = changes
-            self._cache.clear()
-            self.epoch += 1
+            self._drop_kept()
+
+    def _drop_kept(self):
+        # Our lock held.
+        self._cache.clear()
+        self.epoch += 1
 
     def stat_name(self, shared=False):
         """os.stat of the name (not followed); raises OSError."""
@@ -295,8 +299,7 @@ class LogSource:
             # "size 0" from before that write, and wait for a change that
             # will not come (test_follow: a file written while no follower
             # had it open).
-            self._cache.clear()
-            self.epoch += 1
+            self._drop_kept()
         return file, info
 
     def close_file(self, file):
