@@ -277,6 +277,18 @@ class StreamGuard:
         parked = self.parked
         return parked is not None and parked.send_shared(chunk, advance, args)
 
+    def join_parked_group(self, group, item):
+        """In the hub's thread, while the stream is parked as for
+        ``send_parked``: wait in ``group`` (a ``parking.group.ParkedGroup``)
+        as ``item``, which the group's ``admit`` checks and its ``restore``
+        gets back when the stream leaves; True if it does.  Until then
+        ``group.send()`` sends this stream what it sends all its members,
+        the producer staying in ``idle()``; any wake, timeout or end takes
+        it out first.  False (a stream that is not parked, or not in that
+        state): the caller goes on as with ``send_parked``."""
+        parked = self.parked
+        return parked is not None and parked.join_group(group, item)
+
     def resume(self, outcome):
         """What a parked ``idle()`` returns with, handed over by the stream's
         driver before the producer's next step: ``READY`` (a wake, or a

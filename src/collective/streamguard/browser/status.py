@@ -23,6 +23,11 @@ def status(environ=None):
     places = {"held thread": 0, "parked": 0, "pool": 0, "queued": 0, "worker": 0}
     for record in sorted(live_streams.live(), key=lambda r: r.id):
         place, position = where(record)
+        parked = getattr(record.guard, "parked", None)
+        if parked is not None:
+            # A viewer in a fan-out's group counts what the group sent it
+            # when it leaves, at its timers, or when asked: now.
+            parked.settle_group()
         # "worker NAME" counts as "worker"; "worker queue" too.
         places[place.split(" ")[0] if place.startswith("worker") else place] += 1
         live.append(

@@ -380,6 +380,11 @@ class LogFollower:
         self._read_up_to = self._seen = changes
         self.shared_state = shared_state
 
+    def at_change(self, changes):
+        """True when the last ``read(notified=True)`` read to the end at the
+        source's change count ``changes`` (``logs.stream.FanOut``)."""
+        return self._read_up_to == changes and self._seen == changes
+
     @property
     def ended(self):
         """True once a line starting with the end marker was read."""

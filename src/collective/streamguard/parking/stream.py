@@ -107,6 +107,11 @@ class ParkedStream:
         self.shared_sends = 0
         self.armed = ()
         self.registered = False  # the socket is in the hub's epoll set
+        #: The ``ParkedGroup`` this stream waits in, and what it joined
+        #: with; what the group sent up to the last settling (bytes, sends).
+        self.group = None
+        self.group_item = None
+        self.group_marks = (0, 0)
 
     def __repr__(self):
         return f"<ParkedStream {self.body.record.id} fd={self.fd} {self.state}>"
@@ -155,6 +160,7 @@ class ParkedStream:
                 # Parked because the client does not read: a wake waits
                 # (guard.woken stays set) until EPOLLOUT resumes us.
                 return False
+            self._leave_group()
             self.state = QUEUED
             self.outcome = outcome
             self._disarm()
@@ -251,6 +257,7 @@ class ParkedStream:
         with self.lock:
             if self.state in (ENDING, CLOSED):
                 return
+            self._leave_group()
             self.state = QUEUED
         self.run_step()
 
@@ -400,6 +407,7 @@ class ParkedStream:
         in one thread, as asyncio does."""
         guard = self.guard
         with self.lock:
+            self._leave_group()  # its producer reads on from the group's state
             if not self._wakes_served_here():
                 return False  # ending, or output waits: the step decides
             guard.take_wake()
@@ -445,6 +453,7 @@ class ParkedStream:
         followers are in one state reads once and sends each this way."""
         guard = self.guard
         with self.lock:
+            self._leave_group()
             if guard.park_wake_step is None or guard.woken or not self._wakes_served_here():
                 return False
             advance(*args)
@@ -455,6 +464,87 @@ class ParkedStream:
         if chunk:
             self._sent_from_hub(len(chunk), time.monotonic())
         return True
+
+    # -- parked groups (parking.group) ----------------------------------------
+
+    def join_group(self, group, item):
+        """Wait in ``group`` (``guard.join_parked_group``): True if the
+        stream now does, False if it cannot (it is not parked in ``idle()``
+        with a ``wake_step`` and nothing pending, or ``group.admit`` says
+        no).  Until it leaves, the group sends it what it sends all."""
+        guard = self.guard
+        with self.lock:
+            if self.group is not None:
+                return self.group is group
+            if guard.park_wake_step is None or guard.woken or not self._wakes_served_here():
+                return False
+            with group.lock:
+                if not group.admit(item, group.token):
+                    return False
+                group.add(self)
+                self.group_marks = (group.bytes_sent, group.sends)
+            self.group, self.group_item = group, item
+        return True
+
+    def leave_group(self):
+        """Leave the group, if any: its producer takes the group's state.
+        What it had joined with, or None when it was in no group."""
+        with self.lock:
+            return self._leave_group()
+
+    def leave_group_after_send(self):
+        """The group's last send did not all go (``ParkedGroup.send``): the
+        rest waits in our queue, or the client has gone (hub thread)."""
+        with self.lock:
+            self._leave_group()
+            gone = self.gone
+        if gone:
+            self.resume(STOP, gone=True)
+
+    def settle_group(self):
+        """Count what the group sent us so far (bytes, sends, the time of
+        the last output) without leaving it."""
+        with self.lock:
+            self._settle_group()
+
+    def _settle_group(self):
+        # Our lock held.
+        group = self.group
+        if group is not None:
+            with group.lock:
+                totals = (group.bytes_sent, group.sends, group.last_output)
+            self._settle(*totals)
+
+    def _leave_group(self):
+        # Our lock held: before anything else reads our queue, counters or
+        # producer.  The group's lock second (the group's send holds it).
+        group = self.group
+        if group is None:
+            return None
+        with group.lock:
+            rest, failed = group.remove(self)
+            token = group.token
+            totals = (group.bytes_sent, group.sends, group.last_output)
+        item, self.group, self.group_item = self.group_item, None, None
+        if rest is not None:
+            self.out.add(rest)
+        if failed:
+            self.gone = self.broken = True
+        self._settle(*totals)
+        group.restore(item, token)
+        return item
+
+    def _settle(self, bytes_sent, sends, last_output):
+        # Our lock held: what the group sent since the last settling.
+        bytes_before, sends_before = self.group_marks
+        self.group_marks = (bytes_sent, sends)
+        if sends != sends_before:
+            self.wake_steps += sends - sends_before
+            self.shared_sends += sends - sends_before
+        if bytes_sent != bytes_before:
+            self.body.record.bytes_sent += bytes_sent - bytes_before
+            if last_output > self.guard.last_output:
+                self.guard.last_output = last_output
 
     def on_socket_event(self, mask):
         """The hub saw the client leave (RDHUP, HUP, ERR) or read (OUT)."""
@@ -505,6 +595,9 @@ class ParkedStream:
             self.timer_due = None
             if self.state is not PARKED:
                 return  # it asks again when it parks
+            if self.group is not None:
+                # The group's sends count as output: no heartbeat after them.
+                self._settle_group()
         guard = self.guard
         if guard.max_duration and now >= guard.started + guard.max_duration:
             self.resume(STOP)
@@ -549,6 +642,9 @@ class ParkedStream:
             self.gone = self.broken = True
             return
         if sent < len(data):
+            # Queued: a group may not send past it (a grouped stream's
+            # heartbeat comes here).
+            self._leave_group()
             self.out.add(memoryview(data)[sent:])
 
     def _on_ended(self):
@@ -578,6 +674,7 @@ class ParkedStream:
         if self.state is CLOSED:
             return
         with self.lock:
+            self._leave_group()
             self.state = CLOSED
             self.out.close()
             self._disarm()

@@ -7,8 +7,10 @@ producer returns (FINISHED); ``&raise=1``: it raises after being resumed;
 ``&timeout=S``: idle timeout (the producer then sends ``timeout\\n``);
 ``&max=S``: max_duration; ``&heartbeat=S``: SSE heartbeats; ``&fd=1``: it
 waits on a pipe of its own as well (``App.pipe_write``); ``&blocking=1``:
-it waits in ``guard.wait()`` (holds its thread); ``/wrapped?...``: behind a
-middleware that iterates the body (holds its thread).
+it waits in ``guard.wait()`` (holds its thread); ``&wakestep=1``: its idle()
+has a ``wake_step`` that sends what is queued from the hub (a parked group
+may hold it: ``parking.group``); ``/wrapped?...``: behind a middleware that
+iterates the body (holds its thread).
 """
 
 import collections
@@ -137,7 +139,8 @@ class App:
                         return
                     continue
                 before = len(stream.queue)
-                if (yield from guard.idle(timeout, readable)):
+                wake_step = (lambda: self.wake_step(stream)) if "wakestep" in query else None
+                if (yield from guard.idle(timeout, readable, wake_step=wake_step)):
                     return
                 if timeout is not None and not stream.queue and before == 0:
                     yield b"timeout\n"
@@ -146,6 +149,20 @@ class App:
             if stream.pipe:
                 for fd in stream.pipe:
                     os.close(fd)
+
+    @staticmethod
+    def wake_step(stream):
+        """The queued data, sent from the hub; None (a step then runs) when
+        the producer must see it: the end, a failure."""
+        chunks = []
+        while stream.queue:  # App.send appends meanwhile: one at a time
+            data = stream.queue.popleft()
+            if data in (b"END", b"RAISE"):
+                stream.queue.appendleft(data)
+                stream.queue.extendleft(reversed(chunks))
+                return None
+            chunks.append(data)
+        return chunks
 
     @staticmethod
     def middleware(body):

@@ -13,6 +13,7 @@ import threading
 import unittest
 
 from collective.streamguard import hub as hubs
+from collective.streamguard.parking.group import ParkedGroup
 from collective.streamguard.parking.stream import OUT_HIGH
 from collective.streamguard.parking.stream import PARKED
 from collective.streamguard.tests.helpers import HTTPClient
@@ -383,3 +384,187 @@ class TestQueueWarnings(unittest.TestCase):
 if not (hubs.SUPPORTED and waitress_park.SUPPORTED):  # pragma: no cover
     del TestParking, TestEndings, TestFallback, TestBackpressure, TestManyStreams
     del TestQueueWarnings, TestShutdownWhileDetaching
+
+
+TCP_CLOSE = 7  # <netinet/tcp.h>: tcpi_state of a connection the peer reset
+
+
+def tcp_state(sock):
+    """The kernel's TCP state of ``sock`` (TCP_INFO; reading it changes nothing)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+class TestParkedGroups(ParkedStreamsTestCase):
+    """``parking.group.ParkedGroup``: parked streams sent the same bytes by
+    one loop in the hub, and what happens to a member that leaves."""
+
+    def in_hub(self, function, *args):
+        """``function(*args)`` in the hub's thread; its result."""
+        done = threading.Event()
+        outcome = []
+
+        def run():
+            try:
+                outcome.append((True, function(*args)))
+            except BaseException as error:  # handed to the test's thread
+                outcome.append((False, error))
+            finally:
+                done.set()
+
+        hubs.hub().call_soon(run)
+        self.assertTrue(done.wait(10))
+        [(ok, value)] = outcome
+        if not ok:
+            raise value
+        return value
+
+    def grouped(self, tags, query=""):
+        """Parked streams whose producers have a wake step, in one group
+        (its token an int), and their clients."""
+        clients = [self.open_parked(tag, "&wakestep=1" + query) for tag in tags]
+        self.restored = []
+        group = ParkedGroup(
+            0,
+            lambda tag, token: True,
+            lambda tag, token: self.restored.append((tag, token)),
+        )
+        for tag in tags:
+            guard = self.app.stream(tag).guard
+            self.assertTrue(self.in_hub(guard.join_parked_group, group, tag))
+        self.assertEqual(len(group), len(tags))
+        return clients, group
+
+    def parked(self, tag):
+        return self.app.stream(tag).guard.parked
+
+    def end_all(self, tags, clients):
+        for tag in tags:
+            self.app.send(tag, b"END")
+        return [client.body(timeout=30) for client in clients]
+
+    def test_a_group_sends_each_member_the_same_chunk_without_a_step(self):
+        tags = ["a", "b", "c"]
+        clients, group = self.grouped(tags)
+        resumes = [self.parked(tag).resumes for tag in tags]
+        lines = [b"group line %d\n" % number for number in range(3)]
+        for token, line in enumerate(lines, 1):
+            self.in_hub(group.send, line, token)
+            for client in clients:
+                client.read_until(line)
+        self.assertEqual([self.parked(tag).resumes for tag in tags], resumes)
+        self.assertEqual(len(group), 3)
+        # Counted when asked (the status view) or when the stream leaves.
+        for tag in tags:
+            self.parked(tag).settle_group()
+        self.assertEqual([self.parked(tag).shared_sends for tag in tags], [3, 3, 3])
+        bodies = self.end_all(tags, clients)
+        self.assertEqual(bodies, [b"start %s\n" % tag.encode() + b"".join(lines) for tag in tags])
+        # Each left once (the END woke it), taking the last token.
+        self.assertEqual(sorted(self.restored), [(tag, 3) for tag in tags])
+        self.assertEqual(sorted(ended["sent"] for ended in self.ended(3)), sorted(map(len, bodies)))
+
+    def test_a_member_woken_from_another_thread_leaves_and_goes_on_alone(self):
+        tags = ["a", "b"]
+        clients, group = self.grouped(tags)
+        self.in_hub(group.send, b"one\n", 1)
+        # From this thread: resumed, so out of the group first, with the
+        # group's token; its own step sends its own data.
+        self.app.send("a", b"own\n")
+        clients[0].read_until(b"own\n")
+        self.assertEqual(self.restored, [("a", 1)])
+        self.assertEqual(len(group), 1)
+        self.assertTrue(wait_for(lambda: self.state("a") == PARKED))
+        self.in_hub(group.send, b"two\n", 2)
+        clients[1].read_until(b"two\n")
+        bodies = self.end_all(tags, clients)
+        self.assertEqual(bodies, [b"start a\none\nown\n", b"start b\none\ntwo\n"])
+        self.assertEqual(sorted(ended["sent"] for ended in self.ended(2)), sorted(map(len, bodies)))
+
+    def test_a_member_whose_client_stops_reading_leaves_with_the_rest_queued(self):
+        tags = ["a", "b"]
+        clients, group = self.grouped(tags)
+        clients[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sent = []
+        for number in range(1000):
+            data = b"%06d" % number + b"g" * 60_000 + b"\n"
+            self.in_hub(group.send, data, number + 1)
+            sent.append(data)
+            clients[1].read_until(data)  # b reads: it stays
+            if len(group) == 1:
+                break
+        # "a" did not take a whole chunk: it left, the rest of that chunk
+        # queued (sent on EPOLLOUT), taking that chunk's token.
+        self.assertEqual(len(group), 1)
+        self.assertEqual(self.restored, [("a", len(sent))])
+        self.assertGreater(self.parked("a").queued_bytes, 0)
+        self.in_hub(group.send, b"not for a\n", len(sent) + 1)
+        clients[1].read_until(b"not for a\n")
+        bodies = self.end_all(tags, clients)
+        self.assertEqual(bodies[0], b"start a\n" + b"".join(sent))
+        self.assertEqual(bodies[1], b"start b\n" + b"".join(sent) + b"not for a\n")
+
+    def test_a_member_whose_client_reset_is_ended_by_the_send(self):
+        tags = ["a", "b"]
+        clients, group = self.grouped(tags)
+        member = self.parked("a")
+        server_side = member.sock
+        holding, reset_done = threading.Event(), threading.Event()
+
+        def send_once_the_reset_arrived():
+            # The hub's thread is held from before the reset: it sees no
+            # event of it before the group's send fails on it.
+            holding.set()
+            self.assertTrue(reset_done.wait(10))
+            self.assertTrue(wait_for(lambda: tcp_state(server_side) == TCP_CLOSE))
+            group.send(b"after the reset\n", 1)
+            # Found by the send, not by the hub's event (not seen yet).
+            self.assertTrue(member.broken)
+
+        errors = []
+
+        def send_in_the_hub():
+            try:
+                self.in_hub(send_once_the_reset_arrived)
+            except BaseException as error:  # handed to the test's thread
+                errors.append(error)
+
+        sending = threading.Thread(target=send_in_the_hub)
+        sending.start()
+        self.assertTrue(holding.wait(10))
+        clients[0].reset()
+        reset_done.set()
+        sending.join(10)
+        self.assertEqual(errors, [])
+        self.assertTrue(wait_for(lambda: self.app.stream("a").cleanups == ["client gone"]))
+        self.assertEqual(self.restored, [("a", 1)])
+        self.assertEqual(len(group), 1)
+        clients[1].read_until(b"after the reset\n")
+
+    def test_a_member_gets_its_heartbeats_and_stays(self):
+        clients, group = self.grouped(["a"], "&heartbeat=0.1")
+        resumes = self.parked("a").resumes
+        for _ in range(3):
+            clients[0].read_until(HEARTBEAT)
+        self.in_hub(group.send, b"between beats\n", 1)
+        clients[0].read_until(b"between beats\n")
+        clients[0].read_until(HEARTBEAT)
+        self.assertEqual(len(group), 1)
+        self.assertEqual(self.parked("a").resumes, resumes)
+
+    def test_shutdown_ends_every_member(self):
+        tags = ["a", "b"]
+        clients, group = self.grouped(tags)
+        self.in_hub(group.send, b"last\n", 1)
+        self.assertEqual(self.app.live_streams.shutdown(10), 0)
+        self.assertEqual([self.app.stream(tag).cleanups for tag in tags], [["shutdown"]] * 2)
+        self.assertEqual(sorted(self.restored), [("a", 1), ("b", 1)])
+        self.assertEqual(len(group), 0)
+
+    def test_only_a_stream_parked_in_idle_with_a_wake_step_joins(self):
+        self.open_parked("plain")  # its idle() has no wake step
+        self.open_parked("refused", "&wakestep=1")
+        group = ParkedGroup(0, lambda tag, token: tag != "refused", lambda tag, token: None)
+        for tag in ("plain", "refused"):
+            guard = self.app.stream(tag).guard
+            self.assertFalse(self.in_hub(guard.join_parked_group, group, tag))
+        self.assertEqual(len(group), 0)

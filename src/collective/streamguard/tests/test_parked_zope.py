@@ -8,6 +8,7 @@ resumed step, commits when it finishes and aborts when the client leaves.
 
 import os
 import resource
+import socket
 import threading
 import unittest
 
@@ -238,6 +239,81 @@ class TestWakeSteps(Installed, LogTestCase):
         self.assertEqual(len(last_events), 1, last_events)
         expected = "first shared line\nsecond shared line\n"
         self.assertEqual(self.end_and_read(socks), [expected] * self.COUNT)
+
+    def in_one_group(self, streams):
+        """Every stream waits in one group (told between changes: a group's
+        lead leaves and joins again while a change is told)."""
+        return wait_for(lambda: len({stream.group for stream in streams}) == 1 and streams[0].group)
+
+    def test_followers_in_one_state_wait_in_one_group(self):
+        # After a line served by shared sends, they wait in one group: the
+        # next lines are one read and one loop over their sockets.
+        socks, streams = self.follow_parked(self.COUNT)
+        resumes = [stream.resumes for stream in streams]
+        lines = ["first grouped line\n", "second grouped line\n", "third grouped line\n"]
+        for line in lines:
+            self.write(line)
+            events = [sock.read_until(f"data: {line}".encode()) for sock in socks]
+            self.assertTrue(self.in_one_group(streams))
+        group = streams[0].group
+        self.assertGreater(group.bytes_sent, 0)
+        self.assertEqual([stream.resumes for stream in streams], resumes)
+        last_events = {event[event.rindex(b"id: ") :] for event in events}
+        self.assertEqual(len(last_events), 1, last_events)
+        self.assertEqual(self.end_and_read(socks), ["".join(lines)] * self.COUNT)
+        self.assertEqual(len(group), 0)
+
+    def test_grouped_followers_woken_from_another_thread_get_every_line_once(self):
+        socks, streams = self.follow_parked(4)
+        for line in ("one\n", "two\n"):
+            self.write(line)
+            for sock in socks:
+                sock.read_until(f"data: {line}".encode())
+        self.assertTrue(self.in_one_group(streams))
+        resumes = [stream.resumes for stream in streams]
+        # Resumed from this thread: each leaves the group with the group's
+        # place in the log, reads from there in a step, and parks alone.
+        for stream in streams:
+            stream.guard.wake()
+        self.assertTrue(
+            wait_for(
+                lambda: all(
+                    stream.resumes > before and stream.state == "parked"
+                    for stream, before in zip(streams, resumes, strict=True)
+                )
+            )
+        )
+        self.write("three\n")
+        self.write("four\n")
+        texts = self.end_and_read(socks)
+        self.assertEqual(texts, ["one\ntwo\nthree\nfour\n"] * 4)
+
+    def test_a_follower_that_stops_reading_leaves_the_group_and_loses_nothing(self):
+        socks, streams = self.follow_parked(3)
+        for line in ("warm\n", "up\n"):
+            self.write(line)
+            for sock in socks:
+                sock.read_until(f"data: {line}".encode())
+        self.assertTrue(self.in_one_group(streams))
+        stuck = socks[0]
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        lines = []
+        # Lines of 50 KB, each one change: a group sends each whole, until
+        # the stuck client's socket does not take one (its rest is queued,
+        # and a stream with output queued waits in no group).
+        while not streams[0].queued_bytes and len(lines) < 1000:
+            line = f"{len(lines):06d} " + "s" * 50_000
+            self.write(line + "\n")
+            lines.append(line)
+            for sock in socks[1:]:
+                sock.read_until(f"data: {line}\n".encode())
+        self.assertGreater(streams[0].queued_bytes, 0)
+        self.assertIsNone(streams[0].group)
+        self.write("after\n")
+        for sock in socks[1:]:
+            sock.read_until(b"data: after\n")
+        expected = "warm\nup\n" + "".join(line + "\n" for line in lines) + "after\n"
+        self.assertEqual(self.end_and_read(socks), [expected] * 3)
 
     def test_text_followers_in_one_state_share_one_read(self):
         socks, streams = self.follow_parked(4, sse=False)
