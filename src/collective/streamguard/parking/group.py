@@ -42,9 +42,10 @@ class ParkedGroup:
 
     ``admit(item, token)``: whether the producer of a stream that asks to
     join (``item``: what it joins with) is in the state ``token`` says,
-    asked with the stream's lock and the group's held; True lets it in.  ``restore(item,
-    token)``: called, with the leaving stream's lock held, for each stream
-    that leaves, so that its producer takes the state ``token`` says.
+    asked with the stream's lock and the group's held; True lets it in.
+    ``restore(item, token)``: called, with the leaving stream's lock held,
+    for each stream that leaves, so that its producer takes the state
+    ``token`` says.
     """
 
     def __init__(self, token, admit, restore):
@@ -100,8 +101,8 @@ class ParkedGroup:
             # It left meanwhile (another thread): take another.
 
     def send(self, chunk, token):
-        """Send ``chunk`` (bytes, or None for nothing) to every member, and make ``token`` the
-        members' state (the hub's thread).
+        """Send ``chunk`` (bytes, or None for nothing) to every member, and
+        make ``token`` the members' state (the hub's thread).
 
         A member whose socket did not take it all, or failed, leaves the
         group afterwards, the rest queued in order (``EPOLLOUT`` sends it)
