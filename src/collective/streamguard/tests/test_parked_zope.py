@@ -240,6 +240,15 @@ class TestWakeSteps(Installed, LogTestCase):
         expected = "first shared line\nsecond shared line\n"
         self.assertEqual(self.end_and_read(socks), [expected] * self.COUNT)
 
+    def group_them(self, socks, streams, lines):
+        """Write ``lines`` one by one, each read by every client; then
+        every stream waits in one group."""
+        for line in lines:
+            self.write(line)
+            for sock in socks:
+                sock.read_until(f"data: {line}".encode())
+        self.assertTrue(self.in_one_group(streams))
+
     def in_one_group(self, streams):
         """Every stream waits in one group (told between changes: a group's
         lead leaves and joins again while a change is told)."""
@@ -265,11 +274,7 @@ class TestWakeSteps(Installed, LogTestCase):
 
     def test_grouped_followers_woken_from_another_thread_get_every_line_once(self):
         socks, streams = self.follow_parked(4)
-        for line in ("one\n", "two\n"):
-            self.write(line)
-            for sock in socks:
-                sock.read_until(f"data: {line}".encode())
-        self.assertTrue(self.in_one_group(streams))
+        self.group_them(socks, streams, ["one\n", "two\n"])
         resumes = [stream.resumes for stream in streams]
         # Resumed from this thread: each leaves the group with the group's
         # place in the log, reads from there in a step, and parks alone.
@@ -290,11 +295,7 @@ class TestWakeSteps(Installed, LogTestCase):
 
     def test_a_follower_that_stops_reading_leaves_the_group_and_loses_nothing(self):
         socks, streams = self.follow_parked(3)
-        for line in ("warm\n", "up\n"):
-            self.write(line)
-            for sock in socks:
-                sock.read_until(f"data: {line}".encode())
-        self.assertTrue(self.in_one_group(streams))
+        self.group_them(socks, streams, ["warm\n", "up\n"])
         stuck = socks[0]
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         lines = []
