@@ -293,6 +293,24 @@ class TestWakeSteps(Installed, LogTestCase):
         texts = self.end_and_read(socks)
         self.assertEqual(texts, ["one\ntwo\nthree\nfour\n"] * 4)
 
+    def test_an_append_a_group_cannot_share_dissolves_it_and_reaches_each_once(self):
+        # More than one piece in one write: the group's lead reads one and
+        # cannot share it, so every member leaves with the group's place
+        # and catches up in steps of its own.
+        socks, streams = self.follow_parked(4)
+        self.group_them(socks, streams, ["one\n", "two\n"])
+        resumes = [stream.resumes for stream in streams]
+        lines = [f"big {number:06d} " + "x" * 60 for number in range(4000)]
+        self.write("".join(line + "\n" for line in lines))
+        for sock in socks:
+            sock.read_until(f"data: {lines[-1]}\n".encode())
+        self.assertTrue(
+            all(stream.resumes > before for stream, before in zip(streams, resumes, strict=True))
+        )
+        self.write("after\n")
+        expected = "one\ntwo\n" + "".join(line + "\n" for line in lines) + "after\n"
+        self.assertEqual(self.end_and_read(socks), [expected] * 4)
+
     def test_a_follower_that_stops_reading_leaves_the_group_and_loses_nothing(self):
         socks, streams = self.follow_parked(3)
         self.group_them(socks, streams, ["warm\n", "up\n"])
