@@ -394,6 +394,13 @@ class ParkedStream:
             and self.guard.check() is None
         )
 
+    def _shared_answer_served_here(self):
+        """Our lock held: as ``_wakes_served_here``, with a wake step and no
+        wake waiting (a helper's answer for many streams is then theirs):
+        ``send_shared`` and ``join_group``."""
+        guard = self.guard
+        return guard.park_wake_step is not None and not guard.woken and self._wakes_served_here()
+
     def _run_wake_step(self):
         """A wake in the hub's thread: the producer's ``wake_step`` gives
         what it would send before it waits again, and the stream stays
@@ -451,10 +458,9 @@ class ParkedStream:
         followers of one log was 6-8 us of Python per viewer around a send
         of 11-13 us (benchmarks/bench_fanout_python.py); a fan-out whose
         followers are in one state reads once and sends each this way."""
-        guard = self.guard
         with self.lock:
             self._leave_group()
-            if guard.park_wake_step is None or guard.woken or not self._wakes_served_here():
+            if not self._shared_answer_served_here():
                 return False
             advance(*args)
             self.wake_steps += 1
@@ -472,11 +478,10 @@ class ParkedStream:
         stream now does, False if it cannot (it is not parked in ``idle()``
         with a ``wake_step`` and nothing pending, or ``group.admit`` says
         no).  Until it leaves, the group sends it what it sends all."""
-        guard = self.guard
         with self.lock:
             if self.group is not None:
                 return self.group is group
-            if guard.park_wake_step is None or guard.woken or not self._wakes_served_here():
+            if not self._shared_answer_served_here():
                 return False
             with group.lock:
                 if not group.admit(item, group.token):

@@ -249,6 +249,20 @@ class TestWakeSteps(Installed, LogTestCase):
                 sock.read_until(f"data: {line}".encode())
         self.assertTrue(self.in_one_group(streams))
 
+    def append_more_than_one_piece(self, socks, streams):
+        """Append 4,000 lines in one write (more than one 64 KiB piece),
+        read to the last by every client, each stream resumed for it (a
+        step catches up); the text appended."""
+        resumes = [stream.resumes for stream in streams]
+        lines = [f"line {number:06d} " + "x" * 60 for number in range(4000)]
+        self.write("".join(line + "\n" for line in lines))
+        for sock in socks:
+            sock.read_until(f"data: {lines[-1]}\n".encode())
+        self.assertTrue(
+            all(stream.resumes > before for stream, before in zip(streams, resumes, strict=True))
+        )
+        return "".join(line + "\n" for line in lines)
+
     def in_one_group(self, streams):
         """Every stream waits in one group (told between changes: a group's
         lead leaves and joins again while a change is told)."""
@@ -299,16 +313,9 @@ class TestWakeSteps(Installed, LogTestCase):
         # and catches up in steps of its own.
         socks, streams = self.follow_parked(4)
         self.group_them(socks, streams, ["one\n", "two\n"])
-        resumes = [stream.resumes for stream in streams]
-        lines = [f"big {number:06d} " + "x" * 60 for number in range(4000)]
-        self.write("".join(line + "\n" for line in lines))
-        for sock in socks:
-            sock.read_until(f"data: {lines[-1]}\n".encode())
-        self.assertTrue(
-            all(stream.resumes > before for stream, before in zip(streams, resumes, strict=True))
-        )
+        appended = self.append_more_than_one_piece(socks, streams)
         self.write("after\n")
-        expected = "one\ntwo\n" + "".join(line + "\n" for line in lines) + "after\n"
+        expected = "one\ntwo\n" + appended + "after\n"
         self.assertEqual(self.end_and_read(socks), [expected] * 4)
 
     def test_a_follower_that_stops_reading_leaves_the_group_and_loses_nothing(self):
@@ -379,19 +386,11 @@ class TestWakeSteps(Installed, LogTestCase):
 
     def test_what_the_hub_cannot_send_goes_to_a_step_exactly_once(self):
         socks, streams = self.follow_parked(4)
-        resumes = [stream.resumes for stream in streams]
         # More than one piece (64 KiB) in one write: the hub reads one, and
         # a step sends it and catches up on the rest.
-        lines = [f"line {number:06d} " + "x" * 60 for number in range(4000)]
-        self.write("".join(line + "\n" for line in lines))
-        for sock in socks:
-            sock.read_until(f"data: {lines[-1]}\n".encode())
-        self.assertTrue(
-            all(stream.resumes > before for stream, before in zip(streams, resumes, strict=True))
-        )
+        expected = self.append_more_than_one_piece(socks, streams)
         self.assertTrue(wait_for(lambda: len(parked()) == 4))
         # The end marker, found by a wake step, ends every stream.
-        expected = "".join(line + "\n" for line in lines)
         self.assertEqual(self.end_and_read(socks), [expected] * 4)
 
     def test_a_log_swapped_for_a_symbolic_link_while_parked_is_not_sent(self):
